@@ -1,0 +1,57 @@
+"""`python -m pipeline <command>`: the one entry point.
+
+Each command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; modules are
+imported only when their command runs, so ``--help`` stays fast and a command never pays for another's
+imports (deepspeed, mlflow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Later parts add their commands here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("pipeline.train.cli", "train a flow (plain process, deepspeed launcher or torchrun)"),
+    "synth": ("pipeline.data.synth", "write a folder of procedural face-like images"),
+    "shards": ("pipeline.data.shards", "image folder -> WebDataset tar shards per resolution"),
+    "model": ("pipeline.flows.cli", "print a model summary: parameters, levels, blocks, bounds"),
+    "optimum": ("pipeline.theory.cli", "closed-form likelihood optimum of linear flows on shards"),
+    "bench": ("pipeline.bench", "benchmarks that print JSON (data, train, scaling)"),
+    "config": ("pipeline.config_cli", "print the resolved config tree (defaults < YAML < overrides)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="lipflow: stable multi-scale normalizing flows, from one CPU to GPU clusters.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        p.set_defaults(_needs_args=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher inserts --local_rank=N before the command; ranks come from the environment.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""One typed config tree for every command.
+
+Precedence, lowest first: the dataclass defaults below < a YAML file (``--config X.yaml``) < command-line
+overrides ``a.b=value`` (values parsed as YAML scalars, so ``train.lr=3e-4`` is a float and
+``data.hflip=false`` a bool). Each part of the package owns its section (``pipeline/<part>/config.py``);
+this module only assembles the tree, loads, validates and saves it.
+
+Unknown keys fail with the closest valid keys; a value of the wrong type fails naming the key, the value
+and the expected type. The resolved tree is written to every run folder and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.data.config import DataConfig
+from pipeline.flows.config import ModelConfig
+from pipeline.track.config import TrackingConfig
+from pipeline.train.config import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the tree; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "debug"
+    root: str = "runs"  # the run folder is <root>/<name>
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """defaults < YAML file at ``path`` < ``a.b=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+        cfg = merge(cfg, tree, where=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        tree: dict[str, Any] = {}
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        cfg = merge(cfg, tree, where=f"override {item!r}")
+    return cfg
+
+
+def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with the values of the nested mapping ``tree`` applied."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown config key {dotted!r}{hint} Valid keys here: {', '.join(valid)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {dotted!r} is a section; give it a mapping, not {value!r}")
+            changes[key] = merge(current, value, where, prefix=f"{dotted}.")
+        else:
+            changes[key] = coerce(value, hints[key], dotted, where)
+    return dataclasses.replace(obj, **changes)
+
+
+def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; widen int to float, list to tuple."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(
+            f"{where}: {key} = {value!r} ({type(value).__name__}) does not fit the expected type "
+            f"{type_name(tp)}"
+        )
+
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args:
+            return value
+        fail()
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return coerce(value, arm, key, where)
+            except ConfigError:
+                continue
+        fail()
+    if tp is type(None):
+        if value is None:
+            return None
+        fail()
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            fail()
+        inner = args[0] if args else Any
+        items = [coerce(v, inner, key, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. run.name=256 should stay usable as a name
+        fail()
+    if isinstance(value, tp):
+        return value
+    fail()
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a Config from a saved resolved tree (a checkpoint's config.json), validating it."""
+    return merge(Config(), tree, where="saved config")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: how the config is logged as MLflow params."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved tree as YAML (readable, and loadable again with --config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
+    tmp.replace(path)

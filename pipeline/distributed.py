@@ -1,0 +1,130 @@
+"""Distributed setup: the only module that imports deepspeed.
+
+Rank getters fall back to 0/0/1 before (or without) initialisation, so a plain ``python -m pipeline train``
+runs the same code as the ``deepspeed`` launcher or ``torchrun``. On a machine without CUDA, DeepSpeed runs
+on its CPU accelerator with the gloo backend.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# DeepSpeed picks its accelerator at import time; without CUDA it must be told to use the CPU one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(timeout_s: int = 1800) -> None:
+    """Join the process group (a 1-rank group when no launcher set RANK/WORLD_SIZE)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain process: a group of one, so the engine code path is the same
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum | max | min); a no-op on one rank."""
+    if dist.is_initialized() and world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def deepspeed_config(train: Any, world: int) -> dict:
+    """DeepSpeed's JSON, generated from our train section: the single source of truth."""
+    global_batch = train.micro_batch * train.grad_accum * world
+    if train.global_batch and train.global_batch != global_batch:
+        raise ValueError(
+            f"train.global_batch={train.global_batch} but micro_batch {train.micro_batch} x grad_accum "
+            f"{train.grad_accum} x {world} ranks = {global_batch}; change one of them"
+        )
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": {"stage": int(train.zero_stage)},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if not torch.cuda.is_available():
+        cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, train: Any):
+    """Wrap model + plain torch optimizer + LR scheduler in a DeepSpeed engine."""
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(train, world_size()),
+    )
+    return engine, optimizer, scheduler

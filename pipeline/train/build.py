@@ -1,0 +1,94 @@
+"""Builders for the training loop: data, model, optimizer, tracking. Each does one thing."""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from pipeline import distributed as dist
+from pipeline.config import Config
+from pipeline.data import build_loader, prepare_synthetic
+from pipeline.flows import build_flow
+from pipeline.track.sink import MetricsSink
+from pipeline.train.config import TrainConfig
+from pipeline.train.state import TrainState
+
+
+def build_data(cfg: Config):
+    """(shards dir, infinite train loader of this rank, finite val loader of this rank)."""
+    if cfg.data.source == "synthetic":
+        if dist.is_main():
+            prepare_synthetic(cfg.data)  # writes once, atomically; the others wait
+        dist.barrier()
+        shards = prepare_synthetic(cfg.data)
+    else:
+        shards = Path(cfg.data.shards)
+    rank, world = dist.rank(), dist.world_size()
+    train = build_loader(cfg.data, shards, "train", cfg.train.micro_batch, rank, world)
+    val = build_loader(cfg.data, shards, "val", cfg.train.micro_batch, rank, world)
+    return shards, train, val
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    r = cfg.data.resolution
+    return build_flow(cfg.model, (3, r, r), cfg.data.n_bits).to(dist.device())
+
+
+@torch.no_grad()
+def initialize_actnorm(model: torch.nn.Module, cfg: Config, shards: Path) -> None:
+    """ActNorm's data-dependent init from the first batches of rank 0's stream, on every rank.
+
+    Every rank reads the same batches (a one-rank view of the train split) and runs the same
+    deterministic computation, so the parameters agree without a broadcast.
+    """
+    loader = build_loader(cfg.data, shards, "train", cfg.train.micro_batch, rank=0, world_size=1)
+    batches = iter(loader)
+    x = torch.cat([next(batches) for _ in range(max(1, cfg.train.init_batches))])
+    model.data_init(x.to(dist.device()))
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig):
+    """Plain torch AdamW (DeepSpeed's fused optimizers need a compiler step on CPU) + warm-up/decay."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_decay == "none":
+            return 1.0
+        span = max(1, train.steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_sink(cfg: Config, state: TrainState) -> MetricsSink:
+    return MetricsSink(
+        cfg.run.dir, cfg.tracking, dist.is_main(), run_name=cfg.run.name, run_id=state.mlflow_run_id
+    )
+
+
+def run_params() -> dict:
+    """What besides the config decides a run: ranks, versions, commit."""
+    params = {"run.world_size": dist.world_size(), "run.python": platform.python_version()}
+    for pkg in ("torch", "deepspeed", "webdataset", "mlflow", "lipflow"):
+        try:
+            params[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            params[f"version.{pkg}"] = "not installed"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    params["run.git_commit"] = commit or "unknown"
+    return params

@@ -1,0 +1,90 @@
+"""Checkpoints: DeepSpeed engine state + TrainState + resolved config, one step-numbered folder each.
+
+    <run>/checkpoints/step00000040/   DeepSpeed's files (every rank writes its part)
+                                       trainstate.json, config.yaml, rng-rank<r>.pt, COMPLETE
+    <run>/checkpoints/latest           the newest COMPLETE tag, replaced atomically
+
+A folder without COMPLETE was cut short (killed mid-save) and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline import distributed as dist
+from pipeline.config import Config, save_config
+from pipeline.train.state import TrainState
+
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tags(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The folder `latest` names, if complete; else the newest complete one; else None."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / COMPLETE).is_file():
+            return root / tag
+    tags = complete_tags(root)
+    return root / tags[-1] if tags else None
+
+
+def save(engine, state: TrainState, cfg: Config, root: Path, keep_last: int) -> Path:
+    """Every rank must call this (DeepSpeed's save is a collective)."""
+    tag = tag_for(state.step)
+    folder = root / tag
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+    torch.save(rng, folder / f"rng-rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        _atomic_write(folder / "trainstate.json", json.dumps(asdict(state), indent=1))
+        save_config(cfg, folder / "config.yaml")
+        _atomic_write(folder / COMPLETE, "")
+        _atomic_write(root / "latest", tag)
+        for old in complete_tags(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def load(engine, folder: Path) -> TrainState:
+    """Restore engine, optimizer, scheduler, this rank's RNG and the TrainState from ``folder``."""
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}; delete it or pick another")
+    state = TrainState(**json.loads((folder / "trainstate.json").read_text()))
+    rng_file = folder / f"rng-rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuples(json.loads(rng["python"])))
+    return state
+
+
+def _as_tuples(x):
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,33 @@
+"""The train section of the config tree (owned by pipeline/train)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20  # optimizer steps
+    micro_batch: int = 16  # per rank, per forward
+    grad_accum: int = 1
+    global_batch: int = 0  # 0 = derived (micro_batch x grad_accum x ranks); else asserted equal
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    lr_decay: Literal["none", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    zero_stage: Literal[0, 1, 2] = 0
+    # bf16 = subnets under torch.autocast with fp32 master weights; log-dets, prior and loss stay fp32
+    # (DESIGN.md §3.5 (6)), so DeepSpeed itself runs fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    init_batches: int = 1  # batches for the ActNorm data-dependent init
+    log_every: int = 1
+    save_every: int = 10
+    keep_last: int = 3
+    val_every: int = 0  # 0: validate at the end only
+    val_batches: int = 0  # 0: the whole val split
+    samples: int = 16  # images in the final sample grid
+    temperature: float = 0.7

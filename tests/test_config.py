@@ -1,0 +1,66 @@
+"""The typed config tree: precedence, errors that say what to change, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, flatten, from_dict, load_config, save_config, to_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 3e-4\n  steps: 7\ndata:\n  hflip: false\n")
+    assert Config().train.lr == 1e-3
+    cfg = load_config(f)
+    assert (cfg.train.lr, cfg.train.steps, cfg.data.hflip) == (3e-4, 7, False)
+    cfg = load_config(f, ["train.steps=9", "model.coupling=additive"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.model.coupling) == (3e-4, 9, "additive")
+
+
+def test_unknown_key_names_the_key_and_close_matches(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*did you mean train\.lr"):
+        load_config(None, ["train.lrr=0.1"])
+    f = tmp_path / "c.yaml"
+    f.write_text("modle:\n  levels: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*'modle'.*did you mean model"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=2.5", r"train\.steps = 2\.5 \(float\).*int"),
+        ("train.lr=fast", r"train\.lr = 'fast' \(str\).*float"),
+        ("train.zero_stage=3", r"train\.zero_stage = 3.*one of 0, 1, 2"),
+        ("data.hflip=maybe", r"data\.hflip = 'maybe'.*bool"),
+        ("train=1", r"'train' is a section"),
+    ],
+)
+def test_wrong_type_names_key_value_and_type(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=2e-4", "run.name=x", "model.levels=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+    assert flatten(to_dict(cfg))["train.lr"] == 2e-4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    load_config(path)
