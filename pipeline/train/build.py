@@ -12,7 +12,7 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config
-from pipeline.data import build_loader, prepare_synthetic
+from pipeline.data import build_loader, prepare_synthetic, resolve_shards
 from pipeline.flows import build_flow
 from pipeline.track.sink import MetricsSink
 from pipeline.train.config import TrainConfig
@@ -21,13 +21,10 @@ from pipeline.train.state import TrainState
 
 def build_data(cfg: Config):
     """(shards dir, infinite train loader of this rank, finite val loader of this rank)."""
-    if cfg.data.source == "synthetic":
-        if dist.is_main():
-            prepare_synthetic(cfg.data)  # writes once, atomically; the others wait
-        dist.barrier()
-        shards = prepare_synthetic(cfg.data)
-    else:
-        shards = Path(cfg.data.shards)
+    if cfg.data.source == "synthetic" and dist.is_main():
+        prepare_synthetic(cfg.data)  # writes once, atomically; the others wait at the barrier
+    dist.barrier()
+    shards = resolve_shards(cfg.data)
     rank, world = dist.rank(), dist.world_size()
     train = build_loader(cfg.data, shards, "train", cfg.train.micro_batch, rank, world)
     val = build_loader(cfg.data, shards, "val", cfg.train.micro_batch, rank, world)

@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed engine state + TrainState + resolved config, one step-numbered folder each.
 
     <run>/checkpoints/step00000040/   DeepSpeed's files (every rank writes its part)
-                                       trainstate.json, config.yaml, rng-rank<r>.pt, COMPLETE
+                                       trainstate.json, config.yaml, COMPLETE,
+                                       rank<r>.json (data position), rng-rank<r>.pt (per rank)
     <run>/checkpoints/latest           the newest COMPLETE tag, replaced atomically
 
 A folder without COMPLETE was cut short (killed mid-save) and is never resumed from.
@@ -53,11 +54,14 @@ def find_latest(root: Path) -> Path | None:
     return root / tags[-1] if tags else None
 
 
-def save(engine, state: TrainState, cfg: Config, root: Path, keep_last: int) -> Path:
-    """Every rank must call this (DeepSpeed's save is a collective)."""
+def save(
+    engine, state: TrainState, cfg: Config, root: Path, keep_last: int, data_position: dict
+) -> Path:
+    """Every rank must call this (DeepSpeed's save is a collective); ``data_position`` is this rank's."""
     tag = tag_for(state.step)
     folder = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    _atomic_write(folder / f"rank{dist.rank()}.json", json.dumps(data_position))
     rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
     torch.save(rng, folder / f"rng-rank{dist.rank()}.pt")
     dist.barrier()
@@ -72,8 +76,8 @@ def save(engine, state: TrainState, cfg: Config, root: Path, keep_last: int) -> 
     return folder
 
 
-def load(engine, folder: Path) -> TrainState:
-    """Restore engine, optimizer, scheduler, this rank's RNG and the TrainState from ``folder``."""
+def load(engine, folder: Path) -> tuple[TrainState, dict]:
+    """Restore engine, optimizer, scheduler and this rank's RNG; return (TrainState, data position)."""
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}; delete it or pick another")
@@ -83,7 +87,13 @@ def load(engine, folder: Path) -> TrainState:
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuples(json.loads(rng["python"])))
-    return state
+    position_file = folder / f"rank{dist.rank()}.json"
+    if not position_file.is_file():
+        raise FileNotFoundError(
+            f"{position_file} is missing: this checkpoint was written by a run with fewer ranks; "
+            "resume with the same number of ranks"
+        )
+    return state, json.loads(position_file.read_text())
 
 
 def _as_tuples(x):

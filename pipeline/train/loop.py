@@ -42,8 +42,8 @@ def train(cfg: Config) -> dict:
 
     state = TrainState()
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from)
-        loader.load_state_dict(state.data)
+        state, position = checkpoint.load(engine, resume_from)
+        loader.load_state_dict(position)
     sink = build_sink(cfg, state)
     state.mlflow_run_id = sink.run_id if dist.is_main() else None
     if resume_from is None:
@@ -65,7 +65,7 @@ def train(cfg: Config) -> dict:
             parts += torch.stack([loss.detach(), *bpd_parts(out, x)]).float().cpu()
         state.step += 1
         state.samples += images_per_step
-        state.data = loader.state_dict()
+        state.epoch = loader.epoch
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             parts = dist.all_reduce(parts) / (cfg.train.grad_accum * dist.world_size())
@@ -85,7 +85,7 @@ def train(cfg: Config) -> dict:
         if cfg.train.val_every and state.step % cfg.train.val_every == 0:
             sink.log(state.step, {"val/bpd": validate(engine, val_loader, cfg)})
         if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
-            checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last)
+            checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last, loader.state_dict())
 
     val_bpd = validate(engine, val_loader, cfg)
     sink.log(state.step, {"val/bpd": val_bpd})

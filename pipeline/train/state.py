@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
     samples: int = 0  # images consumed, all ranks together
-    data: dict = field(default_factory=dict)  # the train loader's position (same on every rank)
+    epoch: int = 0  # data epoch (each rank's exact stream position is saved beside, per rank)
     mlflow_run_id: str | None = None
     best_val_bpd: float | None = None

@@ -1,0 +1,56 @@
+"""The one entry point, `python -m pipeline`, and the container's lint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from pipeline.__main__ import COMMANDS
+from tests.conftest import PYTHON, ROOT, env_for_subprocess
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+        env=env_for_subprocess(), timeout=300,
+    )
+
+
+def test_help_lists_every_command():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name):
+    out = run_cli(name, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m pipeline " + name in out.stdout
+
+
+def test_unknown_command_fails_clearly():
+    out = run_cli("trian")
+    assert out.returncode != 0
+    assert "invalid choice: 'trian'" in out.stderr
+
+
+def test_bad_override_is_a_clear_error_not_a_traceback():
+    out = run_cli("train", "--config", "configs/debug.yaml", "train.lrr=1")
+    assert out.returncode == 2
+    assert "unknown config key 'train.lrr'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dockerfile_is_hadolint_clean():
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
+    out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_installs_the_same_pins():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "requirements.lock" in text and "torch==2.13.0" in text
+    assert "USER 1000" in text and 'ENTRYPOINT ["python", "-m", "pipeline"]' in text
