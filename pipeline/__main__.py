@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("pipeline.flows.cli", "print a model summary: parameters, levels, blocks, bounds"),
     "optimum": ("pipeline.theory.cli", "closed-form likelihood optimum of linear flows on shards"),
     "bench": ("pipeline.bench", "benchmarks that print JSON (data, train, scaling)"),
-    "config": ("pipeline.config_cli", "print the resolved config tree (defaults < YAML < overrides)"),
+    "config": (
+        "pipeline.config_cli",
+        "print the resolved config tree (defaults < YAML < overrides)",
+    ),
 }
 
 
@@ -49,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    try:  # overrides may come before or after options
+        args = sub.parse_intermixed_args(argv[1:])
+    except TypeError:  # parsers with a REMAINDER argument (bench) cannot intermix
+        args = sub.parse_args(argv[1:])
     return int(module.run(args) or 0)
 
 

@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     path = BENCH_DIR / f"{args.name}.py"
     if not path.is_file():
         names = ", ".join(available()) or "none found"
-        print(f"error: no benchmark {args.name!r} in {BENCH_DIR}; available: {names}", file=sys.stderr)
+        print(
+            f"error: no benchmark {args.name!r} in {BENCH_DIR}; available: {names}", file=sys.stderr
+        )
         return 2
     sys.argv = [str(path), *args.args]
     runpy.run_path(str(path), run_name="__main__")

@@ -57,18 +57,24 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
+            raise ConfigError(
+                f"config file {path} does not exist; the shipped ones are in configs/"
+            )
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(tree).__name__}"
+            )
         cfg = merge(cfg, tree, where=str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4"
+            )
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -100,7 +106,9 @@ def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {dotted!r} is a section; give it a mapping, not {value!r}")
+                raise ConfigError(
+                    f"{where}: {dotted!r} is a section; give it a mapping, not {value!r}"
+                )
             changes[key] = merge(current, value, where, prefix=f"{dotted}.")
         else:
             changes[key] = coerce(value, hints[key], dotted, where)

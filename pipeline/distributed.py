@@ -52,7 +52,9 @@ def setup(timeout_s: int = 1800) -> None:
     """Join the process group (a 1-rank group when no launcher set RANK/WORLD_SIZE)."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # plain process: a group of one, so the engine code path is the same
+    if (
+        "RANK" not in os.environ
+    ):  # plain process: a group of one, so the engine code path is the same
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -117,7 +119,9 @@ def deepspeed_config(train: Any, world: int) -> dict:
     return cfg
 
 
-def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, train: Any):
+def build_engine(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, train: Any
+):
     """Wrap model + plain torch optimizer + LR scheduler in a DeepSpeed engine."""
     import deepspeed
 

@@ -13,8 +13,12 @@ from tests.conftest import PYTHON, ROOT, env_for_subprocess
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
-        env=env_for_subprocess(), timeout=300,
+        [PYTHON, "-m", "pipeline", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env_for_subprocess(),
+        timeout=300,
     )
 
 

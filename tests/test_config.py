@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, flatten, from_dict, load_config, save_config, to_dict
+from pipeline.config import (
+    Config,
+    ConfigError,
+    flatten,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

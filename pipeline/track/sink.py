@@ -49,7 +49,11 @@ class MetricsSink:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.cfg.experiment)
         # A resumed run continues the same MLflow run rather than starting a new one.
-        run = mlflow.start_run(run_id=self.run_id) if self.run_id else mlflow.start_run(run_name=run_name)
+        run = (
+            mlflow.start_run(run_id=self.run_id)
+            if self.run_id
+            else mlflow.start_run(run_name=run_name)
+        )
         self.run_id = run.info.run_id
         self._mlflow = mlflow
 

@@ -80,7 +80,9 @@ def load(engine, folder: Path) -> tuple[TrainState, dict]:
     """Restore engine, optimizer, scheduler and this rank's RNG; return (TrainState, data position)."""
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}; delete it or pick another")
+        raise FileNotFoundError(
+            f"DeepSpeed found no checkpoint in {folder}; delete it or pick another"
+        )
     state = TrainState(**json.loads((folder / "trainstate.json").read_text()))
     rng_file = folder / f"rng-rank{dist.rank()}.pt"
     if rng_file.is_file():

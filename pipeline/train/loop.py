@@ -48,7 +48,9 @@ def train(cfg: Config) -> dict:
     state.mlflow_run_id = sink.run_id if dist.is_main() else None
     if resume_from is None:
         sink.log_params({**flatten(to_dict(cfg)), **run_params()})
-    say(f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run folder {run_dir}")
+    say(
+        f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run folder {run_dir}"
+    )
 
     batches = iter(loader)
     images_per_step = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size()
@@ -80,8 +82,10 @@ def train(cfg: Config) -> dict:
                 "speed/images_per_s": speed,
             }
             sink.log(state.step, metrics)
-            say(f"step {state.step:>6}/{cfg.train.steps}  bpd {metrics['train/bpd']:.4f}  "
-                f"lr {metrics['optim/lr']:.2e}  {speed:.1f} img/s")
+            say(
+                f"step {state.step:>6}/{cfg.train.steps}  bpd {metrics['train/bpd']:.4f}  "
+                f"lr {metrics['optim/lr']:.2e}  {speed:.1f} img/s"
+            )
         if cfg.train.val_every and state.step % cfg.train.val_every == 0:
             sink.log(state.step, {"val/bpd": validate(engine, val_loader, cfg)})
         if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
