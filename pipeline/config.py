@@ -24,8 +24,9 @@ import yaml
 
 from pipeline.data.config import DataConfig
 from pipeline.flows.config import ModelConfig
+from pipeline.theory.config import GuardConfig
 from pipeline.track.config import TrackingConfig
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import FaultConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

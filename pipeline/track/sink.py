@@ -75,6 +75,13 @@ class MetricsSink:
             finite = {k: v for k, v in clean.items() if math.isfinite(v)}
             self._mlflow.log_metrics(finite, step=step)
 
+    def log_event(self, event: dict[str, Any]) -> None:
+        """A divergence event: a line of events.jsonl (logged as an artifact at close)."""
+        if not self.is_main:
+            return
+        with open(self.run_dir / "events.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         if self._mlflow is not None:
             self._mlflow.log_artifact(str(path), artifact_path=subdir)

@@ -15,7 +15,7 @@ from pipeline.config import Config
 from pipeline.data import build_loader, prepare_synthetic, resolve_shards
 from pipeline.flows import build_flow
 from pipeline.track.sink import MetricsSink
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import FaultConfig, TrainConfig
 from pipeline.train.state import TrainState
 
 
@@ -49,21 +49,44 @@ def initialize_actnorm(model: torch.nn.Module, cfg: Config, shards: Path) -> Non
     model.data_init(x.to(dist.device()))
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig):
-    """Plain torch AdamW (DeepSpeed's fused optimizers need a compiler step on CPU) + warm-up/decay."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be cancelled: how the guard skips a step on every ZeRO stage.
+
+    DeepSpeed calls ``step()`` on the optimizer it was given (directly at ZeRO 0, on the fp32
+    partitions at ZeRO 1/2), so a cancelled step leaves weights and Adam moments exactly as they were.
+    """
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, faults: FaultConfig):
+    """Plain torch AdamW (DeepSpeed's fused optimizers need a compiler step on CPU) + LR schedule.
+
+    lr(step) = lr · scale · warm-up/cosine(step), where ``scale`` (in the returned control dict) is
+    the product of the guard's rollback cuts.
+    """
+    optimizer = SkippableAdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    control = {"scale": 1.0}
 
     def factor(step: int) -> float:
+        spike = faults.lr_spike_step - 1 <= step < faults.lr_spike_step - 1 + faults.lr_spike_steps
+        scale = control["scale"] * (faults.lr_spike_factor if spike else 1.0)
         if train.warmup_steps and step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
+            return scale * (step + 1) / train.warmup_steps
         if train.lr_decay == "none":
-            return 1.0
+            return scale
         span = max(1, train.steps - train.warmup_steps)
         progress = min(1.0, (step - train.warmup_steps) / span)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine
+        return scale * (train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine)
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), control
 
 
 def build_sink(cfg: Config, state: TrainState) -> MetricsSink:

@@ -54,6 +54,15 @@ def find_latest(root: Path) -> Path | None:
     return root / tags[-1] if tags else None
 
 
+def find_good(root: Path) -> Path | None:
+    """The newest complete checkpoint saved with no guard event in its window: a rollback target."""
+    for tag in reversed(complete_tags(root)):
+        state = json.loads((root / tag / "trainstate.json").read_text())
+        if not state.get("suspect", False):
+            return root / tag
+    return None
+
+
 def save(
     engine, state: TrainState, cfg: Config, root: Path, keep_last: int, data_position: dict
 ) -> Path:

@@ -31,3 +31,21 @@ class TrainConfig:
     val_batches: int = 0  # 0: the whole val split
     samples: int = 16  # images in the final sample grid
     temperature: float = 0.7
+    sample_every: int = 0  # steps between sample grids logged as artifacts; 0 = at the end only
+    # Divergence policy (events come from pipeline.theory's detector, thresholds in `guard`):
+    rollback_events: int = 3  # this many events within `rollback_window` steps -> roll back
+    rollback_window: int = 50
+    rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
+    max_rollbacks: int = 3  # one more rollback than this stops the run with a report
+    sigterm_deadline_s: float = 120.0  # time a preempted run has to checkpoint before exiting
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate faults, for testing the divergence guard end to end; all off by default."""
+
+    nan_step: int = -1  # at this step, rank `nan_rank` feeds a NaN batch
+    nan_rank: int = 0
+    lr_spike_step: int = -1  # from this step, the LR is multiplied by `lr_spike_factor` ...
+    lr_spike_steps: int = 0  # ... for this many steps
+    lr_spike_factor: float = 1000.0

@@ -1,17 +1,22 @@
-"""The training loop: build -> resume -> loop {batch -> forward -> backward -> step -> log -> save}.
+"""The training loop: build -> resume -> loop {batch -> forward -> backward -> guard -> step -> log -> save}.
 
-Builders live in pipeline/train/build.py; this file reads top to bottom.
+Builders live in pipeline/train/build.py, one-step mechanics below the loop; this function reads top to
+bottom.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import resource
+import signal
 import time
 
 import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
+from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
 from pipeline.train import checkpoint
 from pipeline.train.build import (
     build_data,
@@ -21,6 +26,7 @@ from pipeline.train.build import (
     initialize_actnorm,
     run_params,
 )
+from pipeline.train.guard import ROLLBACK, STOP, DivergenceStop, Guard, write_report
 from pipeline.train.images import save_grid
 from pipeline.train.state import TrainState
 
@@ -31,78 +37,87 @@ def train(cfg: Config) -> dict:
     run_dir, ckpt_root = cfg.run.dir, cfg.run.dir / "checkpoints"
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
+    preemption = Preemption()
 
     shards, loader, val_loader = build_data(cfg)
     model = build_model(cfg)
     resume_from = checkpoint.find_latest(ckpt_root)
     if resume_from is None:
         initialize_actnorm(model, cfg, shards)  # explicit, identical on all ranks (STYLE.md §9)
-    optimizer, scheduler = build_optimizer(model, cfg.train)
-    engine, optimizer, scheduler = dist.build_engine(model, optimizer, scheduler, cfg.train)
+    optimizer, scheduler, lr_control = build_optimizer(model, cfg.train, cfg.faults)
+    engine, _, scheduler = dist.build_engine(model, optimizer, scheduler, cfg.train)
+    engine.optimizer_to_skip = optimizer  # ours, not DeepSpeed's wrapper around it
 
     state = TrainState()
     if resume_from is not None:
         state, position = checkpoint.load(engine, resume_from)
         loader.load_state_dict(position)
+    lr_control["scale"] = state.lr_scale
+    guard = Guard(cfg.train, cfg.guard, state)
     sink = build_sink(cfg, state)
     state.mlflow_run_id = sink.run_id if dist.is_main() else None
     if resume_from is None:
         sink.log_params({**flatten(to_dict(cfg)), **run_params()})
-    say(
-        f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run folder {run_dir}"
-    )
+        checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last, loader.state_dict())
+    say(f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run {run_dir}")
 
     batches = iter(loader)
-    images_per_step = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size()
-    t_last, step_last = time.perf_counter(), state.step
+    meter = Throughput(cfg, state.step)
+    stopped = "finished"
     while state.step < cfg.train.steps:
-        parts = torch.zeros(3)  # bpd, logpz_bpd, logdet_bpd summed over micro-batches
-        for _ in range(cfg.train.grad_accum):
-            x = next(batches).to(engine.device)
-            with autocast(cfg):
-                out = engine(x)
-            loss = out["bpd"].mean()
-            engine.backward(loss)
-            engine.step()
-            parts += torch.stack([loss.detach(), *bpd_parts(out, x)]).float().cpu()
+        metrics, stop_requested, x = train_step(engine, batches, cfg, state, preemption)
         state.step += 1
-        state.samples += images_per_step
+        state.samples += meter.images_per_step
         state.epoch = loader.epoch
-
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            parts = dist.all_reduce(parts) / (cfg.train.grad_accum * dist.world_size())
-            now = time.perf_counter()
-            speed = (state.step - step_last) * images_per_step / (now - t_last)
-            t_last, step_last = now, state.step
-            metrics = {
-                "train/bpd": parts[0].item(),
-                "train/logpz_bpd": parts[1].item(),
-                "train/logdet_bpd": parts[2].item(),
-                "optim/lr": scheduler.get_last_lr()[0],
-                "speed/images_per_s": speed,
-            }
-            sink.log(state.step, metrics)
+        metrics.update(maybe_diagnose(model, cfg, state, x))
+        events, action = guard.observe(state, metrics)
+        for event in events:
+            sink.log_event(event.to_dict())
             say(
-                f"step {state.step:>6}/{cfg.train.steps}  bpd {metrics['train/bpd']:.4f}  "
-                f"lr {metrics['optim/lr']:.2e}  {speed:.1f} img/s"
+                f"guard: step {event.step} {event.kind} value {event.value:.4g} "
+                f"threshold {event.threshold:.4g}"
             )
+        if action == ROLLBACK:
+            roll_back(engine, ckpt_root, state, cfg, lr_control)
+        elif action == STOP:
+            report = write_report(run_dir, state, [e.to_dict() for e in events])
+            sink.close(status="FAILED")
+            raise DivergenceStop(f"diverged after {state.rollbacks} rollbacks; see {report}")
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            sink.log(state.step, {**metrics, **meter.read(state.step), **event_metrics(state)})
+            say(progress_line(state, cfg, metrics))
         if cfg.train.val_every and state.step % cfg.train.val_every == 0:
             sink.log(state.step, {"val/bpd": validate(engine, val_loader, cfg)})
-        if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
+        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0:
+            maybe_sample(model, cfg, run_dir / "samples" / f"step{state.step:08d}.png", sink)
+        if (
+            stop_requested
+            or state.step % cfg.train.save_every == 0
+            or state.step == cfg.train.steps
+        ):
+            state.suspect = bool(state.recent_events)
             checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last, loader.state_dict())
+        if stop_requested:
+            stopped = "preempted"
+            say(
+                f"SIGTERM: checkpoint at step {state.step} saved; exiting so the job can be requeued"
+            )
+            break
 
-    val_bpd = validate(engine, val_loader, cfg)
+    val_bpd = validate(engine, val_loader, cfg) if stopped == "finished" else math.nan
     sink.log(state.step, {"val/bpd": val_bpd})
     samples_png = run_dir / "samples.png"
+    if stopped == "finished":
+        maybe_sample(model, cfg, samples_png, sink)
     if dist.is_main():
-        with torch.no_grad():
-            x = model.sample(cfg.train.samples, temperature=cfg.train.temperature)
-        save_grid(x, samples_png)
-        sink.log_artifact(samples_png)
         sink.log_artifact(run_dir / "config.yaml")
     summary = {
+        "status": stopped,
         "final_val_bpd": val_bpd,
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "rollbacks": state.rollbacks,
+        "event_counts": state.event_counts,
         "run_dir": str(run_dir.resolve()),
         "samples": str(samples_png.resolve()),
         "tracking_uri": sink.uri,
@@ -110,14 +125,107 @@ def train(cfg: Config) -> dict:
         "checkpoint": str(checkpoint.find_latest(ckpt_root)),
     }
     sink.close()
+    preemption.uninstall()
     dist.teardown()
     return summary
 
 
-def bpd_parts(out: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss split into prior and volume terms, in bits/dim: bpd = -(logpz + logdet)/(D ln2) + n."""
-    scale = x[0].numel() * torch.log(torch.tensor(2.0))
-    return (-out["logpz"].mean() / scale).detach(), (-out["logdet"].mean() / scale).detach()
+def train_step(
+    engine, batches, cfg: Config, state: TrainState, preemption
+) -> tuple[dict, bool, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches; skipped on every rank if anything is non-finite.
+
+    The loss terms are all-reduced after the last backward and before the optimizer step, so that every
+    rank sees the same numbers and takes the same decision. A skip cancels the optimizer's step
+    (SkippableAdamW), which leaves weights and Adam moments untouched at every ZeRO stage; at ZeRO 1/2
+    DeepSpeed's own overflow check also refuses non-finite gradients.
+    """
+    accum = cfg.train.grad_accum
+    local = torch.zeros(4, dtype=torch.float64)  # bpd, logpz_bpd, logdet_bpd, SIGTERM seen
+    for micro in range(accum):
+        x = inject_nan(next(batches), cfg, state.step + 1).to(engine.device)
+        with autocast(cfg):
+            out = engine(x)
+        loss = out["bpd"].float().mean()
+        engine.backward(loss)
+        bits = x[0].numel() * math.log(2.0)
+        local[:3] += (
+            torch.stack(
+                [
+                    loss.detach(),
+                    -out["logpz"].detach().mean() / bits,
+                    -out["logdet"].detach().mean() / bits,
+                ]
+            )
+            .double()
+            .cpu()
+        )
+        if micro < accum - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    local[3] = float(preemption.requested)
+    reduced = dist.all_reduce(local) / torch.tensor([accum * dist.world_size()] * 3 + [1.0])
+    finite = bool(torch.isfinite(reduced[:3]).all())
+    module = engine.module
+    norms = grad_norms(module.named_parameters()) if cfg.train.zero_stage == 0 else {}
+    skip = not finite or not math.isfinite(norms.get("global", 0.0))
+    engine.optimizer_to_skip.skip_next = skip
+    engine.step()
+    if cfg.train.zero_stage > 0:
+        norms = {"global": float(engine.get_global_grad_norm() or math.nan)}
+        skip = skip or not engine.was_step_applied()
+    state.skipped_steps += int(skip)
+    metrics = {
+        "train/bpd": reduced[0].item(),
+        "train/logpz_bpd": reduced[1].item(),
+        "train/logdet_bpd": reduced[2].item(),
+        "optim/lr": engine.get_lr()[0],
+        "optim/grad_norm": norms["global"],
+        "optim/skipped": float(skip),
+        **{f"optim/grad_norm/{k}": v for k, v in norms.items() if k != "global"},
+    }
+    return metrics, bool(reduced[3] > 0), x
+
+
+def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> dict:
+    """Flow diagnostics every guard.diagnostics_every steps: computed on rank 0, broadcast to all."""
+    every = cfg.guard.diagnostics_every
+    if not every or state.step % every:
+        return {}
+    metrics = {}
+    if dist.is_main():
+        probe = x[: cfg.guard.diagnostics_images].nan_to_num()
+        with autocast(cfg):
+            metrics = flow_diagnostics(
+                model, probe, power_iters=cfg.guard.power_iters, seed=state.step
+            )
+    return dist.broadcast_object(metrics)
+
+
+def roll_back(engine, ckpt_root, state: TrainState, cfg: Config, lr_control: dict) -> None:
+    """Restore the last good weights and optimizer state, cut the LR; the step count and data go on."""
+    target = checkpoint.find_good(ckpt_root)
+    if target is None:
+        raise DivergenceStop(f"guard asked for a rollback but {ckpt_root} has no good checkpoint")
+    checkpoint.load_engine(engine, target)
+    state.rollbacks += 1
+    state.lr_scale *= cfg.train.rollback_lr_factor
+    state.recent_events = []
+    lr_control["scale"] = state.lr_scale
+    engine.lr_scheduler.last_epoch = state.step - 1
+    engine.lr_scheduler.step()
+    say(
+        f"guard: rolled back to {target.name}, LR scale now {state.lr_scale:g} "
+        f"(rollback {state.rollbacks}/{cfg.train.max_rollbacks})"
+    )
+
+
+def event_metrics(state: TrainState) -> dict:
+    counts = {f"events/{k}": float(v) for k, v in state.event_counts.items()}
+    return {
+        **counts,
+        "guard/rollbacks": float(state.rollbacks),
+        "guard/skipped": float(state.skipped_steps),
+    }
 
 
 @torch.no_grad()
@@ -129,11 +237,72 @@ def validate(engine, val_loader, cfg: Config) -> float:
         if cfg.train.val_batches and i >= cfg.train.val_batches:
             break
         with autocast(cfg):
-            bpd = engine(x.to(engine.device))["bpd"]
-        acc += torch.tensor([bpd.double().sum().item(), bpd.numel()], dtype=torch.float64)
+            bpd = engine(x.to(engine.device))["bpd"].double()
+        acc += torch.stack([bpd.sum(), torch.tensor(bpd.numel(), dtype=torch.float64)]).cpu()
     engine.train()
     acc = dist.all_reduce(acc)
     return (acc[0] / acc[1].clamp(min=1)).item()
+
+
+def maybe_sample(model, cfg: Config, path, sink) -> None:
+    if not dist.is_main():
+        return
+    with torch.no_grad():
+        x = model.sample(cfg.train.samples, temperature=cfg.train.temperature)
+    save_grid(x, path)
+    sink.log_artifact(path, "samples" if path.parent.name == "samples" else None)
+
+
+class Throughput:
+    """images/s between log lines, and peak memory."""
+
+    def __init__(self, cfg: Config, step: int):
+        self.images_per_step = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size()
+        self.t, self.step = time.perf_counter(), step
+
+    def read(self, step: int) -> dict:
+        now = time.perf_counter()
+        speed = (step - self.step) * self.images_per_step / max(now - self.t, 1e-9)
+        self.t, self.step = now, step
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return {"speed/images_per_s": speed, "memory/peak_bytes": float(peak)}
+
+
+def progress_line(state: TrainState, cfg: Config, m: dict) -> str:
+    extra = f"  skipped {state.skipped_steps}" if state.skipped_steps else ""
+    extra += f"  rollbacks {state.rollbacks}" if state.rollbacks else ""
+    return (
+        f"step {state.step:>6}/{cfg.train.steps}  bpd {m['train/bpd']:.4f}  "
+        f"grad {m['optim/grad_norm']:.3g}  lr {m['optim/lr']:.2e}{extra}"
+    )
+
+
+def inject_nan(x: torch.Tensor, cfg: Config, step: int) -> torch.Tensor:
+    """faults.nan_step: one rank feeds a NaN batch, to exercise the guard end to end."""
+    if step == cfg.faults.nan_step and dist.rank() == cfg.faults.nan_rank:
+        return x * math.nan
+    return x
+
+
+class Preemption:
+    """SIGTERM (preemption, SLURM --signal) -> checkpoint at the end of the current step, exit 0.
+
+    The handler only sets a flag; the flag is all-reduced with the step's loss, so every rank stops
+    after the same step and takes part in the same checkpoint collective.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def autocast(cfg: Config):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,3 +12,10 @@ class TrainState:
     epoch: int = 0  # data epoch (each rank's exact stream position is saved beside, per rank)
     mlflow_run_id: str | None = None
     best_val_bpd: float | None = None
+    lr_scale: float = 1.0  # product of the rollback LR cuts so far
+    rollbacks: int = 0
+    skipped_steps: int = 0
+    recent_events: list = field(default_factory=list)  # steps of recent guard events (the window)
+    event_counts: dict = field(default_factory=dict)  # kind -> count over the whole run
+    detector: dict = field(default_factory=dict)  # the divergence detector's history
+    suspect: bool = False  # events in the window when saved: not a rollback target

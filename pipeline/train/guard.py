@@ -1,0 +1,65 @@
+"""The divergence guard: the detector's events -> skip, roll back and cut the LR, or stop.
+
+Every input the guard sees has been all-reduced (loss, gradient norm) or broadcast from rank 0 (flow
+diagnostics), so every rank holds the same detector and reaches the same decision without talking:
+no rank is ever left waiting in a collective that the others skipped.
+
+Policy (thresholds in cfg.guard, escalation in cfg.train):
+  - a step whose loss or gradient is non-finite on any rank is skipped on every rank;
+  - ``rollback_events`` events within ``rollback_window`` steps: restore the last good checkpoint
+    (saved with no event in its window), multiply the LR by ``rollback_lr_factor``; the data stream
+    moves on, so the batches that led to the divergence are not replayed;
+  - a rollback beyond ``max_rollbacks``: stop, writing divergence_report.json in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import distributed as dist
+from pipeline.theory.config import GuardConfig
+from pipeline.theory.detector import DivergenceDetector, Event
+from pipeline.train.config import TrainConfig
+from pipeline.train.state import TrainState
+
+OK, ROLLBACK, STOP = "ok", "rollback", "stop"
+
+
+class DivergenceStop(RuntimeError):
+    """Raised (on every rank alike) when the guard has run out of rollbacks."""
+
+
+class Guard:
+    def __init__(self, train: TrainConfig, cfg: GuardConfig, state: TrainState):
+        self.train = train
+        self.detector = DivergenceDetector(cfg)
+        if state.detector:
+            self.detector.load_state_dict(state.detector)
+
+    def observe(self, state: TrainState, metrics: dict) -> tuple[list[Event], str]:
+        """Record this step's events in ``state``; return them and the action to take."""
+        events = self.detector.observe(state.step, metrics, rank=dist.rank())
+        for event in events:
+            state.event_counts[event.kind] = state.event_counts.get(event.kind, 0) + 1
+            state.recent_events.append(state.step)
+        horizon = state.step - self.train.rollback_window
+        state.recent_events = [s for s in state.recent_events if s > horizon]
+        state.detector = self.detector.state_dict()
+        if len(state.recent_events) < self.train.rollback_events:
+            return events, OK
+        return events, STOP if state.rollbacks >= self.train.max_rollbacks else ROLLBACK
+
+
+def write_report(run_dir: Path, state: TrainState, events: list[dict]) -> Path:
+    path = run_dir / "divergence_report.json"
+    report = {
+        "stopped_at_step": state.step,
+        "rollbacks": state.rollbacks,
+        "lr_scale": state.lr_scale,
+        "event_counts": state.event_counts,
+        "last_events": events[-20:],
+        "advice": "lower train.lr, raise train.warmup_steps, or use bounded blocks (model.*)",
+    }
+    path.write_text(json.dumps(report, indent=1))
+    return path
