@@ -54,13 +54,25 @@ def find_latest(root: Path) -> Path | None:
     return root / tags[-1] if tags else None
 
 
-def find_good(root: Path) -> Path | None:
-    """The newest complete checkpoint saved with no guard event in its window: a rollback target."""
+def find_good(root: Path, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint saved with no guard event in its window (a rollback target),
+    optionally only among those older than step ``before``."""
     for tag in reversed(complete_tags(root)):
         state = json.loads((root / tag / "trainstate.json").read_text())
+        if before is not None and state["step"] >= before:
+            continue
         if not state.get("suspect", False):
             return root / tag
     return None
+
+
+def mark_suspect(folder: Path) -> None:
+    """Exclude a checkpoint from rollbacks (rank 0 only; the others need not know)."""
+    if dist.is_main():
+        path = folder / "trainstate.json"
+        state = json.loads(path.read_text())
+        state["suspect"] = True
+        _atomic_write(path, json.dumps(state, indent=1))
 
 
 def save(
@@ -85,13 +97,18 @@ def save(
     return folder
 
 
-def load(engine, folder: Path) -> tuple[TrainState, dict]:
-    """Restore engine, optimizer, scheduler and this rank's RNG; return (TrainState, data position)."""
+def load_engine(engine, folder: Path) -> None:
+    """Restore module, optimizer and LR scheduler (all ranks: DeepSpeed's load is a collective)."""
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
         raise FileNotFoundError(
-            f"DeepSpeed found no checkpoint in {folder}; delete it or pick another"
+            f"DeepSpeed found no checkpoint in {folder}; delete that folder or pick another"
         )
+
+
+def load(engine, folder: Path) -> tuple[TrainState, dict]:
+    """Restore engine, optimizer, scheduler and this rank's RNG; return (TrainState, data position)."""
+    load_engine(engine, folder)
     state = TrainState(**json.loads((folder / "trainstate.json").read_text()))
     rng_file = folder / f"rng-rank{dist.rank()}.pt"
     if rng_file.is_file():

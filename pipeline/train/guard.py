@@ -6,9 +6,11 @@ no rank is ever left waiting in a collective that the others skipped.
 
 Policy (thresholds in cfg.guard, escalation in cfg.train):
   - a step whose loss or gradient is non-finite on any rank is skipped on every rank;
-  - ``rollback_events`` events within ``rollback_window`` steps: restore the last good checkpoint
-    (saved with no event in its window), multiply the LR by ``rollback_lr_factor``; the data stream
-    moves on, so the batches that led to the divergence are not replayed;
+  - ``rollback_events`` steps with events within ``rollback_window`` steps: restore the last good
+    checkpoint (saved with no event in its window), multiply the LR by ``rollback_lr_factor``; the
+    data stream moves on, so the batches that led to the divergence are not replayed. If events
+    recur before a newer good checkpoint exists, the last target is marked bad (it may hold weights
+    already damaged by a step whose loss was still finite) and the next older one is used;
   - a rollback beyond ``max_rollbacks``: stop, writing divergence_report.json in the run folder.
 """
 
@@ -42,6 +44,7 @@ class Guard:
         events = self.detector.observe(state.step, metrics, rank=dist.rank())
         for event in events:
             state.event_counts[event.kind] = state.event_counts.get(event.kind, 0) + 1
+        if events:  # one bad step often raises several events (loss and gradient): count steps
             state.recent_events.append(state.step)
         horizon = state.step - self.train.rollback_window
         state.recent_events = [s for s in state.recent_events if s > horizon]

@@ -168,6 +168,7 @@ def train_step(
     module = engine.module
     norms = grad_norms(module.named_parameters()) if cfg.train.zero_stage == 0 else {}
     skip = not finite or not math.isfinite(norms.get("global", 0.0))
+    lr = engine.get_lr()[0]  # the LR this step applies
     engine.optimizer_to_skip.skip_next = skip
     engine.step()
     if cfg.train.zero_stage > 0:
@@ -178,7 +179,7 @@ def train_step(
         "train/bpd": reduced[0].item(),
         "train/logpz_bpd": reduced[1].item(),
         "train/logdet_bpd": reduced[2].item(),
-        "optim/lr": engine.get_lr()[0],
+        "optim/lr": lr,
         "optim/grad_norm": norms["global"],
         "optim/skipped": float(skip),
         **{f"optim/grad_norm/{k}": v for k, v in norms.items() if k != "global"},
@@ -204,10 +205,16 @@ def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> di
 def roll_back(engine, ckpt_root, state: TrainState, cfg: Config, lr_control: dict) -> None:
     """Restore the last good weights and optimizer state, cut the LR; the step count and data go on."""
     target = checkpoint.find_good(ckpt_root)
+    if target is not None and int(target.name[4:]) == state.rollback_step:
+        checkpoint.mark_suspect(target)  # events came back right after it: it may hold bad weights
+        target = checkpoint.find_good(ckpt_root, before=state.rollback_step)
     if target is None:
-        raise DivergenceStop(f"guard asked for a rollback but {ckpt_root} has no good checkpoint")
+        raise DivergenceStop(
+            f"guard asked for a rollback but {ckpt_root} has no good checkpoint left"
+        )
     checkpoint.load_engine(engine, target)
     state.rollbacks += 1
+    state.rollback_step = int(target.name[4:])
     state.lr_scale *= cfg.train.rollback_lr_factor
     state.recent_events = []
     lr_control["scale"] = state.lr_scale

@@ -14,6 +14,7 @@ class TrainState:
     best_val_bpd: float | None = None
     lr_scale: float = 1.0  # product of the rollback LR cuts so far
     rollbacks: int = 0
+    rollback_step: int = -1  # the step of the last rollback target (-1: none yet)
     skipped_steps: int = 0
     recent_events: list = field(default_factory=list)  # steps of recent guard events (the window)
     event_counts: dict = field(default_factory=dict)  # kind -> count over the whole run

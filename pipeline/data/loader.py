@@ -1,0 +1,485 @@
+"""The streaming loader: WebDataset shards -> per-rank batches, exactly resumable mid-epoch.
+
+Each rank reads with W "readers" (W = data.workers, or 1 in-process). One reader's stream for one
+epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (STYLE.md §8):
+
+    shard order       train: the split's shards permuted by rng(seed, epoch); val: manifest order
+    split by node     rank r takes positions r, r + R, r + 2R, ...            (R = world size)
+    split by worker   reader w of rank r takes positions r + R·w (mod R·W)
+    tar -> samples    wds.tarfile_to_samples; an unreadable shard or member goes to the named
+                      handler BadSamples.handler: counted, skipped, never fatal
+    check counts      a shard yielding fewer samples than its manifest count: each missing one
+                      counted (tarfile ends silently on a tar cut at a header boundary)
+    shuffle           train only: buffer shuffle on raw bytes, rng(seed, epoch, rank, reader)
+    (refill)          the same shards again, only if bad samples left the reader short of its quota
+    position          number the raw samples; on resume, drop the already-consumed ones undecoded
+    decode            png -> uint8 [R, R, 3]; no image, undecodable, wrong size: counted, skipped
+    quantise          k = floor(pixel / 2^(8 - n_bits))
+    dequantise        x = k/2^n - 1/2 + u/2^n, u ~ U[0, 1)^D (DESIGN.md §3), so x ∈ [-1/2, 1/2)
+    h-flip            train only, probability 1/2; u and the flip come from rng(seed, epoch, key)
+    chunk             train: B samples -> one tensor; val: single samples (batched by the rank)
+
+Equal batches on every rank: each reader yields exactly ``chunks_per_reader`` chunks per epoch,
+computed from the manifest's per-shard counts as the worst case over all shard permutations, so no
+rank waits in a collective at an epoch end. The rank takes chunks from its readers round-robin
+(reader j mod W, chunk j div W) and reorders whatever the DataLoader delivers into that order, which
+makes the batch sequence independent of worker timing. The position saved by ``state_dict`` is
+(epoch, batches, raw position of each reader), which is all a rebuilt loader needs to continue with
+the very next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.config import DataConfig
+from pipeline.data.images import SkipImage, decode_rgb_array
+from pipeline.data.manifest import ShardError, read_manifest
+from pipeline.data.source import check_resolution
+
+log = logging.getLogger("pipeline.data")
+
+# The largest float32 below 1/2: (k + u)/2^n rounds up to exactly 1/2 for k = 2^n - 1 and u near 1.
+BELOW_HALF = np.nextafter(np.float32(0.5), np.float32(0.0))
+LOGGED_PER_READER = 10  # bad-sample warnings per reader; the counts carry the rest
+
+
+def mix(*parts: Any) -> int:
+    """A 64-bit seed from any tuple of ints/strings; stable across processes and Python runs."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class BadSamples:
+    """The named bad-sample handler of the stream: count by reason, log the first few, skip.
+
+    ``handler`` follows webdataset's protocol (called with the exception, True = keep going).
+    """
+
+    def __init__(self, where: str):
+        self.where = where
+        self.counts: Counter[str] = Counter()
+        self.logged = 0
+
+    def handler(self, exn: Exception) -> bool:
+        reason = "tar_read_error" if "tar" in type(exn).__module__ else "shard_error"
+        self.add(reason, f"{type(exn).__name__}: {exn}")
+        return True
+
+    def add(self, reason: str, detail: str = "", n: int = 1) -> None:
+        self.counts[reason] += n
+        if self.logged < LOGGED_PER_READER:
+            self.logged += 1
+            log.warning("skipped bad sample (%s) in %s: %s", reason, self.where, detail[:300])
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last take (they travel with the next chunk)."""
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a reader needs to produce its stream; plain data, so it pickles into workers."""
+
+    split: str
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    resolution: int
+    n_bits: int
+    hflip: bool
+    shuffle: bool
+    shuffle_buffer: int
+    seed: int
+    rank: int
+    world_size: int
+    readers: int
+    chunk: int
+    chunks_per_reader: int
+    set_id: str  # digest of the split's shard records: a resume must read the same bytes
+
+    def reader_shards(self, epoch: int, reader: int) -> list[int]:
+        """Indices of the shards reader ``reader`` of this rank reads in ``epoch``."""
+        n = len(self.urls)
+        if self.shuffle:
+            order = np.random.default_rng(mix("shards", self.seed, epoch)).permutation(n)
+        else:
+            order = np.arange(n)
+        slot = self.rank + self.world_size * reader  # split by node, then by worker
+        return [int(i) for i in order[slot :: self.world_size * self.readers]]
+
+
+def make_plan(
+    cfg: DataConfig, shards_dir: str | Path, split: str, batch_size: int, rank: int, world_size: int
+) -> StreamPlan:
+    """Read the manifest, check it against the config and layout, fix the per-reader quota."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not 1 <= cfg.n_bits <= 8:
+        raise ValueError(f"data.n_bits={cfg.n_bits}: shards hold 8-bit images, choose 1..8")
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size=}, "
+            f"{rank=}, {world_size=}"
+        )
+    if cfg.workers < 0:
+        raise ValueError(f"data.workers={cfg.workers} must be >= 0")
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    check_resolution(manifest, shards_dir, cfg.resolution)
+    records = manifest["shards"][split]
+    readers = max(1, cfg.workers)
+    slots = world_size * readers
+    if len(records) < slots:
+        raise ShardError(
+            f"{shards_dir}: the {split} split has {len(records)} shards, fewer than "
+            f"{world_size} ranks × {readers} workers = {slots} readers (each needs at least one). "
+            f"Rewrite the shards with a smaller --shard-size, or lower data.workers."
+        )
+    counts = [int(r["count"]) for r in records]
+    shuffle = split == "train"
+    if shuffle:  # worst case over permutations: a reader gets the smallest shards
+        least = sum(sorted(counts)[: len(counts) // slots])
+    else:
+        least = min(sum(counts[s::slots]) for s in range(slots))
+    chunk = batch_size if split == "train" else 1
+    plan = StreamPlan(
+        split=split,
+        urls=tuple(str(shards_dir / r["name"]) for r in records),
+        counts=tuple(counts),
+        resolution=cfg.resolution,
+        n_bits=cfg.n_bits,
+        hflip=cfg.hflip and split == "train",
+        shuffle=shuffle,
+        shuffle_buffer=max(1, cfg.shuffle_buffer),
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        readers=readers,
+        chunk=chunk,
+        chunks_per_reader=least // chunk,
+        set_id=hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16],
+    )
+    if plan.chunks_per_reader * readers * chunk < batch_size:
+        raise ShardError(
+            f"{shards_dir}: the {split} split gives each of the {slots} readers only {least} "
+            f"samples, not enough for one batch of {batch_size} per rank; lower the batch size "
+            f"or data.workers, or add data"
+        )
+    return plan
+
+
+def dequantise(pixels: np.ndarray, n_bits: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """uint8 pixels p [H, W, 3] -> float32 [3, H, W] (DESIGN.md §3):
+
+        x = k/2^n - 1/2 + u/2^n,   k = floor(p / 2^(8-n)),   u ~ U[0, 1)
+
+    The result lies in [-1/2, 1/2): the rare float32 round-up to exactly 1/2 is clamped to the
+    largest float below it.
+    """
+    k = pixels.transpose(2, 0, 1)
+    if flip:
+        k = k[:, :, ::-1]
+    k = np.ascontiguousarray(k) >> (8 - n_bits)  # layout work on bytes, not floats
+    x = rng.random(k.shape, dtype=np.float32)
+    x += k
+    x *= np.float32(2.0**-n_bits)
+    x -= np.float32(0.5)
+    return np.minimum(x, BELOW_HALF, out=x)
+
+
+def read_chunks(
+    plan: StreamPlan, epoch: int, reader: int, start: int, skip: int
+) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+    """One reader's chunks ``start .. chunks_per_reader - 1`` of ``epoch`` (stages: module
+    docstring); ``skip`` raw samples, the reader's saved position, are dropped undecoded."""
+    if start >= plan.chunks_per_reader:
+        return
+    shard_ids = plan.reader_shards(epoch, reader)
+    urls = [plan.urls[i] for i in shard_ids]
+    where = f"{plan.split} rank {plan.rank} reader {reader} epoch {epoch}"
+    bad = BadSamples(where)
+    per_pass = sum(plan.counts[i] for i in shard_ids)
+
+    expected = {plan.urls[i]: plan.counts[i] for i in shard_ids}
+
+    def check_counts(src: Iterator[dict]) -> Iterator[dict]:
+        # tarfile reads a tar cut at a header boundary as a clean end: only the manifest's count
+        # reveals the lost samples, so compare each shard's yield with it once the shard is done
+        done = iter(urls)
+        url, n = next(done, None), 0
+        for sample in itertools.chain(src, [None]):
+            while url is not None and (sample is None or sample["__url__"] != url):
+                if n < expected[url]:
+                    detail = f"{url} yielded {n} of its {expected[url]} samples"
+                    bad.add("missing_sample", detail, expected[url] - n)
+                url, n = next(done, None), 0
+            if sample is None:
+                return
+            n += 1
+            yield sample
+
+    def one_pass(index: int) -> wds.DataPipeline:
+        return wds.DataPipeline(
+            # this reader's shards: shard order, split by node, split by worker (reader_shards)
+            wds.SimpleShardList(urls),
+            # tar members -> {"__key__", "png"} samples; bad shards/members -> the named handler
+            wds.tarfile_to_samples(handler=bad.handler),
+            # samples a shard lost without an exception (cut at a header) -> the named handler
+            check_counts,
+            # buffer shuffle on raw bytes, before any decode work
+            wds.shuffle(
+                plan.shuffle_buffer,
+                initial=plan.shuffle_buffer,
+                rng=random.Random(mix("buffer", plan.seed, epoch, plan.rank, reader, index)),
+            )
+            if plan.shuffle
+            else None,
+        )
+
+    def raw_samples() -> Iterator[dict]:
+        for index in itertools.count():
+            if index:  # only reached when bad samples left the reader short
+                bad.add("refill_pass", f"reading {len(urls)} shards again")
+            n = 0
+            for sample in one_pass(index):
+                n += 1
+                yield sample
+            if n == 0:
+                raise ShardError(f"{where}: no readable sample in shards {urls}")
+
+    def position(src: Iterator[dict]) -> Iterator[dict]:
+        for pos, sample in enumerate(src):
+            if pos < skip:
+                if pos == skip - 1:
+                    bad.take()  # reported with the consumed chunks before the resume
+                continue
+            sample["__pos__"] = pos
+            yield sample
+
+    def decode(src: Iterator[dict]) -> Iterator[tuple[str, int, np.ndarray]]:
+        streak = 0
+        for sample in src:
+            data = sample.get("png", sample.get("jpg", sample.get("jpeg")))
+            try:
+                if data is None:
+                    members = sorted(k for k in sample if not k.startswith("__"))
+                    raise SkipImage("no_image", f"{sample['__key__']} has members {members}")
+                pixels = decode_rgb_array(data, plan.resolution)
+            except SkipImage as e:
+                bad.add(e.reason, f"{sample['__key__']} in {sample.get('__url__')}: {e.detail}")
+                streak += 1
+                if streak > per_pass + plan.shuffle_buffer:
+                    raise ShardError(f"{where}: no decodable image in shards {urls}") from e
+                continue
+            streak = 0
+            yield sample["__key__"], sample["__pos__"], pixels
+
+    def to_inputs(src: Iterator[tuple[str, int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+        for key, pos, pixels in src:
+            rng = np.random.default_rng(mix("sample", plan.seed, epoch, key))
+            flip = plan.hflip and bool(rng.random() < 0.5)
+            yield pos, dequantise(pixels, plan.n_bits, rng, flip)
+
+    def chunked(src: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[torch.Tensor, dict]]:
+        index, parts = start, []
+        for pos, x in src:
+            parts.append(x)
+            if len(parts) == plan.chunk:
+                meta = {"epoch": epoch, "reader": reader, "index": index, "pos": pos + 1}
+                meta["bad"] = bad.take()
+                yield torch.from_numpy(np.stack(parts)), meta
+                parts, index = [], index + 1
+                if index == plan.chunks_per_reader:
+                    return
+
+    yield from wds.DataPipeline(raw_samples, position, decode, to_inputs, chunked)
+
+
+def keep(item: Any) -> Any:
+    """DataLoader collate_fn: readers already build whole chunks."""
+    return item
+
+
+def reader_chunks(
+    plan: StreamPlan, epoch: int, reader: int, start: int, skip: int
+) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+    """``read_chunks`` from the saved position on, then (train) every later epoch from its start, so
+    worker processes live across epoch boundaries instead of restarting at each."""
+    yield from read_chunks(plan, epoch, reader, start, skip)
+    if plan.split == "train":
+        for later in itertools.count(epoch + 1):
+            yield from read_chunks(plan, later, reader, 0, 0)
+
+
+class ReaderDataset(IterableDataset):
+    """What each DataLoader worker runs: worker i plays reader (i + consumed) mod W, so after a
+    resume the round-robin continues with the reader that is due next."""
+
+    def __init__(self, plan: StreamPlan, epoch: int, consumed: int, positions: tuple[int, ...]):
+        self.plan, self.epoch, self.consumed, self.positions = plan, epoch, consumed, positions
+
+    def __iter__(self):
+        info = get_worker_info()
+        w = self.plan.readers
+        reader = ((info.id if info else 0) + self.consumed) % w
+        start = (self.consumed - reader + w - 1) // w  # chunks this reader delivered already
+        return reader_chunks(self.plan, self.epoch, reader, start, self.positions[reader])
+
+
+class Loader:
+    """Iterable of float32 batches [B, 3, R, R] in [-1/2, 1/2) for one rank.
+
+    train: endless; epoch e+1 starts after ``batches_per_epoch`` batches. val: each ``iter()``
+    finishes the current pass (a full one unless resumed), no shuffle, no flip, the same noise every
+    pass. ``bad_samples`` sums the counts of every reader this rank has consumed from; counts made
+    in DataLoader worker processes travel to the rank inside each chunk's metadata, so no shared
+    memory or queue is needed. ``on_bad(reason, n)``, if given, is called in this process for each
+    new count (for the tracker). With workers > 0 one DataLoader serves all epochs of an ``iter()``
+    (train), so worker processes start once, not at every epoch.
+    """
+
+    def __init__(
+        self,
+        plan: StreamPlan,
+        batch_size: int,
+        workers: int,
+        on_bad: Callable[[str, int], None] | None = None,
+    ):
+        self.plan, self.batch_size, self.workers, self.on_bad = plan, batch_size, workers, on_bad
+        self.split = plan.split
+        chunks = plan.readers * plan.chunks_per_reader
+        self.batches_per_epoch: int = chunks * plan.chunk // batch_size
+        self.bad_samples: dict[str, int] = {}
+        self.epoch = 0
+        self.batches = 0  # consumed in the current epoch
+        self.positions = [0] * plan.readers  # raw position of each reader after its last used chunk
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _layout(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "split": p.split,
+            "seed": p.seed,
+            "rank": p.rank,
+            "world_size": p.world_size,
+            "readers": p.readers,
+            "batch_size": self.batch_size,
+            "shards": p.set_id,
+            "n_bits": p.n_bits,
+            "hflip": p.hflip,
+            "shuffle_buffer": p.shuffle_buffer,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: a loader rebuilt with the same layout and given this
+        continues with the next batch. Per rank: every rank saves its own."""
+        epoch, batches, positions = self.epoch, self.batches, list(self.positions)
+        if batches >= self.batches_per_epoch:  # finished: the next batch opens a new pass
+            epoch = epoch + 1 if self.split == "train" else epoch
+            batches, positions = 0, [0] * self.plan.readers
+        return {
+            "version": 1,
+            "epoch": epoch,
+            "batches": batches,
+            "samples": batches * self.batch_size,
+            "reader_positions": positions,
+            "bad_samples": dict(self.bad_samples),
+            "layout": self._layout(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = self._layout()
+        saved = state.get("layout", {})
+        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"cannot resume the data stream exactly, the layout changed ({changes}); "
+                f"resume with the same data config, batch size and world size"
+            )
+        if not 0 <= state["batches"] < self.batches_per_epoch:
+            raise ValueError(
+                f"saved batches={state['batches']} outside 0..{self.batches_per_epoch}"
+            )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.positions = [int(p) for p in state["reader_positions"]]
+        self.bad_samples = {k: int(v) for k, v in state.get("bad_samples", {}).items()}
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        per_batch = self.batch_size // self.plan.chunk
+        source = self._chunks(self.epoch, self.batches * per_batch)
+        pending: dict[tuple[int, int, int], tuple[torch.Tensor, dict]] = {}
+        while True:
+            yield from self._rest_of_epoch(source, pending)
+            self.batches, self.positions = 0, [0] * self.plan.readers
+            if self.split != "train":
+                return
+            self.epoch += 1
+
+    def _chunks(self, epoch: int, consumed: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        if self.workers == 0:
+            return reader_chunks(self.plan, epoch, 0, consumed, self.positions[0])
+        dataset = ReaderDataset(self.plan, epoch, consumed, tuple(self.positions))
+        return iter(
+            DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=keep)
+        )
+
+    def _rest_of_epoch(self, source: Iterator, pending: dict) -> Iterator[torch.Tensor]:
+        """Chunk j of the epoch is chunk j div W of reader j mod W; whatever arrives early waits in
+        ``pending``. State (positions, counts, batches) advances only when a batch is handed out."""
+        w, per_batch = self.plan.readers, self.batch_size // self.plan.chunk
+        parts: list[torch.Tensor] = []
+        metas: list[dict] = []
+        for j in range(self.batches * per_batch, self.batches_per_epoch * per_batch):
+            due = (self.epoch, j % w, j // w)
+            while due not in pending:
+                item = next(source, None)
+                if item is None:
+                    raise RuntimeError(f"{self.split} readers stopped before chunk {due} (a bug)")
+                pending[(item[1]["epoch"], item[1]["reader"], item[1]["index"])] = item
+            x, meta = pending.pop(due)
+            parts.append(x)
+            metas.append(meta)
+            if len(parts) == per_batch:
+                for m in metas:
+                    self.positions[m["reader"]] = m["pos"]
+                    for reason, n in m["bad"].items():
+                        self.bad_samples[reason] = self.bad_samples.get(reason, 0) + n
+                        if self.on_bad is not None:
+                            self.on_bad(reason, n)
+                self.batches += 1
+                batch = parts[0] if per_batch == 1 else torch.cat(parts)
+                parts, metas = [], []
+                yield batch
+
+
+def build_loader(
+    cfg: DataConfig,
+    shards_dir: str | Path,
+    split: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    on_bad: Callable[[str, int], None] | None = None,
+) -> Loader:
+    """The loader of one rank: contract in ``Loader``, stages in the module docstring."""
+    plan = make_plan(cfg, shards_dir, split, batch_size, rank, world_size)
+    return Loader(plan, batch_size, cfg.workers, on_bad=on_bad)
