@@ -14,11 +14,15 @@ import sys
 # name -> (module, one-line help). Later parts add their commands here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.train.cli", "train a flow (plain process, deepspeed launcher or torchrun)"),
+    "sample": ("pipeline.train.sample", "sample a grid of images from a checkpoint"),
+    "evaluate": ("pipeline.train.evaluate", "validation bits/dim of a checkpoint on shards"),
+    "export": ("pipeline.train.export", "checkpoint -> plain state dict + config (no DeepSpeed)"),
     "synth": ("pipeline.data.synth", "write a folder of procedural face-like images"),
     "shards": ("pipeline.data.shards", "image folder -> WebDataset tar shards per resolution"),
     "model": ("pipeline.flows.cli", "print a model summary: parameters, levels, blocks, bounds"),
     "optimum": ("pipeline.theory.cli", "closed-form likelihood optimum of linear flows on shards"),
     "bench": ("pipeline.bench", "benchmarks that print JSON (data, train, scaling)"),
+    "compare": ("pipeline.track.compare", "table and plots comparing MLflow runs"),
     "config": (
         "pipeline.config_cli",
         "print the resolved config tree (defaults < YAML < overrides)",

@@ -131,4 +131,20 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(train, world_size()),
     )
+    engine.checkpoint_engine = _weights_only_checkpoint_engine(engine)
     return engine, optimizer, scheduler
+
+
+def _weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``.
+
+    DeepSpeed unpickles its checkpoint files with ``weights_only=False``, i.e. it would run code
+    found in a checkpoint; resuming from a folder someone else wrote must never do that.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)

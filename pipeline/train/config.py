@@ -37,7 +37,6 @@ class TrainConfig:
     rollback_window: int = 50
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
     max_rollbacks: int = 3  # one more rollback than this stops the run with a report
-    sigterm_deadline_s: float = 120.0  # time a preempted run has to checkpoint before exiting
 
 
 @dataclass
@@ -49,3 +48,4 @@ class FaultConfig:
     lr_spike_step: int = -1  # from this step, the LR is multiplied by `lr_spike_factor` ...
     lr_spike_steps: int = 0  # ... for this many steps
     lr_spike_factor: float = 1000.0
+    sigkill_step: int = -1  # after the checkpoint at this step, every rank SIGKILLs itself

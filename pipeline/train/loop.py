@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import resource
 import signal
 import time
@@ -97,6 +98,8 @@ def train(cfg: Config) -> dict:
         ):
             state.suspect = bool(state.recent_events)
             checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last, loader.state_dict())
+        if state.step == cfg.faults.sigkill_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash right after a checkpoint: resume test
         if stop_requested:
             stopped = "preempted"
             say(

@@ -1,0 +1,54 @@
+"""`python -m pipeline evaluate --checkpoint DIR [--shards DIR]`: validation bits/dim, one process."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+from tqdm import tqdm
+
+from pipeline.data import build_loader, resolve_shards
+from pipeline.train.inference import load_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint step folder or run folder")
+    p.add_argument("--shards", help="shards folder (default: the one the run trained on)")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, cfg, folder = load_model(args.checkpoint)
+    data = cfg.data
+    if args.shards:
+        data = dataclasses.replace(data, source="shards", shards=args.shards)
+    shards = resolve_shards(data)
+    loader = build_loader(data, shards, args.split, args.batch_size, rank=0, world_size=1)
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"evaluate {args.split}", unit="batch", disable=args.json)
+    with torch.no_grad():
+        for i, x in enumerate(bar):
+            if args.max_batches and i >= args.max_batches:
+                break
+            bpd = model(x)["bpd"].double()
+            total, count = total + bpd.sum().item(), count + bpd.numel()
+            bar.set_postfix(bpd=f"{total / count:.4f}")
+    result = {
+        "bpd": total / max(count, 1),
+        "images": count,
+        "split": args.split,
+        "shards": str(shards),
+        "checkpoint": str(folder),
+    }
+    print(
+        json.dumps(result)
+        if args.json
+        else f"{args.split} bits/dim {result['bpd']:.4f} "
+        f"over {count} images ({shards}) from {folder}"
+    )
+    return 0

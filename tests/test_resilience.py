@@ -1,0 +1,181 @@
+"""Issue 6 behaviours through the real entry point: guard, preemption, exact resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.train import checkpoint
+from tests.conftest import PYTHON, ROOT, env_for_subprocess
+
+LAUNCHER = [str(ROOT / "launch" / "local.sh")]
+
+
+def launch(tmp_path, name, *overrides, ranks=1, port=29641, check=True, timeout=600):
+    args = [
+        "--config",
+        "configs/debug.yaml",
+        f"run.root={tmp_path}/runs",
+        f"run.name={name}",
+        f"data.cache={tmp_path}/data",
+        "guard.diagnostics_every=0",
+        "--summary-json",
+        str(tmp_path / f"{name}.json"),
+        *overrides,
+    ]
+    cmd = LAUNCHER + args if ranks > 1 else [PYTHON, "-m", "pipeline", "train", *args]
+    env = env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC=str(ranks))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def summary(tmp_path, name) -> dict:
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def events(tmp_path, name) -> list[dict]:
+    path = tmp_path / "runs" / name / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def bpd_by_step(tmp_path, name) -> dict[int, float]:
+    rows = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/bpd"] for r in map(json.loads, rows) if "train/bpd" in r}
+
+
+def final_weights(tmp_path, name) -> dict[str, torch.Tensor]:
+    folder = checkpoint.find_latest(tmp_path / "runs" / name / "checkpoints")
+    return torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in [(3, True), (6, True), (9, False)]:
+        folder = root / checkpoint.tag_for(step)
+        folder.mkdir(parents=True)
+        (folder / "trainstate.json").write_text(json.dumps({"step": step}))
+        if complete:
+            (folder / checkpoint.COMPLETE).write_text("")
+    (root / "latest").write_text("step00000009")  # a pointer to the cut-short save
+    assert checkpoint.find_latest(root) == root / "step00000006"
+    (root / "latest").write_text("step00000003")
+    assert checkpoint.find_latest(root) == root / "step00000003"
+    (root / "step00000006" / "trainstate.json").write_text(json.dumps({"step": 6, "suspect": True}))
+    assert checkpoint.find_good(root) == root / "step00000003"
+    assert checkpoint.find_good(root, before=3) is None
+
+
+def test_lr_spike_rolls_back_cuts_the_lr_and_finishes(tmp_path):
+    launch(
+        tmp_path,
+        "spike",
+        "train.steps=30",
+        "train.save_every=5",
+        "faults.lr_spike_step=15",
+        "faults.lr_spike_steps=3",
+        "guard.min_history=5",
+        "train.rollback_events=2",
+    )
+    s = summary(tmp_path, "spike")
+    assert s["status"] == "finished" and s["rollbacks"] >= 1 and s["skipped_steps"] >= 1
+    assert s["event_counts"].get("non_finite_loss", 0) >= 1
+    bpd = bpd_by_step(tmp_path, "spike")
+    assert sorted(bpd) == list(range(1, 31))  # one row per step, none repeated by the rollback
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path, "spike").values())
+    assert bpd[30] < bpd[1]  # it recovered and kept learning
+
+
+def test_guard_stops_with_a_report_when_rollbacks_run_out(tmp_path):
+    out = launch(
+        tmp_path,
+        "stop",
+        "train.steps=30",
+        "train.save_every=5",
+        "faults.lr_spike_step=15",
+        "faults.lr_spike_steps=30",
+        "faults.lr_spike_factor=1e5",
+        "guard.min_history=5",
+        "train.rollback_events=1",
+        "train.max_rollbacks=1",
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "DivergenceStop" in out.stderr and "divergence_report.json" in out.stderr
+    report = json.loads((tmp_path / "runs" / "stop" / "divergence_report.json").read_text())
+    assert report["rollbacks"] == 1 and report["event_counts"]["non_finite_loss"] >= 1
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    args = [
+        "--config",
+        "configs/debug.yaml",
+        f"run.root={tmp_path}/runs",
+        "run.name=pre",
+        f"data.cache={tmp_path}/data",
+        "train.steps=100000",
+        "train.save_every=100000",
+        "guard.diagnostics_every=0",
+        "--summary-json",
+        str(tmp_path / "pre.json"),
+    ]
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "pipeline", "train", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env_for_subprocess(MASTER_PORT="29645"),
+    )
+    metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert time.time() - sent < 60
+    s = summary(tmp_path, "pre")
+    assert s["status"] == "preempted" and 3 <= s["steps"] < 100000
+    assert Path(s["checkpoint"]).name == checkpoint.tag_for(s["steps"])
+    assert "SIGTERM: checkpoint at step" in stdout
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    launch(tmp_path, "nan", "faults.nan_step=3", "faults.nan_rank=1", ranks=2, port=29642)
+    s = summary(tmp_path, "nan")
+    assert s["status"] == "finished" and s["skipped_steps"] == 1 and s["steps"] == 6
+    kinds = {(e["step"], e["kind"]) for e in events(tmp_path, "nan")}
+    assert (3, "non_finite_loss") in kinds
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path, "nan").values())
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_two_ranks(tmp_path):
+    common = ("train.steps=8", "train.save_every=4")
+    launch(tmp_path, "straight", *common, ranks=2, port=29643)
+    crashed = launch(
+        tmp_path, "crash", *common, "faults.sigkill_step=4", ranks=2, port=29644, check=False
+    )
+    assert crashed.returncode != 0
+    assert (
+        checkpoint.find_latest(tmp_path / "runs" / "crash" / "checkpoints").name == "step00000004"
+    )
+    out = launch(tmp_path, "crash", *common, ranks=2, port=29644)
+    assert "resumed from" in out.stdout and "step00000004" in out.stdout
+    straight, resumed = final_weights(tmp_path, "straight"), final_weights(tmp_path, "crash")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bitwise
+    a, b = bpd_by_step(tmp_path, "straight"), bpd_by_step(tmp_path, "crash")
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # same batches, same order
