@@ -37,7 +37,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def initialize_actnorm(model: torch.nn.Module, cfg: Config, shards: Path) -> None:
+def initialize_actnorm(model: torch.nn.Module, cfg: Config, shards: Path) -> float:
     """ActNorm's data-dependent init from the first batches of rank 0's stream, on every rank.
 
     Every rank reads the same batches (a one-rank view of the train split) and runs the same
@@ -47,6 +47,27 @@ def initialize_actnorm(model: torch.nn.Module, cfg: Config, shards: Path) -> Non
     batches = iter(loader)
     x = torch.cat([next(batches) for _ in range(max(1, cfg.train.init_batches))])
     model.data_init(x.to(dist.device()))
+    return check_replicated(model)
+
+
+def check_replicated(model: torch.nn.Module) -> float:
+    """Fail loudly unless every rank holds bit-identical parameters; return their checksum.
+
+    The checksum sums each tensor weighted by its position, in float64, so both a changed value and
+    swapped tensors change it; ranks compare it by all-reducing its max and min.
+    """
+    total = torch.zeros(1, dtype=torch.float64)
+    for i, p in enumerate(model.state_dict().values()):
+        if p.is_floating_point():
+            weights = torch.arange(1, p.numel() + 1, dtype=torch.float64)
+            total += (i + 1) * (p.detach().double().cpu().flatten() * weights).sum()
+    hi, lo = dist.all_reduce(total.clone(), "max"), dist.all_reduce(total.clone(), "min")
+    if hi.item() != lo.item():
+        raise RuntimeError(
+            f"ActNorm init differs across ranks (checksums {lo.item()!r} .. {hi.item()!r}): the "
+            "init batches or the model code are not deterministic; check data.seed and data.workers"
+        )
+    return total.item()
 
 
 class SkippableAdamW(torch.optim.AdamW):

@@ -43,8 +43,11 @@ def train(cfg: Config) -> dict:
     shards, loader, val_loader = build_data(cfg)
     model = build_model(cfg)
     resume_from = checkpoint.find_latest(ckpt_root)
-    if resume_from is None:
-        initialize_actnorm(model, cfg, shards)  # explicit, identical on all ranks (STYLE.md §9)
+    if resume_from is None:  # explicit, identical on all ranks (STYLE.md §9), checked across ranks
+        checksum = initialize_actnorm(model, cfg, shards)
+        say(
+            f"ActNorm data-dependent init identical on {dist.world_size()} rank(s), checksum {checksum!r}"
+        )
     optimizer, scheduler, lr_control = build_optimizer(model, cfg.train, cfg.faults)
     engine, _, scheduler = dist.build_engine(model, optimizer, scheduler, cfg.train)
     engine.optimizer_to_skip = optimizer  # ours, not DeepSpeed's wrapper around it

@@ -1,0 +1,24 @@
+"""The guard section of the config tree (owned by pipeline/theory): divergence thresholds.
+
+Mounted as ``cfg.guard``; every field is a plain scalar, so ``guard.x=v`` overrides work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GuardConfig:
+    window: int = 100  # recent finite values; their median absolute step is the noise scale
+    level_window: int = 10  # recent values whose median is the current level
+    min_history: int = 20  # no spike verdict before this many values are known
+    loss_spike_z: float = 6.0  # loss above level + z·scale is a spike (one-sided)
+    loss_spike_floor: float = 1e-3  # smallest robust loss scale, relative to |level| (flat curves)
+    grad_spike_z: float = 8.0  # the same on log(grad norm): norms are heavy-tailed and positive
+    grad_spike_floor: float = 0.25  # smallest robust scale of log(grad norm): z·0.25 = ×7.4 at z=8
+    logdet_slack: float = 1e-4  # nats/dim of float error allowed outside the certified range
+    inverse_tol: float = 1e-3  # max |f⁻¹(f(x)) - x| on data in [-1/2, 1/2) (bins are 2^-n wide)
+    diagnostics_every: int = 50  # steps between flow diagnostics (Lipschitz, inverse); 0 = never
+    diagnostics_images: int = 4  # images per diagnostics batch (cost ∝ power_iters × images)
+    power_iters: int = 10  # power-iteration steps per Lipschitz estimate

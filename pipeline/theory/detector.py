@@ -1,0 +1,196 @@
+"""Divergence detector: turns per-step metrics into structured events (DESIGN §5).
+
+``DivergenceDetector(cfg).observe(step, metrics, rank)`` returns a list of ``Event(step, kind,
+value, threshold, rank)``; it decides nothing about the response (skip, roll back, cut LR: the guard
+in pipeline/train does). Metrics are read by their DESIGN §6 names; absent ones are simply not
+checked:
+
+    train/bpd                        loss: non-finite -> non_finite_loss; spike -> loss_spike
+    optim/grad_norm                  non-finite -> non_finite_grad; spike -> grad_norm_spike
+    stability/logdet_min_per_dim,    log|det J|/D outside the certified range (± logdet_slack)
+    stability/logdet_max_per_dim     -> logdet_bound. The range is [-ln L_inv, ln L] from
+                                     lipschitz/forward_bound (L) and lipschitz/inverse_bound
+                                     (L_inv), narrowed by lipschitz/logdet_lower and
+                                     lipschitz/logdet_upper (per dim) when given
+    stability/inverse_error          > inverse_tol or non-finite -> inverse_error
+
+Spikes use a robust z-score against recent history, z = (v - level) / scale, one-sided (only rises
+alarm), after ``min_history`` values: level = median of the last ``level_window`` values, and
+scale = 1.4826·median|v_i - v_{i-1}|/√2 over the last ``window`` values (the median absolute
+successive difference), which estimates the step-to-step noise without being inflated by the trend
+every training curve has (a plain MAD of a decaying loss or gradient norm mostly measures the
+decay). A floor keeps flat curves from turning noise into spikes: relative to |level| for the loss,
+in log units for the gradient norm, which is scored on a log scale because norms are positive and
+heavy-tailed. A non-finite value's event has threshold inf (the value had to be finite). All
+finite values enter the history, spikes included: medians shrug off isolated spikes, and a genuine
+level shift (e.g. a new learning rate) is absorbed instead of alarming forever. The history is part
+of the guard state: save ``state_dict()`` with the checkpoint so a resumed run decides the same.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from pipeline.theory.config import GuardConfig
+from pipeline.theory.diagnostics import certified_logdet_range
+from pipeline.theory.jsonsafe import json_safe
+
+NON_FINITE_LOSS = "non_finite_loss"
+NON_FINITE_GRAD = "non_finite_grad"
+LOSS_SPIKE = "loss_spike"
+GRAD_NORM_SPIKE = "grad_norm_spike"
+LOGDET_BOUND = "logdet_bound"
+INVERSE_ERROR = "inverse_error"
+KINDS = (NON_FINITE_LOSS, NON_FINITE_GRAD, LOSS_SPIKE, GRAD_NORM_SPIKE, LOGDET_BOUND, INVERSE_ERROR)
+
+LOSS = "train/bpd"
+GRAD_NORM = "optim/grad_norm"
+LOGDET_MIN = "stability/logdet_min_per_dim"
+LOGDET_MAX = "stability/logdet_max_per_dim"
+FORWARD_BOUND = "lipschitz/forward_bound"
+INVERSE_BOUND = "lipschitz/inverse_bound"
+LOGDET_LOWER = "lipschitz/logdet_lower"
+LOGDET_UPPER = "lipschitz/logdet_upper"
+INVERSE_ERR = "stability/inverse_error"
+
+MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+@dataclass(frozen=True)
+class Event:
+    step: int
+    kind: str
+    value: float
+    threshold: float
+    rank: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (non-finite floats as "nan"/"inf"/"-inf"), one line of events.jsonl."""
+        return json_safe(asdict(self))
+
+
+class RobustHistory:
+    """The last ``window`` finite values and a one-sided robust threshold level + z·scale."""
+
+    def __init__(
+        self, window: int, level_window: int, min_history: int, floor: float, relative_floor: bool
+    ):
+        self.values: deque[float] = deque(maxlen=max(window, 2))
+        self.level_window = max(level_window, 1)
+        self.min_history = max(min_history, 2)
+        self.floor = floor
+        self.relative_floor = relative_floor
+
+    def threshold(self, z: float) -> float | None:
+        """None until ``min_history`` values are known."""
+        if len(self.values) < self.min_history:
+            return None
+        values = list(self.values)
+        level = statistics.median(values[-self.level_window :])
+        steps = [abs(b - a) for a, b in zip(values, values[1:])]
+        scale = MAD_TO_STD * statistics.median(steps) / math.sqrt(2.0)
+        floor = self.floor * abs(level) if self.relative_floor else self.floor
+        return level + z * max(scale, floor, 1e-12)
+
+    def push(self, value: float) -> None:
+        self.values.append(value)
+
+
+def _scalar(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().to(torch.float64).reshape(()))
+    return float(value)
+
+
+class DivergenceDetector:
+    """Per-rank divergence checks over a stream of metrics (see the module docstring)."""
+
+    def __init__(self, cfg: GuardConfig | None = None):
+        self.cfg = cfg or GuardConfig()
+        cfg = self.cfg
+        self.loss = RobustHistory(
+            cfg.window, cfg.level_window, cfg.min_history, cfg.loss_spike_floor, relative_floor=True
+        )
+        self.log_grad = RobustHistory(
+            cfg.window,
+            cfg.level_window,
+            cfg.min_history,
+            cfg.grad_spike_floor,
+            relative_floor=False,
+        )
+        self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+
+    def observe(self, step: int, metrics: dict[str, Any], rank: int = 0) -> list[Event]:
+        """Check one step's metrics; return its events (empty for a healthy step) and count them."""
+        cfg = self.cfg
+        events: list[Event] = []
+
+        def emit(kind: str, value: float, threshold: float) -> None:
+            events.append(Event(int(step), kind, float(value), float(threshold), int(rank)))
+
+        if LOSS in metrics:
+            loss = _scalar(metrics[LOSS])
+            if not math.isfinite(loss):
+                emit(NON_FINITE_LOSS, loss, math.inf)
+            else:
+                limit = self.loss.threshold(cfg.loss_spike_z)
+                if limit is not None and loss > limit:
+                    emit(LOSS_SPIKE, loss, limit)
+                self.loss.push(loss)
+
+        if GRAD_NORM in metrics:
+            norm = _scalar(metrics[GRAD_NORM])
+            if not math.isfinite(norm):
+                emit(NON_FINITE_GRAD, norm, math.inf)
+            elif norm > 0:
+                limit = self.log_grad.threshold(cfg.grad_spike_z)
+                if limit is not None and math.log(norm) > limit:
+                    emit(GRAD_NORM_SPIKE, norm, math.exp(limit))
+                self.log_grad.push(math.log(norm))
+
+        lo, hi = -math.inf, math.inf
+        if FORWARD_BOUND in metrics and INVERSE_BOUND in metrics:
+            lo, hi = certified_logdet_range(
+                _scalar(metrics[FORWARD_BOUND]), _scalar(metrics[INVERSE_BOUND])
+            )
+        if LOGDET_LOWER in metrics:
+            lo = max(lo, _scalar(metrics[LOGDET_LOWER]))
+        if LOGDET_UPPER in metrics:
+            hi = min(hi, _scalar(metrics[LOGDET_UPPER]))
+        if LOGDET_MAX in metrics and math.isfinite(hi):
+            top = _scalar(metrics[LOGDET_MAX])
+            if top > hi + cfg.logdet_slack:
+                emit(LOGDET_BOUND, top, hi + cfg.logdet_slack)
+        if LOGDET_MIN in metrics and math.isfinite(lo):
+            bottom = _scalar(metrics[LOGDET_MIN])
+            if bottom < lo - cfg.logdet_slack:
+                emit(LOGDET_BOUND, bottom, lo - cfg.logdet_slack)
+
+        if INVERSE_ERR in metrics:
+            err = _scalar(metrics[INVERSE_ERR])
+            if not err <= cfg.inverse_tol:  # also catches nan
+                emit(INVERSE_ERROR, err, cfg.inverse_tol)
+
+        for event in events:
+            self.counts[event.kind] += 1
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": list(self.loss.values),
+            "log_grad": list(self.log_grad.values),
+            "counts": dict(self.counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.values.clear()
+        self.loss.values.extend(float(v) for v in state["loss"])
+        self.log_grad.values.clear()
+        self.log_grad.values.extend(float(v) for v in state["log_grad"])
+        self.counts = dict.fromkeys(KINDS, 0) | {k: int(v) for k, v in state["counts"].items()}
