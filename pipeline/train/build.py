@@ -14,6 +14,8 @@ from pipeline import distributed as dist
 from pipeline.config import Config
 from pipeline.data import build_loader, prepare_synthetic, resolve_shards
 from pipeline.flows import build_flow
+from pipeline.theory.optimum import optimal_nll
+from pipeline.theory.shards import iter_levels
 from pipeline.track.sink import MetricsSink
 from pipeline.train.config import FaultConfig, TrainConfig
 from pipeline.train.state import TrainState
@@ -108,6 +110,21 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, faults: FaultCon
         return scale * (train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine)
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), control
+
+
+def build_optimum(cfg: Config, shards: Path) -> float | None:
+    """theory/optimum_bpd: the best bpd a linear per-position flow (squeeze 2) can reach on this data.
+
+    Computed on rank 0 from up to ``train.optimum_images`` train images, broadcast to all ranks.
+    """
+    if not cfg.train.optimum_images:
+        return None
+    value = None
+    if dist.is_main():
+        levels = iter_levels(shards, cfg.data.n_bits, split="train", limit=cfg.train.optimum_images)
+        optimum = optimal_nll(levels, n_bits=cfg.data.n_bits, squeeze=2, hflip=cfg.data.hflip)
+        value = float(optimum.bpd)
+    return dist.broadcast_object(value)
 
 
 def build_sink(cfg: Config, state: TrainState) -> MetricsSink:

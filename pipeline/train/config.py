@@ -31,6 +31,7 @@ class TrainConfig:
     val_batches: int = 0  # 0: the whole val split
     samples: int = 16  # images in the final sample grid
     temperature: float = 0.7
+    optimum_images: int = 2048  # train images for the linear-flow optimum reference; 0 = skip
     sample_every: int = 0  # steps between sample grids logged as artifacts; 0 = at the end only
     # Divergence policy (events come from pipeline.theory's detector, thresholds in `guard`):
     rollback_events: int = 3  # this many events within `rollback_window` steps -> roll back

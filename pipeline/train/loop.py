@@ -23,6 +23,7 @@ from pipeline.train.build import (
     build_data,
     build_model,
     build_optimizer,
+    build_optimum,
     build_sink,
     initialize_actnorm,
     run_params,
@@ -57,6 +58,8 @@ def train(cfg: Config) -> dict:
         state, position = checkpoint.load(engine, resume_from)
         loader.load_state_dict(position)
     lr_control["scale"] = state.lr_scale
+    if state.optimum_bpd is None:
+        state.optimum_bpd = build_optimum(cfg, shards)
     guard = Guard(cfg.train, cfg.guard, state)
     sink = build_sink(cfg, state)
     state.mlflow_run_id = sink.run_id if dist.is_main() else None
@@ -74,6 +77,9 @@ def train(cfg: Config) -> dict:
         state.samples += meter.images_per_step
         state.epoch = loader.epoch
         metrics.update(maybe_diagnose(model, cfg, state, x))
+        if state.optimum_bpd is not None:
+            metrics["theory/optimum_bpd"] = state.optimum_bpd
+            metrics["theory/gap_bpd"] = metrics["train/bpd"] - state.optimum_bpd
         events, action = guard.observe(state, metrics)
         for event in events:
             sink.log_event(event.to_dict())
@@ -148,6 +154,7 @@ def train_step(
     """
     accum = cfg.train.grad_accum
     local = torch.zeros(4, dtype=torch.float64)  # bpd, logpz_bpd, logdet_bpd, SIGTERM seen
+    extremes = torch.full((2,), -math.inf, dtype=torch.float64)  # max, -min of log|det J|/D
     for micro in range(accum):
         x = inject_nan(next(batches), cfg, state.step + 1).to(engine.device)
         with autocast(cfg):
@@ -166,10 +173,13 @@ def train_step(
             .double()
             .cpu()
         )
+        logdet = out["logdet"].detach().double().cpu() / x[0].numel()
+        extremes = torch.maximum(extremes, torch.stack([logdet.max(), -logdet.min()]))
         if micro < accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     local[3] = float(preemption.requested)
     reduced = dist.all_reduce(local) / torch.tensor([accum * dist.world_size()] * 3 + [1.0])
+    extremes = dist.all_reduce(extremes, "max")
     finite = bool(torch.isfinite(reduced[:3]).all())
     module = engine.module
     norms = grad_norms(module.named_parameters()) if cfg.train.zero_stage == 0 else {}
@@ -188,9 +198,18 @@ def train_step(
         "optim/lr": lr,
         "optim/grad_norm": norms["global"],
         "optim/skipped": float(skip),
+        "stability/logdet_max_per_dim": extremes[0].item(),
+        "stability/logdet_min_per_dim": -extremes[1].item(),
+        **certified_range(engine.module, x[0].numel()),
         **{f"optim/grad_norm/{k}": v for k, v in norms.items() if k != "global"},
     }
     return metrics, bool(reduced[3] > 0), x
+
+
+def certified_range(model, num_dims: int) -> dict:
+    """The certified per-dim range of log|det J| from the current parameters (cheap: no data)."""
+    lo, hi = model.logdet_bound()
+    return {"lipschitz/logdet_lower": lo / num_dims, "lipschitz/logdet_upper": hi / num_dims}
 
 
 def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> dict:

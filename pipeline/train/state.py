@@ -12,6 +12,7 @@ class TrainState:
     epoch: int = 0  # data epoch (each rank's exact stream position is saved beside, per rank)
     mlflow_run_id: str | None = None
     best_val_bpd: float | None = None
+    optimum_bpd: float | None = None  # the pooled linear-flow optimum of the train split (§3.2)
     lr_scale: float = 1.0  # product of the rollback LR cuts so far
     rollbacks: int = 0
     rollback_step: int = -1  # the step of the last rollback target (-1: none yet)
