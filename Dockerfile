@@ -3,6 +3,8 @@
 #   docker build -t lipflow .
 #   docker run --gpus all --shm-size 16g -v /data:/data lipflow train --config configs/celebahq-256.yaml
 #
+# Several ranks and nodes (launch/*.sh as the entry point), apptainer, enroot/pyxis, SLURM: docs/cluster.md
+#
 # Base: CUDA 12.8 devel (nvcc present), so DeepSpeed ops are JIT-compiled on first use rather than
 # prebuilt (DS_BUILD_OPS=0). lipflow uses a plain torch optimizer, so on GPU no op is built at all.
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04

@@ -9,15 +9,9 @@
 #   MASTER_PORT  rendezvous port (default 29500)
 # Without a GPU, DeepSpeed runs on its CPU accelerator with the gloo backend (DS_ACCELERATOR=cpu).
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-PYTHON="${PYTHON:-$( [ -x "$here/.venv/bin/python" ] && echo "$here/.venv/bin/python" || command -v python3 )}"
-gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
-if [ "$gpus" = "0" ]; then
-  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-  # Two ranks share the cores: one intra-op thread each avoids oversubscription.
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
-NPROC="${NPROC:-$( [ "$gpus" = "0" ] && echo 2 || echo "$gpus" )}"
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+NPROC="${NPROC:-$( [ "$LIPFLOW_GPUS" = "0" ] && echo 2 || echo "$LIPFLOW_GPUS" )}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$MASTER_PORT" \
   --no_local_rank --module pipeline train "$@"

@@ -1,4 +1,18 @@
-"""The model section of the config tree (owned by pipeline/flows)."""
+"""The model section of the config tree (owned by pipeline/flows).
+
+Each level squeezes by a factor 2, runs `steps` flow steps, then (except the last) factors half of
+the channels out under a learned conditional prior. A step is
+
+    glow:      [actnorm] → [1×1 conv] → coupling                   (Kingma & Dhariwal 2018)
+    residual:  [actnorm] → [1×1 conv] → x + g(x), Lip(g) < 1   (Behrmann 2019; Chen 2019)
+
+where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with these keys:
+
+- bounded (the default): affine coupling with s = α·tanh(h/α), SVD 1×1 conv, bounded actnorm;
+- unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded;
+- linear flow (closed-form optimum, DESIGN §3.2): coupling=none levels=1 split_prior=standard;
+- i-ResNet / Residual Flow: block=residual (the coupling key is then unused).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +24,28 @@ from typing import Literal
 class ModelConfig:
     levels: int = 2
     steps: int = 4  # flow steps per level
-    width: int = 32  # hidden channels of coupling subnets
-    coupling: Literal["additive", "affine", "affine_exp"] = "affine"
+    width: int = 32  # hidden channels of coupling subnets and residual g
+    block: Literal["glow", "residual"] = "glow"
+    # additive: y_b = x_b + t(x_a); affine: y_b = x_b·exp(α·tanh(h/α)) + t; affine_exp: exp(h),
+    # unbounded; none: no coupling, so a step is actnorm + 1×1 conv and the whole flow is linear
+    coupling: Literal["additive", "affine", "affine_exp", "none"] = "affine"
     conv: Literal["svd", "lu", "none"] = "svd"
     actnorm: Literal["bounded", "unbounded", "none"] = "bounded"
-    log_scale_bound: float = 2.0  # |log-scale| bound of actnorm, affine coupling and 1x1-conv sigmas
-    spectral_norm: bool = False  # spectral-normalise coupling subnets
+    # α: the |log-scale| bound of actnorm, the affine coupling and the 1x1-conv singular values
+    log_scale_bound: float = 2.0
+    spectral_norm: bool = False  # spectral-normalise coupling subnets to Lip ≤ subnet_coeff
+    subnet_coeff: float = 1.0  # certified Lip of a whole spectral-normalised coupling subnet
+    # An affine coupling is Lipschitz only on a bounded domain: its certified (L, L_inv) and log-det
+    # range assume |x|_∞ ≤ affine_x_bound at its input (additive couplings need no assumption).
+    affine_x_bound: float = 8.0
+    residual_coeff: float = 0.9  # c: certified Lip(g) ≤ c < 1, so L ≤ 1 + c and L_inv ≤ 1/(1 - c)
+    residual_terms: int = 8  # terms of the log-det power series
+    # exact: the full Jacobian and slogdet, for tiny inputs (tests, theory checks)
+    residual_logdet: Literal["hutchinson", "exact"] = "hutchinson"
+    residual_tol: float = 1e-6  # fixed-point inverse: stop when max |x_k+1 - x_k| ≤ tol
+    residual_max_iter: int = 200
+    # exact: σ_max by an eigensolve at every training forward, so Lip ≤ c holds by construction;
+    # power: persistent power iteration (cheaper for width 512), which lags and may overshoot c
+    spectral_method: Literal["exact", "power"] = "exact"
+    power_iterations: int = 1  # per training forward, for spectral_method=power
+    split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # any MLflow tracking URI; empty = SQLite file <run dir>/mlflow.db
+    uri: str = (
+        ""  # any MLflow tracking URI; empty = SQLite file <run.root>/mlflow.db, shared by runs
+    )
     experiment: str = "lipflow"
-    enabled: bool = True
+    enabled: bool = True  # false: metrics.jsonl only, mlflow is never imported
+    # MLflow's CPU/memory/disk/network (and GPU with pynvml) monitor, metrics system/<host>/...;
+    # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false, MLflow's own switch, also turns it off.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+    # Delivery to MLflow runs in a background thread that tails metrics.jsonl, so an unreachable
+    # store never blocks training; these bound how it waits.
+    retry_max_s: float = 30.0  # longest pause between attempts while the store is unreachable
+    flush_timeout_s: float = 60.0  # close() waits this long for the backlog, then leaves it on disk
+    http_timeout_s: int = 10  # per request; MLflow's default (120 s, 7 retries) stalls for minutes

@@ -1,23 +1,46 @@
-"""The metrics sink: metrics.jsonl always, mirrored to MLflow on the main rank.
+"""The metrics sink: metrics.jsonl always, mirrored to MLflow from the main rank.
 
-Other ranks never log: they contribute through all-reduces before ``log`` is called. mlflow is imported
-lazily so that model code, data code and a run with tracking disabled never pay for it.
+Other ranks never log: they contribute through all-reduces before ``log`` is called, and every method
+is a no-op on them. mlflow is imported lazily so that model code, data code and a run with tracking
+disabled never pay for it.
+
+What the main rank writes in the run folder:
+
+    metrics.jsonl          one row per ``log``: {"step", "time", name: value, ...}; the full record
+    events.jsonl           one row per ``log_event``; also an MLflow artifact
+    summary.json           ``log_summary``'s dict; also an MLflow artifact
+    tracking/state.json    which store and run the folder mirrors to, and how far delivery got
+    tracking/outbox.jsonl  params, tags and artifacts in the order they were logged
+    tracking/outbox/       artifact copies taken at call time, deleted once uploaded
+
+Every call returns after a local file append; a background thread delivers to MLflow and keeps
+retrying while the store is unreachable (pipeline/track/delivery.py). One run folder is one MLflow
+run: the run id is saved in tracking/state.json as soon as the run exists and wins over the
+``run_id`` argument (which comes from a checkpoint, and is None when the store was down until after
+the last save). A new sink on the folder, e.g. a resumed run, sends what an earlier one left behind;
+``MetricsSink(run_dir, cfg, True, name).close()`` does only that.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
+import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pipeline.track.config import TrackingConfig
+from pipeline.track.journal import json_safe, open_journal
+
+EVENT_KIND = re.compile(r"[A-Za-z0-9_.\-]+")  # becomes part of a metric name and a tag key
 
 
 def default_uri(run_dir: Path) -> str:
-    """A SQLite file under the run folder: no server needed, and `mlflow ui` can open it later."""
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    """A SQLite file in the run root (the run folder's parent), shared by the runs there: no server
+    needed, `python -m pipeline compare` and `mlflow ui` see them all."""
+    return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
 
 
 class MetricsSink:
@@ -33,67 +56,142 @@ class MetricsSink:
         self.cfg = cfg
         self.is_main = is_main
         self.uri = cfg.uri or default_uri(self.run_dir)
-        self.run_id = run_id
+        self.undelivered = 0  # rows and operations close() had to leave for a later sink
+        self._run_id = run_id
         self._jsonl = None
-        self._mlflow = None
+        self._delivery = None
+        self._event_counts: Counter[str] = Counter()
+        self._artifacts = 0
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        self._jsonl = open_journal(self.run_dir / "metrics.jsonl")
+        self._event_counts = count_events(self.run_dir / "events.jsonl")
         if cfg.enabled:
-            self._start_mlflow(run_name)
+            from pipeline.track.delivery import Delivery
 
-    def _start_mlflow(self, run_name: str) -> None:
-        import mlflow
+            self._delivery = Delivery(self.run_dir, self.uri, cfg, run_name, run_id)
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.cfg.experiment)
-        # A resumed run continues the same MLflow run rather than starting a new one.
-        run = (
-            mlflow.start_run(run_id=self.run_id)
-            if self.run_id
-            else mlflow.start_run(run_name=run_name)
-        )
-        self.run_id = run.info.run_id
-        self._mlflow = mlflow
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run; None while a store that was down at start has not come back."""
+        return self._delivery.run_id if self._delivery is not None else self._run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if self._mlflow is None:
-            return
-        existing = self._mlflow.get_run(self.run_id).data.params
-        fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
-        items = list(fresh.items())
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._mlflow.log_params(dict(items[i : i + 100]))
+        """Params already in the run keep their value (MLflow forbids changing one)."""
+        from pipeline.track.delivery import PARAM_CHARS
+
+        if self._delivery is not None:
+            fresh = {str(k): str(v)[:PARAM_CHARS] for k, v in params.items()}
+            self._delivery.enqueue({"op": "params", "params": fresh})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.is_main:
+        if self._jsonl is None:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        if self._mlflow is not None:
-            finite = {k: v for k, v in clean.items() if math.isfinite(v)}
-            self._mlflow.log_metrics(finite, step=step)
-
-    def log_event(self, event: dict[str, Any]) -> None:
-        """A divergence event: a line of events.jsonl (logged as an artifact at close)."""
-        if not self.is_main:
-            return
-        with open(self.run_dir / "events.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
+        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+        if self._delivery is not None:
+            self._delivery.wake.set()
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        if self._mlflow is not None:
-            self._mlflow.log_artifact(str(path), artifact_path=subdir)
+        """Upload a file (or folder) as it is now: a copy waits in tracking/outbox until sent."""
+        if self._delivery is None:
+            return
+        path = Path(path)
+        self._artifacts += 1
+        slot = f"outbox/{time.time_ns()}-{self._artifacts}"
+        copy = self._delivery.dir / slot / path.name
+        copy.parent.mkdir(parents=True)
+        if path.is_dir():
+            shutil.copytree(path, copy)
+        else:
+            shutil.copy2(path, copy)
+        self._delivery.enqueue({"op": "artifact", "file": f"{slot}/{path.name}", "subdir": subdir})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self._mlflow is not None:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        from pipeline.track.delivery import TAG_CHARS
+
+        if self._delivery is not None:
+            fresh = {str(k): str(v)[:TAG_CHARS] for k, v in tags.items()}
+            self._delivery.enqueue({"op": "tags", "tags": fresh})
+
+    def log_event(self, event: dict[str, Any]) -> int:
+        """Record a divergence event; returns how many of its kind the run has had.
+
+        ``event`` needs "kind" and "step" (e.g. ``detector.Event.to_dict()``) and may carry "count",
+        the caller's tally of that kind including this event (a checkpointed one keeps counts exact
+        when a resumed run meets again events logged after its checkpoint); without it the sink
+        counts, recounting from events.jsonl after a restart. The event goes to events.jsonl (with
+        the time and the count), the metric ``events/<kind>`` (the count, at the event's step), the
+        tags ``events.<kind>``, ``events.total`` and ``events.last``, and the events.jsonl artifact.
+        """
+        kind, step = str(event["kind"]), int(event["step"])
+        if not EVENT_KIND.fullmatch(kind):
+            raise ValueError(f"event kind {kind!r} must match {EVENT_KIND.pattern}")
+        if not self.is_main:
+            return 0
+        count = int(event.get("count", self._event_counts[kind] + 1))
+        self._event_counts[kind] = count
+        path = self.run_dir / "events.jsonl"
+        row = {**json_safe(event), "kind": kind, "step": step, "time": time.time(), "count": count}
+        with open_journal(path) as f:
+            f.write(json.dumps(row) + "\n")
+        self.log(step, {f"events/{kind}": count})
+        self.set_tags(
+            {
+                f"events.{kind}": count,
+                "events.total": sum(self._event_counts.values()),
+                "events.last": f"{kind} at step {step}",
+            }
+        )
+        self.log_artifact(path)
+        return count
+
+    def log_summary(self, summary: dict[str, Any]) -> Path | None:
+        """Write summary.json in the run folder, upload it, and tag the run with its scalars."""
+        if not self.is_main:
+            return None
+        path = self.run_dir / "summary.json"
+        path.write_text(json.dumps(json_safe(summary), indent=1) + "\n")
+        self.log_artifact(path)
+        scalars = {
+            f"summary.{k}": v
+            for k, v in json_safe(summary).items()
+            if isinstance(v, bool | int | float | str)
+        }
+        self.set_tags(scalars)
+        return path
+
+    def pending(self) -> int:
+        """Metric rows and params/tags/artifacts not yet in MLflow."""
+        return self._delivery.pending() if self._delivery is not None else 0
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for MLflow to have everything; True when it does."""
+        return self._delivery is None or self._delivery.wait_idle(timeout_s)
 
     def close(self, status: str = "FINISHED") -> None:
+        """Flush for up to ``tracking.flush_timeout_s``, then end the run with ``status``
+        (FINISHED, FAILED, KILLED). What cannot be sent stays on disk for the next sink."""
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._mlflow is not None:
-            self._mlflow.end_run(status=status)
-            self._mlflow = None
+        if self._delivery is not None:
+            self._run_id = self._delivery.run_id
+            self.undelivered = self._delivery.stop(status, self.cfg.flush_timeout_s)
+            self._run_id = self._delivery.run_id
+            self._delivery = None
+
+
+def count_events(path: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return counts
+    for line in lines:
+        try:
+            counts[json.loads(line)["kind"]] += 1
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a crash
+    return counts

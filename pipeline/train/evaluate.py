@@ -30,10 +30,13 @@ def run(args: argparse.Namespace) -> int:
     shards = resolve_shards(data)
     loader = build_loader(data, shards, args.split, args.batch_size, rank=0, world_size=1)
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"evaluate {args.split}", unit="batch", disable=args.json)
+    n = loader.batches_per_epoch  # the train stream is endless: one epoch of it
+    if args.max_batches:
+        n = min(n, args.max_batches)
+    bar = tqdm(loader, desc=f"evaluate {args.split}", unit="batch", total=n, disable=args.json)
     with torch.no_grad():
         for i, x in enumerate(bar):
-            if args.max_batches and i >= args.max_batches:
+            if i >= n:
                 break
             bpd = model(x)["bpd"].double()
             total, count = total + bpd.sum().item(), count + bpd.numel()

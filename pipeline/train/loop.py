@@ -185,6 +185,7 @@ def train_step(
     norms = grad_norms(module.named_parameters()) if cfg.train.zero_stage == 0 else {}
     skip = not finite or not math.isfinite(norms.get("global", 0.0))
     lr = engine.get_lr()[0]  # the LR this step applies
+    bounds = certified_range(engine.module, x[0].numel())  # of the weights the batch went through
     engine.optimizer_to_skip.skip_next = skip
     engine.step()
     if cfg.train.zero_stage > 0:
@@ -200,7 +201,7 @@ def train_step(
         "optim/skipped": float(skip),
         "stability/logdet_max_per_dim": extremes[0].item(),
         "stability/logdet_min_per_dim": -extremes[1].item(),
-        **certified_range(engine.module, x[0].numel()),
+        **bounds,
         **{f"optim/grad_norm/{k}": v for k, v in norms.items() if k != "global"},
     }
     return metrics, bool(reduced[3] > 0), x

@@ -1,0 +1,386 @@
+"""The multi-scale flow (Dinh et al. 2017, RealNVP §3.6; Kingma & Dhariwal 2018, Glow §3).
+
+    x ─▶ level 0: squeeze → K steps → split ─▶ level 1 ... ─▶ level L-1: squeeze → K steps ─▶ z_top
+                                        └─▶ z_0 ~ N(μ(h), σ(h)²)   (learned conditional prior)
+
+log p(x) = Σ_l log p(z_l | h_l) + log N(z_top; 0, I) + Σ_blocks log|det J_block|           (nats)
+bpd      = -log p(x)/(D·ln 2) + n_bits,  D = C·H·W, for x = k/2^n - 1/2 + U(0, 2^-n)     (DESIGN §3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pipeline.flows.actnorm import ActNorm
+from pipeline.flows.base import FlowBlock, frozen, main_dtype, run_subnet
+from pipeline.flows.config import ModelConfig
+from pipeline.flows.conv1x1 import InvConv1x1LU, InvConv1x1SVD
+from pipeline.flows.coupling import Coupling
+from pipeline.flows.residual import ResidualBlock
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def squeeze(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 4C, H/2, W/2]: 2×2 patches to channels (RealNVP §3.6), an isometry."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    x = x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c // 4, 2 * h, 2 * w)
+
+
+def standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed per sample."""
+    return -0.5 * (z * z + LOG_2PI).flatten(1).sum(1)
+
+
+class Split(nn.Module):
+    """Factor out half the channels: h -> (h_keep, z), with the learned conditional prior
+
+        z ~ N(μ(h_keep), exp(log σ(h_keep))²),  (μ, log σ) = conv3×3(h_keep), zero-init (Glow)
+
+    so the prior starts as N(0, I). As a map it is a coordinate partition (an isometry): it
+    contributes nothing to log|det J| or to the Lipschitz bounds; its density goes into log p(z).
+    """
+
+    def __init__(self, c: int, learned: bool = True):
+        super().__init__()
+        self.c_keep = c // 2
+        self.c_z = c - self.c_keep
+        self.prior = None
+        if learned:
+            self.prior = nn.Conv2d(self.c_keep, 2 * self.c_z, 3, padding=1)
+            nn.init.zeros_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
+
+    def mean_log_std(self, h_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prior is None:
+            zeros = h_keep.new_zeros(h_keep.shape[0], self.c_z, *h_keep.shape[2:])
+            return zeros, zeros
+        out = run_subnet(self.prior, h_keep)
+        return out[:, : self.c_z], out[:, self.c_z :]
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (h_keep, z, log p(z | h_keep) [B])."""
+        h_keep, z = h[:, : self.c_keep], h[:, self.c_keep :]
+        mean, log_std = self.mean_log_std(h_keep)
+        eps = (z - mean) * torch.exp(-log_std)
+        logp = -0.5 * (eps * eps + 2 * log_std + LOG_2PI).flatten(1).sum(1)
+        return h_keep, z, logp
+
+    def inverse(
+        self,
+        h_keep: torch.Tensor,
+        z: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Re-attach z; with z None, draw it from the prior at the given temperature."""
+        if z is None:
+            mean, log_std = self.mean_log_std(h_keep)
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+            z = mean + temperature * torch.exp(log_std) * noise
+        return torch.cat([h_keep, z], dim=1)
+
+
+class Level(nn.Module):
+    """squeeze → steps (a flat list of blocks) → optional split."""
+
+    def __init__(self, blocks: list[tuple[str, FlowBlock]], split: Split | None):
+        super().__init__()
+        self.names = [name for name, _ in blocks]
+        self.steps = nn.ModuleList([block for _, block in blocks])
+        self.split = split
+
+
+class MultiScaleFlow(nn.Module):
+    """L levels × K steps of certified blocks. `forward(x)` returns the dict the training loop needs
+    (DeepSpeed's engine calls forward); see the module docstring for the densities."""
+
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], n_bits: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_shape = tuple(image_shape)
+        self.n_bits = n_bits
+        c, h, w = image_shape
+        self.dims = c * h * w
+        levels = []
+        self.level_shapes: list[tuple[int, int, int]] = []  # shape the steps of each level act on
+        self.z_shapes: list[tuple[int, int, int]] = []  # shapes of encode()'s zs, in order
+        for level in range(cfg.levels):
+            c, h, w = 4 * c, h // 2, w // 2
+            self.level_shapes.append((c, h, w))
+            blocks = []
+            for step in range(cfg.steps):
+                blocks += [
+                    (f"level{level}/step{step}/{kind}", block)
+                    for kind, block in make_step(cfg, (c, h, w), step)
+                ]
+            split = None
+            if level < cfg.levels - 1:
+                split = Split(c, learned=cfg.split_prior == "learned")
+                self.z_shapes.append((split.c_z, h, w))
+                c = split.c_keep
+            levels.append(Level(blocks, split))
+        self.z_shapes.append((c, h, w))
+        self.levels = nn.ModuleList(levels)
+
+    # ----- density -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, per_block: bool = False) -> dict[str, torch.Tensor]:
+        """-> {log_prob, logpz, logdet, bpd: [B]; logdet_levels: [L, B]} in float32 (float64 for
+        float64 x); with per_block, also logdet_blocks: [n_blocks, B] in the order of `blocks()`."""
+        h = x.to(main_dtype(x))
+        batch = h.shape[0]
+        logpz = h.new_zeros(batch)
+        logdet_levels, logdet_blocks = [], []
+        for level in self.levels:
+            h = squeeze(h)
+            logdet = h.new_zeros(batch)
+            for block in level.steps:
+                h, block_logdet = block(h)
+                logdet = logdet + block_logdet
+                if per_block:
+                    logdet_blocks.append(block_logdet)
+            if level.split is not None:
+                h, _, logp = level.split(h)
+                logpz = logpz + logp
+            logdet_levels.append(logdet)
+        logpz = logpz + standard_normal_logp(h)
+        logdet_levels = torch.stack(logdet_levels)
+        logdet = logdet_levels.sum(0)
+        log_prob = logpz + logdet
+        out = {
+            "log_prob": log_prob,
+            "logpz": logpz,
+            "logdet": logdet,
+            "logdet_levels": logdet_levels,
+            "bpd": -log_prob / (self.dims * math.log(2)) + self.n_bits,
+        }
+        if per_block:
+            out["logdet_blocks"] = (
+                torch.stack(logdet_blocks) if logdet_blocks else h.new_zeros(0, batch)
+            )
+        return out
+
+    def logdet_per_block(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{block name: log|det J| [B]} for diagnostics (the log-det balance, DESIGN §3.5 (4))."""
+        names = [name for _, name, _ in self.blocks()]
+        return dict(zip(names, self.forward(x, per_block=True)["logdet_blocks"], strict=True))
+
+    # ----- bijection ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x -> ([z_0, ..., z_top], log|det J| [B]); z_l: the factored-out parts, level by level."""
+        h = x.to(main_dtype(x))
+        zs = []
+        logdet = h.new_zeros(h.shape[0])
+        for level in self.levels:
+            h = squeeze(h)
+            for block in level.steps:
+                h, block_logdet = block(h)
+                logdet = logdet + block_logdet
+            if level.split is not None:
+                h, z, _ = level.split(h)
+                zs.append(z)
+        zs.append(h)
+        return zs, logdet
+
+    def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        """[z_0, ..., z_top] -> x, the inverse of encode (residual blocks: to their tolerance)."""
+        if len(zs) != len(self.levels):
+            raise ValueError(
+                f"decode needs {len(self.levels)} latents (one per level), got {len(zs)}"
+            )
+        return self._decode(zs[-1], list(zs[:-1]), temperature=1.0, generator=None)
+
+    def _decode(
+        self,
+        h: torch.Tensor,
+        zs: list[torch.Tensor] | None,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Invert level by level from the top; a split with no given z draws it from its prior."""
+        with frozen(self):
+            for index in reversed(range(len(self.levels))):
+                level = self.levels[index]
+                if level.split is not None:
+                    z = zs[index] if zs is not None else None
+                    h = level.split.inverse(h, z, temperature, generator)
+                for block in reversed(level.steps):
+                    h = block.inverse(h)
+                h = unsqueeze(h)
+        return h
+
+    def flat_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> z as one [B, D] tensor (the map f whose Jacobian the bounds certify), without
+        log-dets: for Jacobian-vector products and Lipschitz estimates."""
+        h = x.to(main_dtype(x))
+        zs = []
+        for level in self.levels:
+            h = squeeze(h)
+            for block in level.steps:
+                h = block.transform(h)
+            if level.split is not None:
+                zs.append(h[:, level.split.c_keep :].flatten(1))
+                h = h[:, : level.split.c_keep]
+        zs.append(h.flatten(1))
+        return torch.cat(zs, dim=1)
+
+    def unflatten_latent(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """[B, D] -> [z_0, ..., z_top], the inverse of the concatenation in `flat_latent`."""
+        sizes = [math.prod(shape) for shape in self.z_shapes]
+        parts = torch.split(z, sizes, dim=1)
+        return [part.reshape(-1, *shape) for part, shape in zip(parts, self.z_shapes, strict=True)]
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> z -> x (the inverse-error diagnostic)."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """n images: z_top ~ N(0, T²·I), then each split's z ~ N(μ, (T·σ)²) on the way down."""
+        param = next(self.parameters(), torch.zeros(()))  # a model may have no parameters at all
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        shape = (n, *self.z_shapes[-1])
+        z_top = temperature * torch.randn(
+            shape, generator=generator, device=param.device, dtype=dtype
+        )
+        return self._decode(z_top, None, temperature, generator)
+
+    # ----- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def data_init(self, x: torch.Tensor) -> None:
+        """ActNorm data-dependent init (Glow §3.1), an explicit step: propagate x level by level and
+        initialise each ActNorm from the batch reaching it. Deterministic (no randomness, power
+        iterations frozen), so all ranks given the same x get identical parameters, and calling it
+        again with the same x reproduces the same parameters."""
+        with frozen(self):
+            h = x.to(main_dtype(x))
+            for level in self.levels:
+                h = squeeze(h)
+                for block in level.steps:
+                    if isinstance(block, ActNorm):
+                        block.initialize(h)
+                    h = block.transform(h)
+                if level.split is not None:
+                    h = h[:, : level.split.c_keep]
+
+    @property
+    def initialized(self) -> bool:
+        return all(bool(b.initialized) for _, _, b in self.blocks() if isinstance(b, ActNorm))
+
+    # ----- bounds and diagnostics --------------------------------------------------------------
+    def blocks(self) -> Iterator[tuple[int, str, FlowBlock]]:
+        """(level index, name, block) for every bijective block, in forward order."""
+        for index, level in enumerate(self.levels):
+            yield from ((index, name, block) for name, block in zip(level.names, level.steps))
+
+    def block_bounds(self) -> list[tuple[int, str, float, float]]:
+        """(level index, name, L, L_inv) of every block: the per-block Lipschitz diagnostics."""
+        return [(index, name, *block.lipschitz_bound()) for index, name, block in self.blocks()]
+
+    def lipschitz_bound(
+        self, block_bounds: list[tuple[int, str, float, float]] | None = None
+    ) -> tuple[float, float]:
+        """Certified (L, L_inv) of x -> (z_0, ..., z_top), the product of block bounds (DESIGN
+        §3.4); pass `block_bounds()` if already computed.
+
+        Blocks after the first split act on part of the coordinates and as the identity on the
+        factored-out rest, so they contribute max(L_b, 1) (resp. max(L_inv_b, 1))."""
+        lip, lip_inv = 1.0, 1.0
+        for index, _, block_lip, block_lip_inv in block_bounds or self.block_bounds():
+            if index > 0:
+                block_lip, block_lip_inv = max(block_lip, 1.0), max(block_lip_inv, 1.0)
+            lip *= block_lip
+            lip_inv *= block_lip_inv
+        return lip, lip_inv
+
+    def logdet_bound(self) -> tuple[float, float]:
+        """Certified range of log|det J_f| per image: the sum of block ranges (tighter than
+        ±D·ln L)."""
+        lo = hi = 0.0
+        for _, _, block in self.blocks():
+            block_lo, block_hi = block.logdet_bound()
+            lo, hi = lo + block_lo, hi + block_hi
+        return lo, hi
+
+
+def make_step(
+    cfg: ModelConfig, shape: tuple[int, int, int], step: int
+) -> list[tuple[str, FlowBlock]]:
+    """One flow step's blocks, in order (see pipeline/flows/config.py)."""
+    alpha = cfg.log_scale_bound
+    blocks: list[tuple[str, FlowBlock]] = []
+    if cfg.actnorm != "none":
+        blocks.append(("actnorm", ActNorm(shape, alpha if cfg.actnorm == "bounded" else None)))
+    if cfg.conv == "svd":
+        blocks.append(("conv", InvConv1x1SVD(shape, alpha)))
+    elif cfg.conv == "lu":
+        blocks.append(("conv", InvConv1x1LU(shape)))
+    if cfg.block == "residual":
+        blocks.append(
+            (
+                "residual",
+                ResidualBlock(
+                    shape,
+                    cfg.width,
+                    coeff=cfg.residual_coeff,
+                    terms=cfg.residual_terms,
+                    logdet=cfg.residual_logdet,
+                    tol=cfg.residual_tol,
+                    max_iter=cfg.residual_max_iter,
+                    spectral_method=cfg.spectral_method,
+                    power_iterations=cfg.power_iterations,
+                ),
+            )
+        )
+    elif cfg.coupling != "none":
+        blocks.append(
+            (
+                "coupling",
+                Coupling(
+                    shape,
+                    cfg.coupling,
+                    cfg.width,
+                    alpha,
+                    cfg.affine_x_bound,
+                    # without a 1x1 conv nothing mixes channels, so alternate the conditioning half
+                    flip=cfg.conv == "none" and step % 2 == 1,
+                    coeff=cfg.subnet_coeff if cfg.spectral_norm else None,
+                    spectral_method=cfg.spectral_method,
+                    power_iterations=cfg.power_iterations,
+                ),
+            )
+        )
+    return blocks
+
+
+def build_flow(cfg: ModelConfig, image_shape: tuple[int, int, int], n_bits: int) -> MultiScaleFlow:
+    """The model described by `cfg` for (C, H, W) = `image_shape` images of `n_bits`-bit data."""
+    c, h, w = image_shape
+    scale = 2**cfg.levels
+    if cfg.levels < 1 or cfg.steps < 0:
+        raise ValueError(
+            f"model.levels must be ≥ 1 and model.steps ≥ 0, got {cfg.levels}, {cfg.steps}"
+        )
+    if h % scale or w % scale:
+        raise ValueError(
+            f"image {h}x{w} is not divisible by 2^levels = {scale} (model.levels={cfg.levels}); "
+            f"use at most {int(math.log2(math.gcd(h, w) & -math.gcd(h, w)))} levels"
+        )
+    if cfg.log_scale_bound <= 0:
+        raise ValueError(f"model.log_scale_bound must be > 0, got {cfg.log_scale_bound}")
+    return MultiScaleFlow(cfg, (c, h, w), n_bits)
