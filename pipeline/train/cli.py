@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 
@@ -33,6 +34,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def mlflow_command() -> str:
+    """The mlflow executable of this environment (e.g. .venv/bin/mlflow), else plain `mlflow`."""
+    candidate = Path(sys.executable).parent / "mlflow"
+    return str(candidate) if candidate.is_file() else "mlflow"
+
+
+def final_line(s: dict) -> str:
+    if s["final_val_bpd"] is None:
+        return f"final validation bits/dim : skipped ({s['status']} at step {s['steps']})"
+    gap = ""
+    if s.get("optimum_bpd") is not None:
+        gap = f", linear-flow optimum {s['optimum_bpd']:.4f}"
+    return f"final validation bits/dim : {s['final_val_bpd']:.4f}  (after {s['steps']} steps{gap})"
+
+
 def print_summary(s: dict) -> None:
     uri = s["tracking_uri"]
     print(
@@ -40,12 +56,12 @@ def print_summary(s: dict) -> None:
             [
                 "",
                 "=" * 72,
-                f"final validation bits/dim : {s['final_val_bpd']:.4f}  (after {s['steps']} steps)",
+                final_line(s),
                 f"run folder                : {s['run_dir']}",
                 f"samples                   : {s['samples']}",
                 f"last checkpoint           : {s['checkpoint']}",
                 f"MLflow store              : {uri}  (run {s['mlflow_run_id']})",
-                f"open the MLflow UI        : mlflow ui --backend-store-uri {uri} --port 5000",
+                f"open the MLflow UI        : {mlflow_command()} ui --backend-store-uri {uri} --port 5000",
                 "=" * 72,
             ]
         ),

@@ -12,6 +12,9 @@ import os
 import resource
 import signal
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,22 +36,96 @@ from pipeline.train.images import save_grid
 from pipeline.train.state import TrainState
 
 
+@dataclass
+class Run:
+    """Everything one training run holds, built by ``build_run``."""
+
+    cfg: Config
+    engine: Any
+    model: torch.nn.Module
+    loader: Any
+    val_loader: Any
+    state: TrainState
+    guard: Guard
+    sink: Any
+    lr_control: dict
+    preemption: Preemption
+    resumed_from: Path | None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.cfg.run.dir / "checkpoints"
+
+    def save(self) -> None:
+        self.state.suspect = bool(self.state.recent_events)
+        self.state.mlflow_run_id = self.sink.run_id if dist.is_main() else None
+        checkpoint.save(
+            self.engine,
+            self.state,
+            self.cfg,
+            self.ckpt_root,
+            self.cfg.train.keep_last,
+            self.loader.state_dict(),
+        )
+
+
 def train(cfg: Config) -> dict:
     dist.setup()
-    torch.manual_seed(cfg.train.seed)  # same on every rank: identical initial weights
-    run_dir, ckpt_root = cfg.run.dir, cfg.run.dir / "checkpoints"
-    if dist.is_main():
-        save_config(cfg, run_dir / "config.yaml")
-    preemption = Preemption()
+    run = build_run(cfg)
+    state, train_cfg, sink = run.state, cfg.train, run.sink
+    status = "finished"
+    try:
+        batches, meter = iter(run.loader), Throughput(cfg, state.step)
+        while state.step < train_cfg.steps:
+            metrics, preempted, x = train_step(run.engine, batches, cfg, state, run.preemption)
+            state.step, state.samples = state.step + 1, state.samples + meter.images_per_step
+            state.epoch = run.loader.epoch
+            metrics.update(maybe_diagnose(run.model, cfg, state, x))
+            metrics.update(optimum_gap(state, metrics))
+            guard_step(run, metrics)
+            if every(state.step, train_cfg.log_every) or state.step == train_cfg.steps:
+                sink.log(state.step, {**metrics, **meter.read(state.step), **event_metrics(state)})
+                say(progress_line(state, cfg, metrics))
+            if every(state.step, train_cfg.val_every):
+                sink.log(state.step, {"val/bpd": validate(run.engine, run.val_loader, cfg)})
+            if every(state.step, train_cfg.sample_every):
+                sample_grid(run, cfg.run.dir / "samples" / f"step{state.step:08d}.png")
+            if (
+                preempted
+                or every(state.step, train_cfg.save_every)
+                or state.step == train_cfg.steps
+            ):
+                run.save()
+            if state.step == cfg.faults.sigkill_step:
+                os.kill(
+                    os.getpid(), signal.SIGKILL
+                )  # a crash right after a checkpoint: resume test
+            if preempted:
+                status = "preempted"
+                say(
+                    f"SIGTERM: checkpoint at step {state.step} saved; exiting so the job can be requeued"
+                )
+                break
+        return finish(run, status)
+    except BaseException:
+        sink.close(status="FAILED")
+        raise
+    finally:
+        run.preemption.uninstall()
 
+
+def build_run(cfg: Config) -> Run:
+    """Data, model, explicit ActNorm init, engine, resume, guard and tracking: everything but the loop."""
+    torch.manual_seed(cfg.train.seed)  # same on every rank: identical initial weights
+    if dist.is_main():
+        save_config(cfg, cfg.run.dir / "config.yaml")
+    preemption = Preemption()
     shards, loader, val_loader = build_data(cfg)
     model = build_model(cfg)
-    resume_from = checkpoint.find_latest(ckpt_root)
+    resume_from = checkpoint.find_latest(cfg.run.dir / "checkpoints")
     if resume_from is None:  # explicit, identical on all ranks (STYLE.md §9), checked across ranks
         checksum = initialize_actnorm(model, cfg, shards)
-        say(
-            f"ActNorm data-dependent init identical on {dist.world_size()} rank(s), checksum {checksum!r}"
-        )
+        say(f"ActNorm data-dependent init identical on {dist.world_size()} rank(s) ({checksum!r})")
     optimizer, scheduler, lr_control = build_optimizer(model, cfg.train, cfg.faults)
     engine, _, scheduler = dist.build_engine(model, optimizer, scheduler, cfg.train)
     engine.optimizer_to_skip = optimizer  # ours, not DeepSpeed's wrapper around it
@@ -60,86 +137,84 @@ def train(cfg: Config) -> dict:
     lr_control["scale"] = state.lr_scale
     if state.optimum_bpd is None:
         state.optimum_bpd = build_optimum(cfg, shards)
-    guard = Guard(cfg.train, cfg.guard, state)
     sink = build_sink(cfg, state)
-    state.mlflow_run_id = sink.run_id if dist.is_main() else None
+    run = Run(
+        cfg,
+        engine,
+        model,
+        loader,
+        val_loader,
+        state,
+        Guard(cfg.train, cfg.guard, state),
+        sink,
+        lr_control,
+        preemption,
+        resume_from,
+    )
     if resume_from is None:
         sink.log_params({**flatten(to_dict(cfg)), **run_params()})
-        checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last, loader.state_dict())
-    say(f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run {run_dir}")
+        run.save()  # step 0: a good rollback target from the start
+    say(
+        f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run {cfg.run.dir}"
+    )
+    return run
 
-    batches = iter(loader)
-    meter = Throughput(cfg, state.step)
-    stopped = "finished"
-    while state.step < cfg.train.steps:
-        metrics, stop_requested, x = train_step(engine, batches, cfg, state, preemption)
-        state.step += 1
-        state.samples += meter.images_per_step
-        state.epoch = loader.epoch
-        metrics.update(maybe_diagnose(model, cfg, state, x))
-        if state.optimum_bpd is not None:
-            metrics["theory/optimum_bpd"] = state.optimum_bpd
-            metrics["theory/gap_bpd"] = metrics["train/bpd"] - state.optimum_bpd
-        events, action = guard.observe(state, metrics)
-        for event in events:
-            sink.log_event(event.to_dict())
-            say(
-                f"guard: step {event.step} {event.kind} value {event.value:.4g} "
-                f"threshold {event.threshold:.4g}"
-            )
-        if action == ROLLBACK:
-            roll_back(engine, ckpt_root, state, cfg, lr_control)
-        elif action == STOP:
-            report = write_report(run_dir, state, [e.to_dict() for e in events])
-            sink.close(status="FAILED")
-            raise DivergenceStop(f"diverged after {state.rollbacks} rollbacks; see {report}")
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            sink.log(state.step, {**metrics, **meter.read(state.step), **event_metrics(state)})
-            say(progress_line(state, cfg, metrics))
-        if cfg.train.val_every and state.step % cfg.train.val_every == 0:
-            sink.log(state.step, {"val/bpd": validate(engine, val_loader, cfg)})
-        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0:
-            maybe_sample(model, cfg, run_dir / "samples" / f"step{state.step:08d}.png", sink)
-        if (
-            stop_requested
-            or state.step % cfg.train.save_every == 0
-            or state.step == cfg.train.steps
-        ):
-            state.suspect = bool(state.recent_events)
-            checkpoint.save(engine, state, cfg, ckpt_root, cfg.train.keep_last, loader.state_dict())
-        if state.step == cfg.faults.sigkill_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # a crash right after a checkpoint: resume test
-        if stop_requested:
-            stopped = "preempted"
-            say(
-                f"SIGTERM: checkpoint at step {state.step} saved; exiting so the job can be requeued"
-            )
-            break
 
-    val_bpd = validate(engine, val_loader, cfg) if stopped == "finished" else math.nan
-    sink.log(state.step, {"val/bpd": val_bpd})
-    samples_png = run_dir / "samples.png"
-    if stopped == "finished":
-        maybe_sample(model, cfg, samples_png, sink)
-    if dist.is_main():
-        sink.log_artifact(run_dir / "config.yaml")
+def guard_step(run: Run, metrics: dict) -> None:
+    """Record the step's events; roll back or stop when the guard says so (same on every rank)."""
+    events, action = run.guard.observe(run.state, metrics)
+    for event in events:
+        run.sink.log_event({**event.to_dict(), "count": run.state.event_counts[event.kind]})
+        say(
+            f"guard: step {event.step} {event.kind} value {event.value:.4g} "
+            f"threshold {event.threshold:.4g}"
+        )
+    if action == ROLLBACK:
+        roll_back(run.engine, run.ckpt_root, run.state, run.cfg, run.lr_control)
+    elif action == STOP:
+        report = write_report(run.cfg.run.dir, run.state, [e.to_dict() for e in events])
+        raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks; see {report}")
+
+
+def finish(run: Run, status: str) -> dict:
+    """Final validation and samples (unless preempted), the summary, and a clean tracking close."""
+    cfg, state, sink = run.cfg, run.state, run.sink
+    val_bpd = validate(run.engine, run.val_loader, cfg) if status == "finished" else None
+    if val_bpd is not None:
+        sink.log(state.step, {"val/bpd": val_bpd})
+        sample_grid(run, cfg.run.dir / "samples.png")
+    sink.log_artifact(cfg.run.dir / "config.yaml")
     summary = {
-        "status": stopped,
+        "status": status,
         "final_val_bpd": val_bpd,
+        "optimum_bpd": state.optimum_bpd,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "rollbacks": state.rollbacks,
         "event_counts": state.event_counts,
-        "run_dir": str(run_dir.resolve()),
-        "samples": str(samples_png.resolve()),
+        "run_dir": str(cfg.run.dir.resolve()),
+        "samples": str((cfg.run.dir / "samples.png").resolve()),
         "tracking_uri": sink.uri,
         "mlflow_run_id": sink.run_id,
-        "checkpoint": str(checkpoint.find_latest(ckpt_root)),
+        "checkpoint": str(checkpoint.find_latest(run.ckpt_root)),
     }
-    sink.close()
-    preemption.uninstall()
+    sink.log_summary(summary)
+    sink.close(status="FINISHED" if status == "finished" else "KILLED")
     dist.teardown()
     return summary
+
+
+def every(step: int, n: int) -> bool:
+    return bool(n) and step % n == 0
+
+
+def optimum_gap(state: TrainState, metrics: dict) -> dict:
+    if state.optimum_bpd is None:
+        return {}
+    return {
+        "theory/optimum_bpd": state.optimum_bpd,
+        "theory/gap_bpd": metrics["train/bpd"] - state.optimum_bpd,
+    }
 
 
 def train_step(
@@ -277,13 +352,14 @@ def validate(engine, val_loader, cfg: Config) -> float:
     return (acc[0] / acc[1].clamp(min=1)).item()
 
 
-def maybe_sample(model, cfg: Config, path, sink) -> None:
+def sample_grid(run: Run, path: Path) -> None:
+    """A grid of samples at train.temperature (main rank), logged as an artifact."""
     if not dist.is_main():
         return
     with torch.no_grad():
-        x = model.sample(cfg.train.samples, temperature=cfg.train.temperature)
+        x = run.model.sample(run.cfg.train.samples, temperature=run.cfg.train.temperature)
     save_grid(x, path)
-    sink.log_artifact(path, "samples" if path.parent.name == "samples" else None)
+    run.sink.log_artifact(path, "samples" if path.parent.name == "samples" else None)
 
 
 class Throughput:
