@@ -196,7 +196,7 @@ def finish(run: Run, status: str) -> dict:
         "samples": str((cfg.run.dir / "samples.png").resolve()),
         "tracking_uri": sink.uri,
         "mlflow_run_id": sink.run_id,
-        "checkpoint": str(checkpoint.find_latest(run.ckpt_root)),
+        "checkpoint": str(checkpoint.find_latest(run.ckpt_root).resolve()),
     }
     sink.log_summary(summary)
     sink.close(status="FINISHED" if status == "finished" else "KILLED")
