@@ -16,6 +16,7 @@ from pipeline.data import build_loader, prepare_synthetic, resolve_shards
 from pipeline.flows import build_flow
 from pipeline.theory.optimum import optimal_nll
 from pipeline.theory.shards import iter_levels
+from pipeline.track import system
 from pipeline.track.sink import MetricsSink
 from pipeline.train.config import FaultConfig, TrainConfig
 from pipeline.train.state import TrainState
@@ -131,6 +132,21 @@ def build_sink(cfg: Config, state: TrainState) -> MetricsSink:
     return MetricsSink(
         cfg.run.dir, cfg.tracking, dist.is_main(), run_name=cfg.run.name, run_id=state.mlflow_run_id
     )
+
+
+def build_node_monitor(cfg: Config, sink: MetricsSink):
+    """MLflow system metrics of the other nodes: local rank 0 of each node but the main one.
+
+    The main rank's sink monitors its own node. Other nodes can only reach a shared store (a tracking
+    server), not the main node's SQLite file, and only once the run exists.
+    """
+    run_id = dist.broadcast_object(sink.run_id)
+    shared_store = not sink.uri.startswith(("sqlite:", "file:")) and "://" in sink.uri
+    if dist.is_main() or dist.local_rank() != 0 or not run_id or not shared_store:
+        return None
+    if not system.wanted(cfg.tracking.system_metrics):
+        return None
+    return system.start_monitor(sink.uri, run_id, cfg.tracking.system_metrics_interval_s)
 
 
 def run_params() -> dict:

@@ -25,6 +25,7 @@ from pipeline.train import checkpoint
 from pipeline.train.build import (
     build_data,
     build_model,
+    build_node_monitor,
     build_optimizer,
     build_optimum,
     build_sink,
@@ -51,6 +52,7 @@ class Run:
     lr_control: dict
     preemption: Preemption
     resumed_from: Path | None
+    node_monitor: Any = None
 
     @property
     def ckpt_root(self) -> Path:
@@ -150,6 +152,7 @@ def build_run(cfg: Config) -> Run:
         lr_control,
         preemption,
         resume_from,
+        node_monitor=build_node_monitor(cfg, sink),
     )
     if resume_from is None:
         sink.log_params({**flatten(to_dict(cfg)), **run_params()})
@@ -199,6 +202,8 @@ def finish(run: Run, status: str) -> dict:
         "checkpoint": str(checkpoint.find_latest(run.ckpt_root).resolve()),
     }
     sink.log_summary(summary)
+    if run.node_monitor is not None:
+        run.node_monitor.finish()
     sink.close(status="FINISHED" if status == "finished" else "KILLED")
     dist.teardown()
     return summary
