@@ -11,9 +11,11 @@ and the expected type. The resolved tree is written to every run folder and chec
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +92,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         node[leaf] = value
         cfg = merge(cfg, tree, where=f"override {item!r}")
     return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config X.yaml`` and positional ``section.key=value`` overrides, for every command."""
+    parser.add_argument("--config", help="YAML file, e.g. configs/debug.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+
+
+def config_from_args(args: argparse.Namespace) -> Config | None:
+    """The resolved config of a command line; None after printing the error (exit status 2)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import yaml
 
-from pipeline.config import ConfigError, load_config, to_dict
+from pipeline.config import add_config_arguments, config_from_args, to_dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_config_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0

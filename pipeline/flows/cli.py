@@ -5,21 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import add_config_arguments, config_from_args
 from pipeline.flows.multiscale import build_flow
 from pipeline.flows.summary import summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.levels=3")
+    add_config_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     resolution = cfg.data.resolution
     try:

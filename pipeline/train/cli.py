@@ -7,20 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import add_config_arguments, config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file, e.g. configs/debug.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
+    add_config_arguments(p)
     p.add_argument("--summary-json", help="also write the end-of-run summary to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     from pipeline import distributed as dist
     from pipeline.train.loop import train
