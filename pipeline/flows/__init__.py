@@ -5,6 +5,9 @@ flow.data_init(x)                      # explicit ActNorm init, identical on eve
 loss = flow(x)["bpd"].mean()           # also log_prob, logpz, logdet, logdet_levels
 images = flow.sample(16, temperature=0.7)
 L, L_inv = flow.lipschitz_bound()
+
+ModelConfig.memory picks how the backward pass gets its activations: store, checkpoint, or
+invertible (step inputs reconstructed by the exact inverse; pipeline/flows/memory.py).
 """
 
 from pipeline.flows.actnorm import ActNorm

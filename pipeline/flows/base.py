@@ -16,8 +16,10 @@ their outputs are cast back before they touch the main path.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -62,6 +64,66 @@ def frozen(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+_REUSE_SCOPE: ContextVar[object | None] = ContextVar("lipflow_reuse_scope", default=None)
+
+
+@contextmanager
+def reuse_weights(scope: object | None = None) -> Iterator[object]:
+    """A scope in which parameters do not change, so that weights formed from them without
+    autograd may be computed once and reused (NoGradCache); pass a scope back in to reopen it.
+
+    Reuse is tied to scopes rather than to checks on the parameters: DeepSpeed ZeRO 1/2 writes
+    updated weights into a flat buffer the parameters are views of, which leaves their version
+    counters as they were (measured), and a value check would cost a device sync per lookup.
+    Scopes in use: one invertible run's forward and backward pass (flows/memory.py) and one
+    fixed-point solve (residual.py); no optimizer step can fall inside either."""
+    scope = object() if scope is None else scope
+    token = _REUSE_SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _REUSE_SCOPE.reset(token)
+
+
+def in_reuse_scope() -> bool:
+    return _REUSE_SCOPE.get() is not None
+
+
+class NoGradCache:
+    """Tensors derived from parameters (a 1×1 conv's W and W⁻¹, a normalised kernel), computed
+    once per `reuse_weights` scope when no autograd graph is being built: the invertible backward
+    pass inverts with the weights its forward pass formed, a fixed-point solve calls the same
+    subnet many times. Outside a scope, or with autograd, every call computes. Within a scope an
+    in-place edit (a power-iteration update) still invalidates through the version counters."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple] = {}
+
+    def get(self, name: str, tensors: Sequence[torch.Tensor], compute: Callable[[], object]):
+        scope = _REUSE_SCOPE.get()
+        if scope is None or torch.is_grad_enabled():
+            return compute()
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] is not scope or entry[1] != key:
+            # the entry holds its scope and sources, so neither identity can be reused meanwhile
+            entry = (scope, key, tuple(tensors), compute())
+            self._entries[name] = entry
+        return entry[3]
+
+
+class Rerun(NamedTuple):
+    """A block's input reconstructed from its output, and the block re-run on it with autograd
+    (see FlowBlock.rerun): `x` the input (detached), `leaves` the tensors x's gradient is taken
+    at, `join` maps their gradients to x's, `y` and `logdet` the re-run's outputs."""
+
+    x: torch.Tensor
+    leaves: list[torch.Tensor]
+    join: Callable[..., torch.Tensor]
+    y: torch.Tensor
+    logdet: torch.Tensor
+
+
 def block_triangular_norm(a: float, d: float) -> float:
     """σ_max of [[1, 0], [a, d]]: a bound on ‖[[I, 0], [A, D]]‖₂ given ‖A‖₂ ≤ a and ‖D‖₂ ≤ d.
 
@@ -79,6 +141,10 @@ def block_triangular_norm(a: float, d: float) -> float:
 class FlowBlock(nn.Module):
     """Base class: a bijection on tensors of shape [B, *shape] (see the module docstring)."""
 
+    # inverse(forward(x)) gives x back to rounding error, in one pass: the backward pass may then
+    # reconstruct a block's input instead of storing it (memory="invertible", flows/memory.py)
+    exact_inverse = True
+
     def __init__(self, shape: tuple[int, int, int]):
         super().__init__()
         self.shape = tuple(shape)
@@ -93,6 +159,17 @@ class FlowBlock(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def rerun(self, y: torch.Tensor, input_grad: bool = True) -> Rerun:
+        """The invertible backward pass's step (flows/memory.py): x = f⁻¹(y) without autograd,
+        then (y, logdet) = f(x) with autograd, x a leaf (requiring grad if `input_grad`).
+        Blocks that can share work between the two passes override it."""
+        with torch.no_grad():
+            x = self.inverse(y)
+        x = x.detach().requires_grad_(input_grad)
+        with torch.enable_grad():
+            y, logdet = self(x)
+        return Rerun(x.detach(), [x], lambda grad_x: grad_x, y, logdet)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """y = f(x) without the log-det (data init); blocks with a costly log-det override it."""

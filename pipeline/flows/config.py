@@ -49,3 +49,7 @@ class ModelConfig:
     spectral_method: Literal["exact", "power"] = "exact"
     power_iterations: int = 1  # per training forward, for spectral_method=power
     split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z
+    # activations for the backward pass (pipeline/flows/memory.py): store them all; checkpoint
+    # each flow step (recompute it); invertible: keep only each level's output and reconstruct
+    # step inputs with the exact inverse (memory independent of depth; residual steps checkpoint)
+    memory: Literal["store", "checkpoint", "invertible"] = "store"

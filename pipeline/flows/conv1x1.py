@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.flows.base import FlowBlock, compute_dtype, full_precision
+from pipeline.flows.base import FlowBlock, NoGradCache, compute_dtype, full_precision
 
 
 def random_rotation(c: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -22,12 +22,30 @@ def skew(a: torch.Tensor) -> torch.Tensor:
 
 
 class _Conv1x1(FlowBlock):
-    """Shared part: y[:, :, i, j] = W·x[:, :, i, j],  log|det J| = H·W·log|det W|."""
+    """Shared part: y[:, :, i, j] = W·x[:, :, i, j],  log|det J| = H·W·log|det W|.
+
+    W and W⁻¹ are formed from the parameters (matrix exponentials, an LU product, an inverse) at
+    every call, except within a `reuse_weights` scope without autograd (NoGradCache): there the
+    invertible backward pass inverts with the W its forward pass formed."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        super().__init__(shape)
+        self._cache = NoGradCache()
 
     def weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        return self._cache.get("weight", self._sources(), self._weight)
 
     def inverse_weight(self) -> torch.Tensor:
+        return self._cache.get("inverse", self._sources(), self._inverse_weight)
+
+    def _sources(self) -> list[torch.Tensor]:
+        """The tensors W is formed from."""
+        return [*self.parameters(), *self.buffers()]
+
+    def _weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _inverse_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
     def log_abs_det(self) -> torch.Tensor:
@@ -88,18 +106,22 @@ class InvConv1x1SVD(_Conv1x1):
         return alpha * torch.tanh(self.theta.to(compute_dtype(self.theta)) / alpha)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, σ, V); W and W⁻¹ share them, so they are cached too (see _Conv1x1)."""
+        return self._cache.get("factors", self._sources(), self._factors)
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = compute_dtype(self.theta)
         with full_precision(self.theta):
             u = self.u0(dtype) @ torch.linalg.matrix_exp(skew(self.a.to(dtype)))
             v = torch.linalg.matrix_exp(skew(self.b.to(dtype)))
         return u, torch.exp(self.log_sigma()), v
 
-    def weight(self) -> torch.Tensor:
+    def _weight(self) -> torch.Tensor:
         u, sigma, v = self.factors()
         with full_precision(sigma):
             return (u * sigma) @ v.transpose(0, 1)
 
-    def inverse_weight(self) -> torch.Tensor:
+    def _inverse_weight(self) -> torch.Tensor:
         u, sigma, v = self.factors()
         with full_precision(sigma):
             return (v / sigma) @ u.transpose(0, 1)
@@ -132,7 +154,7 @@ class InvConv1x1LU(_Conv1x1):
         self.upper = nn.Parameter(torch.triu(upper, 1).float())
         self.log_s = nn.Parameter(torch.log(s.abs()).float())
 
-    def weight(self) -> torch.Tensor:
+    def _weight(self) -> torch.Tensor:
         dtype = compute_dtype(self.log_s)
         mask = self.lower_mask.to(dtype)
         with full_precision(self.log_s):
@@ -142,7 +164,7 @@ class InvConv1x1LU(_Conv1x1):
             )
             return self.p.to(dtype) @ lower @ upper
 
-    def inverse_weight(self) -> torch.Tensor:
+    def _inverse_weight(self) -> torch.Tensor:
         # formed in float64 (DESIGN §3.5 (6)): nothing keeps W well-conditioned
         w = self.weight()
         return torch.linalg.inv(w.double()).to(w.dtype)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.flows.base import FlowBlock, block_triangular_norm, frozen, run_subnet
+from pipeline.flows.base import FlowBlock, Rerun, block_triangular_norm, frozen, run_subnet
 from pipeline.flows.lipschitz import ConvNet
 
 CouplingKind = Literal["additive", "affine", "affine_exp"]
@@ -89,17 +89,39 @@ class Coupling(FlowBlock):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = self._halves(x)
         s, t = self._scale_shift(x_a)
+        return self._couple(x_a, x_b, s, t)
+
+    def _couple(
+        self, x_a: torch.Tensor, x_b: torch.Tensor, s: torch.Tensor | None, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if s is None:
-            return self._join(x_a, x_b + t), x.new_zeros(x.shape[0])
+            return self._join(x_a, x_b + t), x_a.new_zeros(x_a.shape[0])
         y_b = x_b * torch.exp(s) + t
         return self._join(x_a, y_b), s.flatten(1).sum(1)
+
+    @staticmethod
+    def _uncouple(y_b: torch.Tensor, s: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+        return y_b - t if s is None else (y_b - t) * torch.exp(-s)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y_a, y_b = self._halves(y)
         with frozen(self):
             s, t = self._scale_shift(y_a)
-        x_b = y_b - t if s is None else (y_b - t) * torch.exp(-s)
-        return self._join(y_a, x_b)
+        return self._join(y_a, self._uncouple(y_b, s, t))
+
+    def rerun(self, y: torch.Tensor, input_grad: bool = True) -> Rerun:
+        """One subnet evaluation serves both passes: x_a = y_a, so (s, t) = NN(y_a) with autograd
+        gives x_b by the inverse and then y again, where the generic rerun evaluates NN twice."""
+        y_a, y_b = self._halves(y)
+        x_a = y_a.detach().requires_grad_(input_grad)
+        with torch.enable_grad():
+            s, t = self._scale_shift(x_a)
+        with torch.no_grad():
+            x_b = self._uncouple(y_b, s, t)
+        x_b.requires_grad_(input_grad)
+        with torch.enable_grad():
+            y, logdet = self._couple(x_a, x_b, s, t)
+        return Rerun(self._join(x_a, x_b).detach(), [x_a, x_b], self._join, y, logdet)
 
     def max_log_scale(self) -> float:
         """s_max: a certified bound on |s| for inputs with |x|_∞ ≤ x_bound (see the class doc)."""

@@ -20,6 +20,7 @@ from pipeline.flows.base import FlowBlock, frozen, main_dtype, run_subnet
 from pipeline.flows.config import ModelConfig
 from pipeline.flows.conv1x1 import InvConv1x1LU, InvConv1x1SVD
 from pipeline.flows.coupling import Coupling
+from pipeline.flows.memory import run_steps
 from pipeline.flows.residual import ResidualBlock
 
 LOG_2PI = math.log(2 * math.pi)
@@ -95,13 +96,23 @@ class Split(nn.Module):
 
 
 class Level(nn.Module):
-    """squeeze → steps (a flat list of blocks) → optional split."""
+    """squeeze → flow steps → optional split. `steps` holds the blocks of all flow steps as one
+    flat list (the state-dict layout); `flow_steps()` groups them back into flow steps."""
 
-    def __init__(self, blocks: list[tuple[str, FlowBlock]], split: Split | None):
+    def __init__(self, steps: list[list[tuple[str, FlowBlock]]], split: Split | None):
         super().__init__()
+        blocks = [named for step in steps for named in step]
         self.names = [name for name, _ in blocks]
         self.steps = nn.ModuleList([block for _, block in blocks])
+        self.step_sizes = [len(step) for step in steps]
         self.split = split
+
+    def flow_steps(self) -> list[list[FlowBlock]]:
+        out, start = [], 0
+        for size in self.step_sizes:
+            out.append(list(self.steps[start : start + size]))
+            start += size
+        return out
 
 
 class MultiScaleFlow(nn.Module):
@@ -121,25 +132,28 @@ class MultiScaleFlow(nn.Module):
         for level in range(cfg.levels):
             c, h, w = 4 * c, h // 2, w // 2
             self.level_shapes.append((c, h, w))
-            blocks = []
-            for step in range(cfg.steps):
-                blocks += [
+            steps = [
+                [
                     (f"level{level}/step{step}/{kind}", block)
                     for kind, block in make_step(cfg, (c, h, w), step)
                 ]
+                for step in range(cfg.steps)
+            ]
             split = None
             if level < cfg.levels - 1:
                 split = Split(c, learned=cfg.split_prior == "learned")
                 self.z_shapes.append((split.c_z, h, w))
                 c = split.c_keep
-            levels.append(Level(blocks, split))
+            levels.append(Level(steps, split))
         self.z_shapes.append((c, h, w))
         self.levels = nn.ModuleList(levels)
+        self.memory = cfg.memory  # how forward's backward pass gets activations (memory.py)
 
     # ----- density -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, per_block: bool = False) -> dict[str, torch.Tensor]:
         """-> {log_prob, logpz, logdet, bpd: [B]; logdet_levels: [L, B]} in float32 (float64 for
-        float64 x); with per_block, also logdet_blocks: [n_blocks, B] in the order of `blocks()`."""
+        float64 x); with per_block, also logdet_blocks: [n_blocks, B] in the order of `blocks()`.
+        The backward pass gets its activations as `self.memory` says (pipeline/flows/memory.py)."""
         h = x.to(main_dtype(x))
         batch = h.shape[0]
         logpz = h.new_zeros(batch)
@@ -147,8 +161,8 @@ class MultiScaleFlow(nn.Module):
         for level in self.levels:
             h = squeeze(h)
             logdet = h.new_zeros(batch)
-            for block in level.steps:
-                h, block_logdet = block(h)
+            h, block_logdets = run_steps(level.flow_steps(), h, self.memory)
+            for block_logdet in block_logdets:
                 logdet = logdet + block_logdet
                 if per_block:
                     logdet_blocks.append(block_logdet)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.flows.base import FlowBlock, frozen, run_subnet
+from pipeline.flows.base import FlowBlock, frozen, reuse_weights, run_subnet
 from pipeline.flows.lipschitz import ConvNet
 
 
@@ -27,6 +27,10 @@ class ResidualBlock(FlowBlock):
     x₀ = y until max|x_{k+1} - x_k| ≤ tol; then ‖x_k - x*‖ ≤ c/(1-c)·‖x_k - x_{k-1}‖. Diagnostics:
     `last_inverse_iterations`, `last_inverse_step`. Its derivatives are implicit (exact).
     """
+
+    # the inverse is a fixed point to a tolerance and the log-det draws random probes: memory
+    # "invertible" checkpoints residual steps instead of reconstructing their inputs
+    exact_inverse = False
 
     def __init__(
         self,
@@ -114,7 +118,7 @@ class ResidualBlock(FlowBlock):
     @torch.no_grad()
     def solve(self, y: torch.Tensor) -> torch.Tensor:
         """x with x + g(x) = y by Banach iteration x ← y - g(x) (no autograd)."""
-        with frozen(self):
+        with frozen(self), reuse_weights():  # one normalised kernel for all iterations
             x = y
             step = math.inf
             iterations = 0

@@ -1,0 +1,271 @@
+"""Memory modes of the backward pass (pipeline/flows/memory.py) and the no-grad weight caches.
+
+Gradients are compared with store mode in float64 on the full multi-scale model; memory is
+measured as the bytes autograd saves for backward (exact, deterministic), never by timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+
+import pytest
+import torch
+
+from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
+from pipeline.flows.base import reuse_weights
+from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
+from pipeline.flows.memory import saved_tensor_bytes
+from tests.conftest import PYTHON, ROOT, env_for_subprocess
+
+IMAGE = (3, 8, 8)
+N_BITS = 5
+TINY = dict(levels=3, steps=2, width=8)  # three levels: 8² -> 4² -> 2² -> 1²
+MODELS = {
+    "glow_affine": ModelConfig(**TINY),
+    # power iteration: the re-run must not advance u, v a second time
+    "glow_additive_power_sn": ModelConfig(
+        **TINY, coupling="additive", spectral_norm=True, subnet_coeff=0.9, spectral_method="power"
+    ),
+    "unconstrained_glow": ModelConfig(
+        **TINY, coupling="affine_exp", conv="lu", actnorm="unbounded"
+    ),
+    "coupling_only_flipped": ModelConfig(**TINY, conv="none", actnorm="none"),
+    # Hutchinson probes: checkpointing must replay the same random numbers
+    "residual_hutchinson": ModelConfig(**TINY, block="residual", residual_coeff=0.7),
+}
+# measured |Δgrad| vs store: checkpoint 0 (bit-identical); invertible ≤ 1.1e-14 (float64)
+GRAD_TOL = 1e-6
+
+
+def data(n: int = 3, seed: int = 1, image=IMAGE, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, 2**N_BITS, (n, *image), generator=g)
+    return (k / 2**N_BITS - 0.5 + torch.rand(n, *image, generator=g) / 2**N_BITS).to(dtype)
+
+
+def make_flow(cfg: ModelConfig, memory: str, image=IMAGE, dtype=torch.float64):
+    """Identical weights for every memory mode: the mode does not touch construction."""
+    torch.manual_seed(0)
+    flow = build_flow(dataclasses.replace(cfg, memory=memory), image, N_BITS).to(dtype)
+    flow.data_init(data(8, seed=9, image=image, dtype=dtype))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    converge_spectral_norms(flow)
+    return flow.train()
+
+
+def step(flow, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Loss and backward with every output used (each block's log-det weighted differently, so
+    each one's gradient path counts); returns the loss and the bytes saved for backward."""
+    torch.manual_seed(5)  # Hutchinson probes
+    with saved_tensor_bytes([*flow.parameters(), *flow.buffers()]) as saved:
+        out = flow(x, per_block=True)
+    blocks = out["logdet_blocks"]
+    weights = torch.linspace(-1.0, 1.0, blocks.numel(), dtype=blocks.dtype).reshape(blocks.shape)
+    loss = out["bpd"].mean() + 1e-3 * (weights * blocks).sum()
+    loss.backward()
+    return loss.detach(), saved["bytes"]
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "invertible"])
+@pytest.mark.parametrize("name", MODELS)
+def test_gradients_equal_store_mode(name, mode):
+    results = {}
+    for memory in ("store", mode):
+        flow = make_flow(MODELS[name], memory)
+        x = data().requires_grad_(True)
+        loss, saved = step(flow, x)
+        grads = {"x": x.grad, **{n: p.grad for n, p in flow.named_parameters()}}
+        results[memory] = (loss, grads, dict(flow.named_buffers()), saved)
+    (loss, grads, buffers, saved), (loss_m, grads_m, buffers_m, saved_m) = results.values()
+    assert torch.allclose(loss_m, loss, rtol=0, atol=1e-12)
+    for key, grad in grads.items():
+        assert grads_m[key] is not None, key
+        assert (grads_m[key] - grad).abs().max().item() <= GRAD_TOL, key
+    for key, buffer in buffers.items():  # power iteration advanced once per training forward
+        assert torch.equal(buffers_m[key], buffer), key
+    assert saved_m < saved / 2, (saved_m, saved)  # the mode really ran
+
+
+def saved_bytes(memory: str, steps: int) -> int:
+    cfg = ModelConfig(levels=2, steps=steps, width=16)
+    flow = make_flow(cfg, memory, image=(3, 16, 16), dtype=torch.float32)
+    with saved_tensor_bytes([*flow.parameters(), *flow.buffers()]) as saved:
+        flow(data(4, image=(3, 16, 16), dtype=torch.float32))["bpd"].mean()
+    return saved["bytes"]
+
+
+def test_invertible_saved_bytes_do_not_grow_with_depth():
+    """Measured (float32, 16², batch 4, 2 levels, width 16), steps per level 2 / 4 / 8:
+    store 332 / 628 / 1218 kB; invertible 36.9 kB at every depth (each level's output, what the
+    split priors and the top prior need)."""
+    store = [saved_bytes("store", steps) for steps in (2, 4, 8)]
+    invertible = [saved_bytes("invertible", steps) for steps in (2, 4, 8)]
+    assert invertible[0] == invertible[1] == invertible[2], invertible
+    assert store[2] > 3.5 * store[0], store  # store grows linearly with depth
+    assert invertible[2] < store[2] / 30, (invertible, store)
+
+
+def test_residual_steps_fall_back_to_checkpointing():
+    """Their fixed-point inverse is not exact, so `invertible` checkpoints them: same saved
+    tensors as `checkpoint` (the gradients are compared in test_gradients_equal_store_mode)."""
+    cfg = MODELS["residual_hutchinson"]
+    x = data()
+    _, saved_checkpoint = step(make_flow(cfg, "checkpoint"), x)
+    _, saved_invertible = step(make_flow(cfg, "invertible"), x)
+    assert saved_invertible == saved_checkpoint
+
+
+def test_rerun_restores_the_forward_autocast_state():
+    """Under bf16 autocast the re-run must run its subnet in bf16 as the forward did. One
+    coupling: its subnet input is reproduced exactly, so the gradients agree to float32 rounding
+    (measured 1e-7 relative); re-run in fp32 they would be ~1e-2 off."""
+    cfg = ModelConfig(levels=1, steps=1, width=16, conv="none", actnorm="none")
+    grads = {}
+    for memory in ("store", "invertible"):
+        flow = make_flow(cfg, memory, image=(3, 16, 16), dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = flow(data(4, image=(3, 16, 16), dtype=torch.float32))
+        out["bpd"].mean().backward()
+        grads[memory] = torch.cat([p.grad.flatten() for p in flow.parameters()])
+    error = (grads["invertible"] - grads["store"]).abs().max() / grads["store"].abs().max()
+    assert error < 1e-5, error.item()
+
+
+def test_double_backward_through_the_invertible_run_is_refused():
+    flow = make_flow(MODELS["glow_affine"], "invertible")
+    x = data().requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(flow(x)["bpd"].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad_x.sum().backward()
+
+
+def conv1x1(kind: str):
+    return InvConv1x1SVD((4, 2, 2), 2.0) if kind == "svd" else InvConv1x1LU((4, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["svd", "lu"])
+def test_conv1x1_weights_are_reused_only_within_a_scope(kind):
+    """DeepSpeed ZeRO 1/2 updates parameters through views of a flat buffer, which leaves their
+    version counters alone (simulated here with .data): only a scope may reuse weights."""
+    block = conv1x1(kind)
+    with torch.no_grad():
+        with reuse_weights():
+            w, w_inv = block.weight(), block.inverse_weight()
+            assert block.weight() is w and block.inverse_weight() is w_inv  # formed once
+            assert torch.allclose(w_inv @ w, torch.eye(4), atol=1e-5)
+        assert block.weight() is not block.weight()  # outside a scope: every call forms W
+        version = block._sources()[0]._version
+        for p in block.parameters():
+            p.data.add_(0.1)  # an update the version counters do not see
+        assert block._sources()[0]._version == version
+        with reuse_weights():
+            w_new = block.weight()
+    assert not torch.equal(w_new, w)
+    assert torch.equal(w_new, block.weight().detach())  # as formed with autograd
+
+
+@pytest.mark.parametrize("method", ["exact", "power"])
+def test_normalised_kernel_is_reused_only_while_weights_are_unchanged(method):
+    conv = LipschitzConv2d(3, 5, 3, coeff=0.9, method=method).eval()
+    with torch.no_grad():
+        with reuse_weights():
+            kernel = conv.effective_weight()
+            assert conv.effective_weight() is kernel
+        conv.weight.data.add_(0.1 * torch.randn_like(conv.weight))  # unseen by _version
+        with reuse_weights():
+            scoped = conv.effective_weight()
+        unscoped = conv.effective_weight()  # evaluation: keyed on the kernel's values
+    fresh = conv.effective_weight().detach()
+    assert not torch.equal(scoped, kernel)
+    assert torch.equal(scoped, fresh) and torch.equal(unscoped, fresh)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_parameter_has_a_dimension_for_deepspeed(name):
+    """DeepSpeed broadcasts parameters at start-up as byte views, which a 0-d tensor cannot give
+    (residual models failed to start: LipSwish's β was 0-d)."""
+    flow = build_flow(MODELS[name], IMAGE, N_BITS)
+    assert all(p.dim() > 0 for p in flow.parameters())
+
+
+def train_rows(tmp_path, memory: str, zero_stage: int) -> list[dict]:
+    run = tmp_path / f"{memory}{zero_stage}"
+    out = subprocess.run(
+        [PYTHON, "-m", "pipeline", "train", "--config", "configs/debug.yaml",
+         f"run.root={run}", f"data.cache={tmp_path}/data", f"model.memory={memory}",
+         f"train.zero_stage={zero_stage}", "train.steps=3", "tracking.enabled=false",
+         "train.optimum_images=0", "train.samples=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env_for_subprocess(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"memory: {memory}" in (run / "debug" / "config.yaml").read_text()
+    lines = (run / "debug" / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "train/bpd" in row]
+
+
+def test_training_entry_point_with_invertible_memory_matches_store(tmp_path):
+    """The DeepSpeed loop (engine(x), engine.backward(loss)) runs unchanged: the same losses and
+    gradient norms at steps 1..3 (float32; measured |Δbpd| ≤ 1e-6). ZeRO 1, whose weight updates
+    the parameters' version counters do not see: a stale cached W would show from step 2 (it did:
+    Δbpd 1.5e-2)."""
+    store = train_rows(tmp_path, "store", zero_stage=0)
+    invertible = train_rows(tmp_path, "invertible", zero_stage=1)
+    assert [r["step"] for r in invertible] == [r["step"] for r in store] == [1, 2, 3]
+    for a, b in zip(store, invertible, strict=True):
+        assert abs(a["train/bpd"] - b["train/bpd"]) <= 1e-5, (a["step"], a, b)
+        assert abs(a["optim/grad_norm"] - b["optim/grad_norm"]) <= 1e-4 * a["optim/grad_norm"]
+
+
+def bench(*args: str, timeout: float = 600) -> dict:
+    out = subprocess.run(
+        [PYTHON, "-m", "pipeline", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_for_subprocess(),
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+TINY_BENCH = ["--levels", "2", "--width", "8", "--batch", "2", "--repeats", "1"]
+
+
+@pytest.mark.slow
+def test_bench_train_prints_json_for_every_mode_resolution_and_depth():
+    out = bench("train", "--resolutions", "16", "--depths", "1,2", "--depth-resolution", "16",
+                *TINY_BENCH)  # fmt: skip
+    rows = out["by_resolution"] + out["by_depth"]
+    assert len(rows) == 9 and all("error" not in r for r in rows), rows
+    by_mode = {r["mode"]: r for r in out["by_resolution"]}
+    assert by_mode["invertible"]["saved_bytes"] < by_mode["store"]["saved_bytes"]
+    assert by_mode["invertible"]["executed_flops"] > by_mode["invertible"]["model_flops"]
+    assert all(r["images_per_s"] > 0 and 0 < r["matmul_fraction"] < 1 for r in rows)
+    assert out["matmul_flop_s"] > 0 and len(out["machine"]["load_avg_1_5_15"]) == 3
+
+    capped = bench("train", "--resolutions", "16", "--modes", "invertible", "--max-batch",
+                   "--max-batch-cap", "4", *TINY_BENCH)  # fmt: skip
+    (row,) = capped["max_batch"]
+    assert row["max_batch"] == 4 and row["capped"] and row["marginal_bytes_per_image"] is not None
+
+    profile = bench("train", "--profile", "--resolutions", "16", "--profile-batch", "2",
+                    "--profile-steps", "1", "--modes", "store,invertible", *TINY_BENCH)  # fmt: skip
+    assert set(profile["profile"]) == {"store", "invertible"}
+    assert profile["profile"]["store"]["top_ops_self_cpu"]
+
+
+@pytest.mark.slow
+def test_bench_scaling_prints_json_for_one_and_two_ranks():
+    out = bench("scaling", "--steps", "4", "--log-every", "2", "--comm-steps", "2", "--rounds", "1",
+                timeout=900)  # fmt: skip
+    assert [r["ranks"] for r in out["train"]] == [1, 2] == [r["ranks"] for r in out["comm"]]
+    assert all("error" not in r for r in out["train"] + out["comm"]), out
+    assert all(r["images_per_s_best"] > 0 for r in out["train"])
+    for row in out["comm"]:
+        assert 0 <= row["comm_share_instrumented"] < 1 and 0 <= row["comm_share_ablation"] < 1
+    assert out["comm_speedup_2_vs_1"] > 0
