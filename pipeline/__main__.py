@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "optimum": ("pipeline.theory.cli", "closed-form likelihood optimum of linear flows on shards"),
     "bench": ("pipeline.bench", "benchmarks that print JSON (data, train, scaling)"),
     "compare": ("pipeline.track.compare", "table and plots comparing MLflow runs"),
+    "study": ("pipeline.study.cli", "reproduce the paper's claims: stability and optimum studies"),
     "config": (
         "pipeline.config_cli",
         "print the resolved config tree (defaults < YAML < overrides)",

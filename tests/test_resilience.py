@@ -109,6 +109,7 @@ def test_guard_stops_with_a_report_when_rollbacks_run_out(tmp_path):
     )
     assert out.returncode != 0
     assert "DivergenceStop" in out.stderr and "divergence_report.json" in out.stderr
+    assert summary(tmp_path, "stop")["status"] == "diverged"
     report = json.loads((tmp_path / "runs" / "stop" / "divergence_report.json").read_text())
     assert report["rollbacks"] == 1 and report["event_counts"]["non_finite_loss"] >= 1
 

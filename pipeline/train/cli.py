@@ -20,9 +20,17 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from pipeline import distributed as dist
+    from pipeline.train.guard import DivergenceStop
     from pipeline.train.loop import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except DivergenceStop as stop:
+        if dist.is_main() and args.summary_json:  # a diverged run is a result, not only a crash
+            diverged = {"status": "diverged", "reason": str(stop), "run_dir": str(cfg.run.dir)}
+            with open(args.summary_json, "w") as f:
+                json.dump(diverged, f, indent=1)
+        raise
     if dist.is_main():
         print_summary(summary)
         if args.summary_json:

@@ -172,11 +172,14 @@ def guard_step(run: Run, metrics: dict) -> None:
             f"guard: step {event.step} {event.kind} value {event.value:.4g} "
             f"threshold {event.threshold:.4g}"
         )
-    if action == ROLLBACK:
-        roll_back(run.engine, run.ckpt_root, run.state, run.cfg, run.lr_control)
-    elif action == STOP:
+    try:
+        if action == ROLLBACK:
+            roll_back(run.engine, run.ckpt_root, run.state, run.cfg, run.lr_control)
+        elif action == STOP:
+            raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
+    except DivergenceStop as stop:
         report = write_report(run.cfg.run.dir, run.state, [e.to_dict() for e in events])
-        raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks; see {report}")
+        raise DivergenceStop(f"{stop}; see {report}") from None
 
 
 def finish(run: Run, status: str) -> dict:
@@ -311,7 +314,8 @@ def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> di
 def roll_back(engine, ckpt_root, state: TrainState, cfg: Config, lr_control: dict) -> None:
     """Restore the last good weights and optimizer state, cut the LR; the step count and data go on."""
     target = checkpoint.find_good(ckpt_root)
-    if target is not None and int(target.name[4:]) == state.rollback_step:
+    repeat = target is not None and int(target.name[4:]) == state.rollback_step
+    if repeat and state.rollback_step > 0:  # the initial weights (step 0) cannot be damaged
         checkpoint.mark_suspect(target)  # events came back right after it: it may hold bad weights
         target = checkpoint.find_good(ckpt_root, before=state.rollback_step)
     if target is None:

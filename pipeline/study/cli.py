@@ -1,0 +1,42 @@
+"""`python -m pipeline study <stability|optimum|cost>`: reproduce the paper's claims.
+
+    python -m pipeline study stability --out runs/study-stability        # ~20 min on 2 CPU cores
+    python -m pipeline study optimum --out runs/study-optimum             # ~5 min
+    python -m pipeline study cost --config configs/celebahq-256.yaml      # FLOPs -> GPU-hours
+    python -m pipeline study stability --quick --out /tmp/s               # seconds (tests)
+
+Each study has its own options (``python -m pipeline study stability --help``); section.key=value
+overrides for every run go after the options. docs/studies.md has the results and the full-scale
+commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+STUDIES: dict[str, tuple[str, str]] = {
+    "stability": (
+        "pipeline.study.stability",
+        "unconstrained Glow vs the Lipschitz-bounded flow over learning rates x seeds",
+    ),
+    "optimum": (
+        "pipeline.study.optimum",
+        "linear flows on Gaussian images and faces against the closed-form optimum",
+    ),
+    "cost": (
+        "pipeline.study.cost",
+        "training FLOPs per image of a config's model, and the GPU-hours they imply (estimate)",
+    ),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="study", metavar="<study>", required=True)
+    for name, (module, help_) in STUDIES.items():
+        q = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(q)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(STUDIES[args.study][0]).run(args) or 0)

@@ -1,0 +1,290 @@
+"""One study run = one `python -m pipeline train` subprocess, and the result file it leaves.
+
+The result of run ``name`` is ``<out>/results/<name>.json``, written when its process ends:
+
+- exit 0: the training summary (``--summary-json``, status "finished" or "preempted");
+- the guard stopped it (``DivergenceStop``: a ``divergence_report.json`` in the run folder, or the
+  exception in the log): status "diverged", with steps, events, rollbacks and skipped steps read from
+  the run folder. A diverged run is a result of the study, not a failure of it;
+- any other failure: status "crashed", the same fields, and the log's last lines.
+
+A finished or diverged run is not started again, so rerunning a study continues it; a crashed or
+preempted run, or a run folder left by an interrupted process, is started again and resumes from its
+last checkpoint (the loop's exact resume). Logs go to ``<out>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (or /opt/lipflow in the image)
+DONE = ("finished", "diverged")  # results; a crashed, preempted or incomplete run is started again
+NON_FINITE = ("non_finite_loss", "non_finite_grad")  # the events that make the loop skip a step
+
+
+def shipped(path: str) -> str:
+    """A path as given when it exists from here, else relative to the checkout (configs/...)."""
+    return path if Path(path).exists() or not (ROOT / path).exists() else str(ROOT / path)
+
+
+@dataclass
+class RunSpec:
+    name: str
+    overrides: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)  # what the study varies: arm, lr, seed, ...
+
+
+@dataclass
+class Runner:
+    """Runs specs sequentially under ``out``: run folders in <out>/runs (one MLflow store)."""
+
+    out: Path
+    config: str | None
+    launcher: list[str] = field(default_factory=lambda: [sys.executable, "-m", "pipeline", "train"])
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+
+    @property
+    def run_root(self) -> Path:
+        return self.out / "runs"
+
+    def run_dir(self, name: str) -> Path:
+        return self.run_root / name
+
+    def result_path(self, name: str) -> Path:
+        return self.out / "results" / f"{name}.json"
+
+    def summary_path(self, name: str) -> Path:
+        return self.out / "results" / f"{name}.train.json"
+
+    def log_path(self, name: str) -> Path:
+        return self.out / "logs" / f"{name}.log"
+
+    def command(self, spec: RunSpec) -> list[str]:
+        config = ["--config", self.config] if self.config else []
+        return [
+            *self.launcher,
+            *config,
+            f"run.root={self.run_root.resolve()}",
+            f"run.name={spec.name}",
+            *spec.overrides,
+            "--summary-json",
+            str(self.summary_path(spec.name).resolve()),
+        ]
+
+    def check(self, specs: list[RunSpec]) -> bool:
+        """Resolve every run's config here first: a bad override fails once, with the reason,
+        instead of crashing every run."""
+        from pipeline.config import ConfigError, load_config
+
+        for spec in specs:
+            try:
+                load_config(self.config, spec.overrides)
+            except ConfigError as e:
+                print(f"error: run {spec.name}: {e}", file=sys.stderr)
+                return False
+        return True
+
+    def print_commands(self, specs: list[RunSpec]) -> None:
+        """Each run's command, one a line (for a scheduler); creates the folder the runs write
+        their --summary-json to, so that the commands work as printed."""
+        self.result_path("x").parent.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            print(shlex.join(self.command(spec)))
+
+    def train(self, spec: RunSpec) -> tuple[dict, bool]:
+        """(the run's result, whether it was taken from an earlier invocation)."""
+        path = self.result_path(spec.name)
+        if path.is_file():
+            earlier = json.loads(path.read_text())
+            if earlier.get("status") in DONE:
+                return earlier, True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path(spec.name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(spec)
+        start = time.perf_counter()
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            code = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(self.env)
+            ).returncode
+        result = self.collect(spec, code, log.read_text(errors="replace"))
+        result["wall_s"] = time.perf_counter() - start
+        write_json(path, result)
+        return result, False
+
+    def find(self, spec: RunSpec) -> dict:
+        """What a run left, starting nothing: its result file, else what its folder and log say
+        (e.g. a run submitted as a cluster job)."""
+        path = self.result_path(spec.name)
+        if path.is_file():
+            return json.loads(path.read_text())
+        log = self.log_path(spec.name)
+        return self.collect(spec, None, log.read_text(errors="replace") if log.is_file() else "")
+
+    def collect(self, spec: RunSpec, returncode: int | None, log_text: str = "") -> dict:
+        """The result of a run from what it left; ``returncode`` None: not run by this process (a
+        cluster job), so a run without a summary or a divergence report is still "incomplete"."""
+        summary = self.summary_path(spec.name)
+        run_dir = self.run_dir(spec.name)
+        if returncode in (0, None) and summary.is_file():
+            result = json.loads(summary.read_text())
+        else:
+            result = from_run_folder(run_dir, log_text)
+            report = run_dir / "divergence_report.json"
+            if report.is_file() or "DivergenceStop" in log_text:
+                result["status"] = "diverged"
+            elif returncode is None:
+                result["status"] = "incomplete"
+            else:
+                result["status"] = "crashed"
+                result["log_tail"] = log_text.strip().splitlines()[-15:]
+        result.update(
+            name=spec.name,
+            study=spec.meta,
+            returncode=returncode,
+            command=shlex.join(self.command(spec)),
+        )
+        return result
+
+
+def add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of every training study: how runs start, continue, or are only tabulated."""
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip runs whose result exists and continue interrupted ones (default); "
+        "--no-resume refuses an --out that already holds runs",
+    )
+    p.add_argument(
+        "--launcher",
+        help="command taking `pipeline train` arguments (default: this python -m pipeline train), "
+        "e.g. launch/local.sh (ranks from NPROC) or 'sbatch --wait launch/slurm.sbatch'",
+    )
+    p.add_argument("--master-port", type=int, help="MASTER_PORT for the training processes")
+    p.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="start nothing: tabulate what the runs under --out left (e.g. ones run as cluster jobs)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="section.key=value overrides for every run: right after the study name, or after --",
+    )
+
+
+def make_runner(args: argparse.Namespace, config: str | None) -> Runner | None:
+    """The Runner for ``args``; None (the reason printed) when --no-resume finds earlier runs."""
+    out = Path(args.out)
+    if not args.resume and any((out / d).exists() for d in ("results", "runs")):
+        print(
+            f"error: {out} already holds runs; give a new --out, or drop --no-resume to continue",
+            file=sys.stderr,
+        )
+        return None
+    runner = Runner(out=out, config=str(Path(shipped(config)).resolve()) if config else None)
+    if args.launcher:
+        runner.launcher = shlex.split(args.launcher)
+    if args.master_port:
+        runner.env["MASTER_PORT"] = str(args.master_port)
+    return runner
+
+
+def from_run_folder(run_dir: Path, log_text: str = "") -> dict:
+    """Steps, event counts, rollbacks and skipped steps of a run that ended without a summary.
+
+    The guard's report (written when it stops a run) has steps, rollbacks and event counts; without
+    it (e.g. a rollback that found no good checkpoint left) they come from events.jsonl (one row per
+    event), metrics.jsonl (guard/* counters at log steps) and the log's rollback lines. A step is
+    skipped exactly when it raised a non-finite event, which bounds skipped steps from below where
+    the last log row is older than the stop.
+    """
+    events = read_jsonl(run_dir / "events.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    counters = {
+        key: max((r[key] for r in rows if isinstance(r.get(key), int | float)), default=0)
+        for key in ("guard/rollbacks", "guard/skipped")
+    }
+    steps = max([r.get("step", 0) for r in rows + events] or [0])
+    skipped_from_events = len({e["step"] for e in events if e.get("kind") in NON_FINITE})
+    result = {
+        "final_val_bpd": None,
+        "steps": int(steps),
+        "skipped_steps": int(max(counters["guard/skipped"], skipped_from_events)),
+        "rollbacks": int(max(counters["guard/rollbacks"], log_text.count("guard: rolled back to"))),
+        "event_counts": dict(Counter(e["kind"] for e in events if "kind" in e)),
+        "run_dir": str(run_dir.resolve()),
+    }
+    report = run_dir / "divergence_report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        result.update(
+            steps=int(data["stopped_at_step"]),
+            rollbacks=int(data["rollbacks"]),
+            event_counts=dict(data["event_counts"]),
+        )
+    state = run_dir / "tracking" / "state.json"
+    if state.is_file():
+        data = json.loads(state.read_text())
+        result.update(tracking_uri=data.get("uri"), mlflow_run_id=data.get("run_id"))
+    return result
+
+
+def pipeline(args: list[str], log: Path, env: dict[str, str] | None = None) -> str:
+    """Run another `python -m pipeline` command, its output appended to ``log``; its stdout."""
+    cmd = [sys.executable, "-m", "pipeline", *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(env or {}))
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n{out.stdout}{out.stderr}")
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(cmd)} failed with exit status {out.returncode}; see {log}:\n"
+            + "\n".join((out.stdout + out.stderr).strip().splitlines()[-15:])
+        )
+    return out.stdout
+
+
+def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment, with the checkout importable from any working directory (relative paths
+    in overrides keep meaning what they mean here)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    return env
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: the rest of the file still counts
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
