@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+def run_pipeline(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` from the repository root; fails the test, with the output's tail,
+    unless it exits 0."""
+    out = subprocess.run(
+        [PYTHON, "-m", "pipeline", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_for_subprocess(**env),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
 
 
 def env_for_subprocess(**extra: str) -> dict[str, str]:

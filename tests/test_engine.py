@@ -14,20 +14,11 @@ from pipeline.distributed import deepspeed_config
 from pipeline.flows import build_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.inference import load_model
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env_for_subprocess(),
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    return run_pipeline(*args, timeout=timeout)
 
 
 def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():

@@ -17,7 +17,7 @@ from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
 from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
 from pipeline.flows.memory import saved_tensor_bytes
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
 
 IMAGE = (3, 8, 8)
 N_BITS = 5
@@ -221,16 +221,7 @@ def test_training_entry_point_with_invertible_memory_matches_store(tmp_path):
 
 
 def bench(*args: str, timeout: float = 600) -> dict:
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", "bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env_for_subprocess(),
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return json.loads(out.stdout)
+    return json.loads(run_pipeline("bench", *args, timeout=timeout).stdout)
 
 
 TINY_BENCH = ["--levels", "2", "--width", "8", "--batch", "2", "--repeats", "1"]

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import run_pipeline
 
 R, N_BITS = 16, 5
 LINEAR = ["model.coupling=none", "model.levels=1", "model.steps=2", "model.split_prior=standard"]
@@ -28,16 +27,7 @@ TRAIN = [
 
 
 def cli(*args: str) -> str:
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env_for_subprocess(MASTER_PORT="29660"),
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    return run_pipeline(*args, timeout=900, MASTER_PORT="29660").stdout
 
 
 def train_and_measure(tmp_path, name: str, *overrides: str) -> tuple[float, float]:
