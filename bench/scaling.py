@@ -76,8 +76,13 @@ def env(nproc: int, port: int) -> dict:
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",  # a rank that aborts prints where it was
     )
     return e
+
+
+def tail(out: subprocess.CompletedProcess) -> str:
+    return out.stdout[-1500:] + out.stderr[-1500:]
 
 
 def real_run(args, nproc: int, tmp: Path) -> dict:
@@ -99,7 +104,7 @@ def real_run(args, nproc: int, tmp: Path) -> dict:
     )
     wall = time.perf_counter() - start
     if out.returncode != 0:
-        return {"ranks": nproc, "error": out.stdout[-1500:] + out.stderr[-1500:]}
+        return {"ranks": nproc, "error": tail(out)}
     (metrics,) = run_root.glob("*/metrics.jsonl")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     speeds = [r["speed/images_per_s"] for r in rows if "speed/images_per_s" in r][1:]
@@ -112,22 +117,48 @@ def real_run(args, nproc: int, tmp: Path) -> dict:
     }
 
 
+def comm_workers(args, nproc: int, out_dir: Path) -> tuple[list[dict], dict]:
+    """Launch the comm workers; their results, and what went wrong ({} when nothing did).
+
+    A launch whose ranks all wrote their results but whose exit was not clean (a rank aborted while
+    the process group was being torn down) still measured; the exit is reported, not hidden. A
+    launch that lost a result is retried once on a fresh port, and the first failure reported.
+    """
+    problems: dict = {}
+    for attempt in (1, 2):
+        for stale in out_dir.glob("rank*.json"):
+            stale.unlink()
+        cmd = [
+            python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port(29800, 29899)), "--no_local_rank",
+            str(Path(__file__).resolve()), "--worker", "--out", str(out_dir),
+            "--config", args.config, "--comm-steps", str(args.comm_steps),
+            "--rounds", str(args.rounds), *args.overrides,
+        ]  # fmt: skip
+        out = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env(nproc, 0),
+            timeout=1800,
+            check=False,
+        )
+        ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
+        if len(ranks) == nproc:
+            if out.returncode != 0:
+                problems["unclean_exit"] = f"return code {out.returncode}: {tail(out)}"
+            return ranks, problems
+        problems[f"attempt_{attempt}_failed"] = tail(out)
+    return [], problems
+
+
 def comm_run(args, nproc: int, tmp: Path) -> dict:
     out_dir = tmp / f"comm{nproc}"
     out_dir.mkdir()
-    cmd = [
-        python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-        "--master_port", str(free_port(29800, 29899)), "--no_local_rank",
-        str(Path(__file__).resolve()), "--worker", "--out", str(out_dir),
-        "--config", args.config, "--comm-steps", str(args.comm_steps),
-        "--rounds", str(args.rounds), *args.overrides,
-    ]  # fmt: skip
-    out = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, env=env(nproc, 0), timeout=1800, check=False
-    )
-    ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
-    if out.returncode != 0 or len(ranks) != nproc:
-        return {"ranks": nproc, "error": out.stdout[-1500:] + out.stderr[-1500:]}
+    ranks, problems = comm_workers(args, nproc, out_dir)
+    if not ranks:
+        return {"ranks": nproc, "error": problems}
     with_s = max(r["step_s_with"] for r in ranks)  # a step lasts as long as its slowest rank
     without_s = max(r["step_s_without"] for r in ranks)
     allreduce_s = max(r["allreduce_s"] for r in ranks)
@@ -144,6 +175,7 @@ def comm_run(args, nproc: int, tmp: Path) -> dict:
         "flat_allreduce_s": round(transfer_s, 6),
         "comm_share_transfer": round(transfer_s / with_s, 4),
         "images_per_s": round(nproc * ranks[0]["micro_batch"] / with_s, 2),
+        **problems,
     }
 
 

@@ -7,6 +7,7 @@ on its CPU accelerator with the gloo backend.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -68,6 +69,27 @@ def setup(timeout_s: int = 1800) -> None:
         auto_mpi_discovery=False,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    _unlink_shm_workspace()
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove the name of DeepSpeed's CPU shared-memory all-reduce segment once every rank has it.
+
+    On its CPU accelerator DeepSpeed (0.19) creates one ~66 MB ``/dev/shm`` segment per rank when all
+    ranks share a node, maps the other ranks' segments, and never unlinks them: every multi-rank
+    launch would leave RAM-backed files behind. After a barrier every rank has mapped every
+    segment (DeepSpeed maps them inside ``init_distributed``), so each rank removes its own name;
+    the mappings live on until the process exits, even if it is killed.
+    """
+    if torch.cuda.is_available():
+        return
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
+    )
+    if world_size() > 1:
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):  # ranks on several nodes: DeepSpeed made none
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def teardown() -> None:

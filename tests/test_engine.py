@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def test_zero_stages_precisions_and_accumulation_on_two_ranks(tmp_path, zero, pr
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "ActNorm data-dependent init identical on 2 rank(s)" in out.stdout
+    # DeepSpeed's CPU shared-memory all-reduce segments (~66 MB each) are not left behind in RAM
+    leftover = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{29650 + zero}_"
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(leftover)]
     s = json.loads(summary.read_text())
     assert s["status"] == "finished" and s["skipped_steps"] == 0 and 0 < s["final_val_bpd"] < 9
     rows = [json.loads(r) for r in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
