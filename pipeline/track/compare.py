@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-root", default="runs", help="where training put mlflow.db (default runs)")
     p.add_argument("--out", required=True, help="folder for compare.csv, compare.md and the plots")
+    p.add_argument(
+        "--bpd-max",
+        type=float,
+        help="top of the bpd plot's y-axis (default: the highest first logged bpd plus half the "
+        "way down to the lowest, so divergence spikes do not flatten the curves; points above "
+        "are drawn as triangles on the edge)",
+    )
 
 
 @dataclass
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     print(f"{len(runs)} runs from {uri}\n")
     print(markdown)
-    written, skipped = plot_all(runs, out)
+    written, skipped = plot_all(runs, out, bpd_max=args.bpd_max)
     print(f"wrote {out / 'compare.csv'}, {out / 'compare.md'}" + "".join(f", {p}" for p in written))
     for name, why in skipped:
         print(f"skipped {name}: {why}")
@@ -270,7 +277,11 @@ class Style:
         self.marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
 
 
-def plot_all(runs: list[Run], out: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+def plot_all(
+    runs: list[Run], out: Path, bpd_max: float | None = None
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    import functools
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
@@ -279,7 +290,7 @@ def plot_all(runs: list[Run], out: Path) -> tuple[list[Path], list[tuple[str, st
     style = Style(runs)
     written, skipped = [], []
     for name, draw in (
-        ("bpd.png", plot_bpd),
+        ("bpd.png", functools.partial(plot_bpd, top=bpd_max)),
         ("balance.png", plot_balance),
         ("grad_norms.png", plot_grad_norms),
         ("lipschitz.png", plot_lipschitz),
@@ -327,7 +338,11 @@ def legend(ax, runs: list[Run], style: Style, prefix: str, extra: list | None = 
         Line2D([], [], marker=m, linestyle="", color="grey", markeredgecolor="black", label=k)
         for k, m in style.marker.items()
     ]
-    ax.legend(handles=handles + (extra or []), fontsize=7, loc="best")
+    handles += extra or []
+    if len(handles) > 8:  # many runs: beside the plot, not over the curves
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(handles=handles, fontsize=7, loc="best")
 
 
 def new_figure(panels: int, title: str):
@@ -340,29 +355,66 @@ def new_figure(panels: int, title: str):
     return fig, axes
 
 
-def plot_bpd(runs: list[Run], style: Style):
+def bpd_range(runs: list[Run], top: float | None = None) -> tuple[float, float] | None:
+    """The bpd plot's y-range: from the lowest value (or optimum) up to ``top``.
+
+    By default ``top`` is the highest first logged bpd of any curve plus half the distance from
+    there down to the lowest value, capped at the highest value: a healthy run goes down from its
+    first log (a validation curve may creep back up a little), so every healthy curve is whole, and
+    a divergence spike to 1e3 does not flatten them into a line.
+    """
+    curves = [run.history.get(k, []) for run in runs for k in ("train/bpd", "val/bpd")]
+    finite = [v for points in curves for _, v in points if math.isfinite(v)]
+    if not finite:
+        return None
+    optima = [run.last("theory/optimum_bpd") for run in runs]
+    low = min(finite + [v for v in optima if v is not None and math.isfinite(v)])
+    if top is None:
+        first = max(points[0][1] for points in curves if points and math.isfinite(points[0][1]))
+        top = min(first + 0.5 * (first - low), max(finite))
+    top = max(top, low + 1e-3)
+    pad = 0.04 * (top - low)
+    return low - pad, top + pad
+
+
+def plot_bpd(runs: list[Run], style: Style, top: float | None = None):
     from matplotlib.lines import Line2D
 
     fig, (ax,) = new_figure(1, "bits per dimension (solid train, dashed val, dotted optimum)")
+    span = bpd_range(runs, top)
+    clipped = 0
     for run in runs:
         c = style.color[run.run_id]
-        ax.plot(*xy(run.history.get("train/bpd", [])), color=c, lw=1.2)
-        ax.plot(*xy(run.history.get("val/bpd", [])), color=c, linestyle="--", marker="o", ms=3)
+        for key, line in (
+            ("train/bpd", {"lw": 1.2}),
+            ("val/bpd", {"ls": "--", "marker": "o", "ms": 3}),
+        ):
+            steps, values = xy(run.history.get(key, []))
+            ax.plot(steps, values, color=c, **line)
+            above = [
+                (s, v) for s, v in zip(steps, values) if span and (v > span[1] or math.isnan(v))
+            ]
+            if above:  # off the chart: a triangle on the top edge
+                clipped += len(above)
+                ax.plot(
+                    [s for s, _ in above], [span[1]] * len(above), "^", color=c, ms=6, clip_on=False
+                )
         optimum = run.last("theory/optimum_bpd")
         if optimum is not None and math.isfinite(optimum):
             ax.axhline(optimum, color=c, linestyle=":", lw=1)
     mark_events(ax, runs, style, on="train/bpd")
+    if span:
+        ax.set_ylim(*span)
     ax.set_ylabel("bpd")
-    legend(
-        ax,
-        runs,
-        style,
-        "train/bpd",
-        [
-            Line2D([], [], color="black", label="train"),
-            Line2D([], [], color="black", linestyle="--", marker="o", ms=3, label="val"),
-        ],
-    )
+    extra = [
+        Line2D([], [], color="black", label="train"),
+        Line2D([], [], color="black", linestyle="--", marker="o", ms=3, label="val"),
+    ]
+    if clipped:
+        extra.append(
+            Line2D([], [], marker="^", ls="", color="black", label=f"{clipped} above {span[1]:.2f}")
+        )
+    legend(ax, runs, style, "train/bpd", extra)
     return fig
 
 
