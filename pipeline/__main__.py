@@ -8,6 +8,7 @@ imports (deepspeed, mlflow).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import sys
 
@@ -65,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A rank that dies in native code (SIGSEGV, SIGABRT from a C++ terminate, ...) prints the Python
+    # stack of every thread first: the one clue a week-long job's log will have.
+    faulthandler.enable(all_threads=True)
     sys.exit(main())

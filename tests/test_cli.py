@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -46,6 +48,22 @@ def test_bad_override_is_a_clear_error_not_a_traceback():
     out = run_cli("train", "--config", "configs/debug.yaml", "train.lrr=1")
     assert out.returncode == 2
     assert "unknown config key 'train.lrr'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_rank_dying_in_native_code_leaves_its_python_stack(tmp_path):
+    """SIGABRT (what a C++ std::terminate raises) mid-command: the log says where Python was."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "pipeline", "synth", "--out", str(tmp_path), "--n", "100000",
+         "--resolution", "64"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env_for_subprocess(),
+    )  # fmt: skip
+    while not any(tmp_path.iterdir()):  # it is writing images
+        assert proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGABRT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err and "pipeline/data/synth.py" in err, err[-2000:]
 
 
 def test_dockerfile_is_hadolint_clean():
