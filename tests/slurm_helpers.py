@@ -209,14 +209,34 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def wait_for_end(self, job_id: int, timeout: float, release_requeued: bool = True) -> dict:
         """Poll until the job has ended. A requeued job waits ~2 min (SLURM's BeginTime hold) before it
-        is eligible again; ``release_requeued`` makes it eligible at once, as an admin would."""
+        is eligible again; ``release_requeued`` makes it eligible as soon as the node has finished
+        tearing down its previous run, as an admin would: slurmctld counts a step done before the
+        node's slurmstepd has exited, and a run launched while it lives can fail at once."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(job_id)
             state = info["JobState"]
             if state in ENDED:
                 return info
-            if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime":
+            if (
+                release_requeued
+                and state == "PENDING"
+                and info.get("Reason") == "BeginTime"
+                and not step_daemons(job_id)
+            ):
                 self.client("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(1)
         raise AssertionError(f"job {job_id} still {state} after {timeout:.0f} s:\n{self.logs()}")
+
+
+def step_daemons(job_id: int) -> list[str]:
+    """Live slurmstepd processes of the job on this machine ("slurmstepd: [1234.batch]", ...)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if title.startswith(f"slurmstepd: [{job_id}."):
+            found.append(title)
+    return found

@@ -229,6 +229,12 @@ def submit(slurm: LocalSlurm, tmp_path: Path, *overrides: str, **knobs: str) -> 
     return job_id, log
 
 
+def job_report(text: str, info: dict, slurm: LocalSlurm) -> str:
+    """What a failed job assertion shows: the job log, SLURM's view of the job, the daemons' logs."""
+    fields = ("JobState", "Reason", "ExitCode", "Restarts", "RunTime")
+    return f"{text[-3000:]}\n{ {k: info.get(k) for k in fields} }\n{slurm.logs()}"
+
+
 def wait_for_step(run: Path, step: int, slurm: LocalSlurm, job_id: int, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -251,7 +257,9 @@ def test_sbatch_job_trains_to_a_checkpoint(slurm, tmp_path):
     job_id, log = submit(slurm, tmp_path)
     info = slurm.wait_for_end(job_id, timeout=300)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_report(
+        text, info, slurm
+    )
     # Master address and port derived from the allocation and the job id.
     assert f"rendezvous {slurm.node}:{15000 + job_id % 10000}" in text
     assert "--no_ssh --node_rank 0" in text and "fresh start" in text
@@ -271,7 +279,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     slurm.client("scancel", "--signal=USR1", "--batch", str(job_id))
     info = slurm.wait_for_end(job_id, timeout=300)
     text = log.read_text()
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), job_report(text, info, slurm)
     assert "time limit near" in text and f"requeueing job {job_id}" in text
     saved = sigterm_checkpoint_step(text)
     assert 3 <= saved < steps
@@ -298,7 +306,7 @@ def test_requeued_job_reruns_the_same_command_and_resumes(slurm, tmp_path):
     slurm.client("scontrol", "requeue", str(job_id))
     info = slurm.wait_for_end(job_id, timeout=300)
     text = log.read_text()
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), job_report(text, info, slurm)
     assert "restart 0," in text and "restart 1," in text
     assert "0: fresh start" in text and "0: resumed from" in text
     assert (tmp_path / "wrapped").read_text().split() == ["0", "1"]
