@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -123,8 +124,13 @@ def test_launch_scripts_are_shellcheck_clean():
 # --- two nodes on one machine ------------------------------------------------------------------
 
 
-def run_two_nodes(tmp_path: Path, launcher: str, port: int, *overrides: str) -> str:
-    """Node ranks 0 and 1 in parallel on 127.0.0.1, one rank each; returns node 0's output."""
+def run_two_nodes(
+    tmp_path: Path, launcher: str, port: int, *overrides: str, system_metrics: bool = False
+) -> str:
+    """Node ranks 0 and 1 in parallel on 127.0.0.1, one rank each; returns node 0's output.
+
+    With ``system_metrics`` each node monitors itself under the name node<rank> (both share this
+    machine's hostname)."""
     procs = []
     for node_rank in (0, 1):
         env = env_for_subprocess(
@@ -135,7 +141,8 @@ def run_two_nodes(tmp_path: Path, launcher: str, port: int, *overrides: str) -> 
             NPROC="1",
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
-            MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false",
+            MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="true" if system_metrics else "false",
+            LIPFLOW_NODE_NAME=f"node{node_rank}",
         )
         env.pop("HOSTFILE", None)
         log = open(tmp_path / f"node{node_rank}.log", "w")  # noqa: SIM115 (closed below)
@@ -193,6 +200,37 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path, launcher
     assert "resumed from" in second and "step00000006" in second
     assert (run / "checkpoints" / "latest").read_text() == "step00000009"
     assert train_bpd_steps(run) == list(range(1, 10))  # contiguous across the restart
+
+
+@pytest.mark.slow
+def test_every_node_sends_its_system_metrics_to_a_shared_tracking_server(tmp_path):
+    """Node 0's sink monitors node 0; node 1's local rank 0 joins the same MLflow run once rank 0
+    has broadcast its id, which only works through a store both nodes reach (a server)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_track_server import Server
+
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server")
+    server.launch()
+    try:
+        server.wait_healthy()
+        out = run_two_nodes(
+            tmp_path,
+            "deepspeed",
+            29743,
+            f"tracking.uri={server.uri}",
+            "tracking.system_metrics_interval_s=0.5",
+            "train.steps=12",
+            system_metrics=True,
+        )
+        run_id = re.search(r"\(run ([0-9a-f]{32})\)", out).group(1)
+        metrics = MlflowClient(server.uri).get_run(run_id).data.metrics
+    finally:
+        server.kill()
+    for node in ("node0", "node1"):
+        assert f"system/{node}/cpu_utilization_percentage" in metrics, sorted(metrics)
+    assert "train/bpd" in metrics
 
 
 # --- SLURM -------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The main rank's sink starts one for its node. On a multi-node run, local rank 0 of every other node
 may start its own with ``start_monitor(uri, run_id, interval_s)`` once the main rank has broadcast the
 run id; that needs a store every node can reach (a tracking server; a node-local SQLite file is not).
-Metric names carry the node: ``system/<hostname>/cpu_utilization_percentage``.
+Metric names carry the node: ``system/<node>/cpu_utilization_percentage``, the node being its
+hostname or ``$LIPFLOW_NODE_NAME``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def node_id() -> str:
-    return socket.gethostname()
+    """The node's name in metric names: ``$LIPFLOW_NODE_NAME``, else the hostname (set it where
+    nodes share a hostname, e.g. containers that all call themselves ``localhost``)."""
+    return os.environ.get("LIPFLOW_NODE_NAME") or socket.gethostname()
 
 
 def wanted(system_metrics: bool) -> bool:
