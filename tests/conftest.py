@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
@@ -18,8 +19,6 @@ PYTHON = sys.executable
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    import torch
-
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
@@ -48,3 +47,10 @@ def env_for_subprocess(**extra: str) -> dict[str, str]:
         env.pop(key, None)
     env.update(extra)
     return env
+
+
+def assert_every_parameter_has_a_gradient(module) -> None:
+    """After a backward pass: every parameter got a finite gradient that is not all zeros."""
+    for name, p in module.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
