@@ -93,7 +93,7 @@ def test_lr_spike_rolls_back_cuts_the_lr_and_finishes(tmp_path):
     assert bpd[30] < bpd[1]  # it recovered and kept learning
 
 
-def test_guard_stops_with_a_report_when_rollbacks_run_out(tmp_path):
+def test_guard_stops_with_a_diverged_summary_when_rollbacks_run_out(tmp_path):
     out = launch(
         tmp_path,
         "stop",
@@ -108,10 +108,13 @@ def test_guard_stops_with_a_report_when_rollbacks_run_out(tmp_path):
         check=False,
     )
     assert out.returncode != 0
-    assert "DivergenceStop" in out.stderr and "divergence_report.json" in out.stderr
-    assert summary(tmp_path, "stop")["status"] == "diverged"
-    report = json.loads((tmp_path / "runs" / "stop" / "divergence_report.json").read_text())
-    assert report["rollbacks"] == 1 and report["event_counts"]["non_finite_loss"] >= 1
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    assert "error: diverged after 1 rollbacks" in out.stderr and "summary.json" in out.stderr
+    s = summary(tmp_path, "stop")
+    assert s == json.loads((tmp_path / "runs" / "stop" / "summary.json").read_text())
+    assert s["status"] == "diverged" and s["rollbacks"] == 1 and s["final_val_bpd"] is None
+    assert s["event_counts"]["non_finite_loss"] >= 1 and s["last_events"]
+    assert s["checkpoint"] and s["mlflow_run_id"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):

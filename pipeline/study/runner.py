@@ -1,16 +1,14 @@
-"""One study run = one `python -m pipeline train` subprocess, and the result file it leaves.
+"""One study run = one `python -m pipeline train` subprocess, and the summary it leaves.
 
-The result of run ``name`` is ``<out>/results/<name>.json``, written when its process ends:
+The result of run ``name`` is ``<out>/results/<name>.json``: the run's own summary.json, which the
+training loop writes on every way out with a ``status`` (finished, preempted, diverged, failed),
+plus what the study varied and the command. A diverged run is a result of the study, not a failure
+of it. A process that left no summary (killed) is "crashed", with the log's last lines; one not run
+by this process that left none yet (a cluster job) is "incomplete".
 
-- exit 0: the training summary (``--summary-json``, status "finished" or "preempted");
-- the guard stopped it (``DivergenceStop``: a ``divergence_report.json`` in the run folder, or the
-  exception in the log): status "diverged", with steps, events, rollbacks and skipped steps read from
-  the run folder. A diverged run is a result of the study, not a failure of it;
-- any other failure: status "crashed", the same fields, and the log's last lines.
-
-A finished or diverged run is not started again, so rerunning a study continues it; a crashed or
-preempted run, or a run folder left by an interrupted process, is started again and resumes from its
-last checkpoint (the loop's exact resume). Logs go to ``<out>/logs/<name>.log``.
+A finished or diverged run is not started again, so rerunning a study continues it; any other run,
+or a run folder left by an interrupted process, is started again and resumes from its last
+checkpoint (the loop's exact resume). Logs go to ``<out>/logs/<name>.log``.
 """
 
 from __future__ import annotations
@@ -22,14 +20,12 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or /opt/lipflow in the image)
-DONE = ("finished", "diverged")  # results; a crashed, preempted or incomplete run is started again
-NON_FINITE = ("non_finite_loss", "non_finite_grad")  # the events that make the loop skip a step
+DONE = ("finished", "diverged")  # results; any other run is started again
 
 
 def shipped(path: str) -> str:
@@ -64,7 +60,8 @@ class Runner:
         return self.out / "results" / f"{name}.json"
 
     def summary_path(self, name: str) -> Path:
-        return self.out / "results" / f"{name}.train.json"
+        """The summary the loop writes in the run folder on every way out."""
+        return self.run_dir(name) / "summary.json"
 
     def log_path(self, name: str) -> Path:
         return self.out / "logs" / f"{name}.log"
@@ -77,8 +74,6 @@ class Runner:
             f"run.root={self.run_root.resolve()}",
             f"run.name={spec.name}",
             *spec.overrides,
-            "--summary-json",
-            str(self.summary_path(spec.name).resolve()),
         ]
 
     def check(self, specs: list[RunSpec]) -> bool:
@@ -95,9 +90,7 @@ class Runner:
         return True
 
     def print_commands(self, specs: list[RunSpec]) -> None:
-        """Each run's command, one a line (for a scheduler); creates the folder the runs write
-        their --summary-json to, so that the commands work as printed."""
-        self.result_path("x").parent.mkdir(parents=True, exist_ok=True)
+        """Each run's command, one a line (for a scheduler)."""
         for spec in specs:
             print(shlex.join(self.command(spec)))
 
@@ -112,6 +105,7 @@ class Runner:
         log = self.log_path(spec.name)
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(spec)
+        self.summary_path(spec.name).unlink(missing_ok=True)  # only this process's outcome counts
         start = time.perf_counter()
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
@@ -134,22 +128,15 @@ class Runner:
         return self.collect(spec, None, log.read_text(errors="replace") if log.is_file() else "")
 
     def collect(self, spec: RunSpec, returncode: int | None, log_text: str = "") -> dict:
-        """The result of a run from what it left; ``returncode`` None: not run by this process (a
-        cluster job), so a run without a summary or a divergence report is still "incomplete"."""
+        """The run's summary, with what the study varied; ``returncode`` None: not run by this
+        process (a cluster job), so a run without a summary is still "incomplete"."""
         summary = self.summary_path(spec.name)
-        run_dir = self.run_dir(spec.name)
-        if returncode in (0, None) and summary.is_file():
+        if summary.is_file():
             result = json.loads(summary.read_text())
+        elif returncode is None:
+            result = {"status": "incomplete"}
         else:
-            result = from_run_folder(run_dir, log_text)
-            report = run_dir / "divergence_report.json"
-            if report.is_file() or "DivergenceStop" in log_text:
-                result["status"] = "diverged"
-            elif returncode is None:
-                result["status"] = "incomplete"
-            else:
-                result["status"] = "crashed"
-                result["log_tail"] = log_text.strip().splitlines()[-15:]
+            result = {"status": "crashed", "log_tail": log_text.strip().splitlines()[-15:]}
         result.update(
             name=spec.name,
             study=spec.meta,
@@ -202,46 +189,6 @@ def make_runner(args: argparse.Namespace, config: str | None) -> Runner | None:
     if args.master_port:
         runner.env["MASTER_PORT"] = str(args.master_port)
     return runner
-
-
-def from_run_folder(run_dir: Path, log_text: str = "") -> dict:
-    """Steps, event counts, rollbacks and skipped steps of a run that ended without a summary.
-
-    The guard's report (written when it stops a run) has steps, rollbacks and event counts; without
-    it (e.g. a rollback that found no good checkpoint left) they come from events.jsonl (one row per
-    event), metrics.jsonl (guard/* counters at log steps) and the log's rollback lines. A step is
-    skipped exactly when it raised a non-finite event, which bounds skipped steps from below where
-    the last log row is older than the stop.
-    """
-    events = read_jsonl(run_dir / "events.jsonl")
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    counters = {
-        key: max((r[key] for r in rows if isinstance(r.get(key), int | float)), default=0)
-        for key in ("guard/rollbacks", "guard/skipped")
-    }
-    steps = max([r.get("step", 0) for r in rows + events] or [0])
-    skipped_from_events = len({e["step"] for e in events if e.get("kind") in NON_FINITE})
-    result = {
-        "final_val_bpd": None,
-        "steps": int(steps),
-        "skipped_steps": int(max(counters["guard/skipped"], skipped_from_events)),
-        "rollbacks": int(max(counters["guard/rollbacks"], log_text.count("guard: rolled back to"))),
-        "event_counts": dict(Counter(e["kind"] for e in events if "kind" in e)),
-        "run_dir": str(run_dir.resolve()),
-    }
-    report = run_dir / "divergence_report.json"
-    if report.is_file():
-        data = json.loads(report.read_text())
-        result.update(
-            steps=int(data["stopped_at_step"]),
-            rollbacks=int(data["rollbacks"]),
-            event_counts=dict(data["event_counts"]),
-        )
-    state = run_dir / "tracking" / "state.json"
-    if state.is_file():
-        data = json.loads(state.read_text())
-        result.update(tracking_uri=data.get("uri"), mlflow_run_id=data.get("run_id"))
-    return result
 
 
 def pipeline(args: list[str], log: Path, env: dict[str, str] | None = None) -> str:

@@ -96,7 +96,7 @@ QUICK = Setting(
     ),
 )
 # --config X: the config's own size, steps and data; the study adds arms, learning rates and seeds.
-TABULATED = ("finished", "diverged", "crashed")
+TABULATED = ("finished", "diverged", "failed", "crashed")
 FULL = Setting(config="", steps=None, resolution=None, lrs=CPU.lrs, seeds=CPU.seeds)
 
 RUN_COLUMNS = [
@@ -259,7 +259,7 @@ def aggregate(results: list[dict]) -> list[dict]:
                 "runs": len(runs),
                 "finished": status.count("finished"),
                 "diverged": status.count("diverged"),
-                "crashed": status.count("crashed"),
+                "crashed": status.count("crashed") + status.count("failed"),
                 "runs with events": sum(e > 0 for e in events),
                 "events": sum(events),
                 "rollbacks": sum(int(r.get("rollbacks", 0)) for r in runs),

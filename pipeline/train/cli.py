@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,26 +16,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 for a finished or preempted run, 3 for a diverged one; a failure raises. The run's
+    summary.json (written by the loop on every way out) is copied to --summary-json."""
     cfg = config_from_args(args)
     if cfg is None:
         return 2
     from pipeline import distributed as dist
-    from pipeline.train.guard import DivergenceStop
     from pipeline.train.loop import train
 
     try:
         summary = train(cfg)
-    except DivergenceStop as stop:
-        if dist.is_main() and args.summary_json:  # a diverged run is a result, not only a crash
-            diverged = {"status": "diverged", "reason": str(stop), "run_dir": str(cfg.run.dir)}
-            with open(args.summary_json, "w") as f:
-                json.dump(diverged, f, indent=1)
-        raise
-    if dist.is_main():
-        print_summary(summary)
-        if args.summary_json:
-            with open(args.summary_json, "w") as f:
-                json.dump(summary, f, indent=1)
+    finally:
+        written = cfg.run.dir / "summary.json"
+        if dist.is_main() and args.summary_json and written.is_file():
+            shutil.copyfile(written, args.summary_json)
+    if not dist.is_main():
+        return 0 if summary["status"] != "diverged" else 3
+    print_summary(summary)
+    if summary["status"] == "diverged":
+        print(
+            f"error: {summary['reason']}; the last events are in {written}. Lower train.lr, "
+            "raise train.warmup_steps, or use bounded blocks (model.*)",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -63,8 +67,8 @@ def print_summary(s: dict) -> None:
                 "=" * 72,
                 final_line(s),
                 f"run folder                : {s['run_dir']}",
-                f"samples                   : {s['samples']}",
-                f"last checkpoint           : {s['checkpoint']}",
+                f"samples                   : {s['samples'] or 'none'}",
+                f"last checkpoint           : {s['checkpoint'] or 'none'}",
                 f"MLflow store              : {uri}  (run {s['mlflow_run_id']})",
                 f"open the MLflow UI        : {mlflow_command()} ui --backend-store-uri {uri} --port 5000",
                 "=" * 72,

@@ -11,13 +11,11 @@ Policy (thresholds in cfg.guard, escalation in cfg.train):
     data stream moves on, so the batches that led to the divergence are not replayed. If events
     recur before a newer good checkpoint exists, the last target is marked bad (it may hold weights
     already damaged by a step whose loss was still finite) and the next older one is used;
-  - a rollback beyond ``max_rollbacks``: stop, writing divergence_report.json in the run folder.
+  - a rollback beyond ``max_rollbacks``: stop (``DivergenceStop``); the loop writes the run's
+    summary.json with status "diverged" and the last events.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 from pipeline import distributed as dist
 from pipeline.theory.config import GuardConfig
@@ -29,7 +27,12 @@ OK, ROLLBACK, STOP = "ok", "rollback", "stop"
 
 
 class DivergenceStop(RuntimeError):
-    """Raised (on every rank alike) when the guard has run out of rollbacks."""
+    """Raised (on every rank alike) when the guard has run out of rollbacks; ``events`` are the
+    last step's events, as dicts, for the run's summary."""
+
+    def __init__(self, message: str, events: list[dict] | None = None):
+        super().__init__(message)
+        self.events = events or []
 
 
 class Guard:
@@ -52,17 +55,3 @@ class Guard:
         if len(state.recent_events) < self.train.rollback_events:
             return events, OK
         return events, STOP if state.rollbacks >= self.train.max_rollbacks else ROLLBACK
-
-
-def write_report(run_dir: Path, state: TrainState, events: list[dict]) -> Path:
-    path = run_dir / "divergence_report.json"
-    report = {
-        "stopped_at_step": state.step,
-        "rollbacks": state.rollbacks,
-        "lr_scale": state.lr_scale,
-        "event_counts": state.event_counts,
-        "last_events": events[-20:],
-        "advice": "lower train.lr, raise train.warmup_steps, or use bounded blocks (model.*)",
-    }
-    path.write_text(json.dumps(report, indent=1))
-    return path

@@ -7,6 +7,7 @@ bottom.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -21,6 +22,7 @@ import torch
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
+from pipeline.track.journal import json_safe
 from pipeline.train import checkpoint
 from pipeline.train.build import (
     build_data,
@@ -32,7 +34,7 @@ from pipeline.train.build import (
     initialize_actnorm,
     run_params,
 )
-from pipeline.train.guard import ROLLBACK, STOP, DivergenceStop, Guard, write_report
+from pipeline.train.guard import ROLLBACK, STOP, DivergenceStop, Guard
 from pipeline.train.images import save_grid
 from pipeline.train.state import TrainState
 
@@ -72,11 +74,16 @@ class Run:
 
 
 def train(cfg: Config) -> dict:
+    """Train to ``cfg.train.steps``; every way out writes one summary.json (see ``finish``).
+
+    Returns the summary of a finished, preempted or diverged run; a failure (any other exception)
+    writes its summary and re-raises.
+    """
     dist.setup()
-    run = build_run(cfg)
-    state, train_cfg, sink = run.state, cfg.train, run.sink
-    status = "finished"
+    run = None
     try:
+        run = build_run(cfg)
+        state, train_cfg, sink = run.state, cfg.train, run.sink
         batches, meter = iter(run.loader), Throughput(cfg, state.step)
         while state.step < train_cfg.steps:
             metrics, preempted, x = train_step(run.engine, batches, cfg, state, run.preemption)
@@ -103,17 +110,19 @@ def train(cfg: Config) -> dict:
                     os.getpid(), signal.SIGKILL
                 )  # a crash right after a checkpoint: resume test
             if preempted:
-                status = "preempted"
                 say(
                     f"SIGTERM: checkpoint at step {state.step} saved; exiting so the job can be requeued"
                 )
-                break
-        return finish(run, status)
-    except BaseException:
-        sink.close(status="FAILED")
+                return finish(run, cfg, "preempted")
+        return finish(run, cfg, "finished")
+    except DivergenceStop as stop:  # every rank alike: a result of the run, not a crash
+        return finish(run, cfg, "diverged", reason=str(stop), last_events=stop.events)
+    except BaseException as error:
+        finish(run, cfg, "failed", reason=f"{type(error).__name__}: {error}")
         raise
     finally:
-        run.preemption.uninstall()
+        if run is not None:
+            run.preemption.uninstall()
 
 
 def build_run(cfg: Config) -> Run:
@@ -178,37 +187,57 @@ def guard_step(run: Run, metrics: dict) -> None:
         elif action == STOP:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
-        report = write_report(run.cfg.run.dir, run.state, [e.to_dict() for e in events])
-        raise DivergenceStop(f"{stop}; see {report}") from None
+        raise DivergenceStop(str(stop), [e.to_dict() for e in events]) from None
 
 
-def finish(run: Run, status: str) -> dict:
-    """Final validation and samples (unless preempted), the summary, and a clean tracking close."""
-    cfg, state, sink = run.cfg, run.state, run.sink
-    val_bpd = validate(run.engine, run.val_loader, cfg) if status == "finished" else None
-    if val_bpd is not None:
-        sink.log(state.step, {"val/bpd": val_bpd})
+def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
+    """The run's one outcome record, written on every way out as <run>/summary.json.
+
+    ``status``: finished (final validation and samples first), preempted (SIGTERM, checkpoint
+    saved), diverged (the guard ran out of rollbacks) or failed (an exception; ``run`` is None when
+    it came before the run was built). ``outcome`` adds ``reason`` and, for a divergence, the
+    ``last_events``. Only a finished or diverged run tears down the process group: after a failure
+    the other ranks may be waiting in a collective.
+    """
+    state = run.state if run is not None else TrainState()
+    val_bpd = None
+    if status == "finished":
+        val_bpd = validate(run.engine, run.val_loader, cfg)
+        run.sink.log(state.step, {"val/bpd": val_bpd})
         sample_grid(run, cfg.run.dir / "samples.png")
-    sink.log_artifact(cfg.run.dir / "config.yaml")
+    latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
+    samples = cfg.run.dir / "samples.png"
     summary = {
         "status": status,
+        **outcome,
         "final_val_bpd": val_bpd,
         "optimum_bpd": state.optimum_bpd,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "rollbacks": state.rollbacks,
+        "lr_scale": state.lr_scale,
         "event_counts": state.event_counts,
         "run_dir": str(cfg.run.dir.resolve()),
-        "samples": str((cfg.run.dir / "samples.png").resolve()),
-        "tracking_uri": sink.uri,
-        "mlflow_run_id": sink.run_id,
-        "checkpoint": str(checkpoint.find_latest(run.ckpt_root).resolve()),
+        "samples": str(samples.resolve()) if samples.is_file() else None,
+        "tracking_uri": run.sink.uri if run is not None else None,
+        "mlflow_run_id": run.sink.run_id if run is not None else None,
+        "checkpoint": str(latest.resolve()) if latest is not None else None,
     }
-    sink.log_summary(summary)
+    if run is None:
+        if dist.is_main():  # nothing to track with yet: the file alone
+            path = cfg.run.dir / "summary.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".summary.json.tmp")
+            tmp.write_text(json.dumps(json_safe(summary), indent=1) + "\n")
+            os.replace(tmp, path)
+        return summary
+    run.sink.log_artifact(cfg.run.dir / "config.yaml")
+    run.sink.log_summary(summary)
     if run.node_monitor is not None:
         run.node_monitor.finish()
-    sink.close(status="FINISHED" if status == "finished" else "KILLED")
-    dist.teardown()
+    run.sink.close(status={"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
+    if status in ("finished", "diverged"):
+        dist.teardown()
     return summary
 
 
