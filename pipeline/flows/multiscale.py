@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from pipeline.flows.base import FlowBlock, frozen, main_dtype, run_subnet
 from pipeline.flows.config import ModelConfig
 from pipeline.flows.conv1x1 import InvConv1x1LU, InvConv1x1SVD
 from pipeline.flows.coupling import Coupling
-from pipeline.flows.memory import run_steps
+from pipeline.flows.memory import MemoryMode, run_steps
 from pipeline.flows.residual import ResidualBlock
 
 LOG_2PI = math.log(2 * math.pi)
@@ -70,9 +71,13 @@ class Split(nn.Module):
         out = run_subnet(self.prior, h_keep)
         return out[:, : self.c_z], out[:, self.c_z :]
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (h_keep, z, log p(z | h_keep) [B])."""
+    def forward(
+        self, h: torch.Tensor, prior: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (h_keep, z, log p(z | h_keep) [B], or None without `prior`)."""
         h_keep, z = h[:, : self.c_keep], h[:, self.c_keep :]
+        if not prior:
+            return h_keep, z, None
         mean, log_std = self.mean_log_std(h_keep)
         eps = (z - mean) * torch.exp(-log_std)
         logp = -0.5 * (eps * eps + 2 * log_std + LOG_2PI).flatten(1).sum(1)
@@ -95,6 +100,17 @@ class Split(nn.Module):
         return torch.cat([h_keep, z], dim=1)
 
 
+class LevelOut(NamedTuple):
+    """What one level hands on: `h` to the next level (z_top after the last), the factored-out `z`
+    and log p(z | h) (None at the top level, or `logp` when the prior is not asked for), and one
+    log-det [B] per block (empty when log-dets are not asked for)."""
+
+    h: torch.Tensor
+    z: torch.Tensor | None
+    logp: torch.Tensor | None
+    logdets: list[torch.Tensor]
+
+
 class Level(nn.Module):
     """squeeze → flow steps → optional split. `steps` holds the blocks of all flow steps as one
     flat list (the state-dict layout); `flow_steps()` groups them back into flow steps."""
@@ -113,6 +129,48 @@ class Level(nn.Module):
             out.append(list(self.steps[start : start + size]))
             start += size
         return out
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        memory: MemoryMode = "store",
+        *,
+        logdet: bool = True,
+        prior: bool = True,
+        init: bool = False,
+    ) -> LevelOut:
+        """The one walk through a level that every x -> z direction of the model uses.
+
+        With `logdet`, the blocks run as `memory` says (flows/memory.py) and return their log-dets;
+        without, each block's `transform` (no costly log-det). `prior`: evaluate log p(z | h).
+        `init`: initialise each ActNorm from the batch reaching it first (data init)."""
+        h = squeeze(h)
+        logdets: list[torch.Tensor] = []
+        if logdet and not init:
+            h, logdets = run_steps(self.flow_steps(), h, memory)
+        else:
+            for block in self.steps:
+                if init and isinstance(block, ActNorm):
+                    block.initialize(h)
+                h = block.transform(h)
+        if self.split is None:
+            return LevelOut(h, None, None, logdets)
+        h_keep, z, logp = self.split(h, prior)
+        return LevelOut(h_keep, z, logp, logdets)
+
+    def inverse(
+        self,
+        h: torch.Tensor,
+        z: torch.Tensor | None,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The inverse walk: re-attach (or draw) z, invert the blocks, unsqueeze."""
+        if self.split is not None:
+            h = self.split.inverse(h, z, temperature, generator)
+        for block in reversed(self.steps):
+            h = block.inverse(h)
+        return unsqueeze(h)
 
 
 class MultiScaleFlow(nn.Module):
@@ -154,24 +212,11 @@ class MultiScaleFlow(nn.Module):
         """-> {log_prob, logpz, logdet, bpd: [B]; logdet_levels: [L, B]} in float32 (float64 for
         float64 x); with per_block, also logdet_blocks: [n_blocks, B] in the order of `blocks()`.
         The backward pass gets its activations as `self.memory` says (pipeline/flows/memory.py)."""
-        h = x.to(main_dtype(x))
-        batch = h.shape[0]
-        logpz = h.new_zeros(batch)
-        logdet_levels, logdet_blocks = [], []
-        for level in self.levels:
-            h = squeeze(h)
-            logdet = h.new_zeros(batch)
-            h, block_logdets = run_steps(level.flow_steps(), h, self.memory)
-            for block_logdet in block_logdets:
-                logdet = logdet + block_logdet
-                if per_block:
-                    logdet_blocks.append(block_logdet)
-            if level.split is not None:
-                h, _, logp = level.split(h)
-                logpz = logpz + logp
-            logdet_levels.append(logdet)
-        logpz = logpz + standard_normal_logp(h)
-        logdet_levels = torch.stack(logdet_levels)
+        outs = self._walk(x, self.memory)
+        z_top = outs[-1].h
+        zero = z_top.new_zeros(z_top.shape[0])
+        logpz = sum((out.logp for out in outs[:-1]), zero) + standard_normal_logp(z_top)
+        logdet_levels = torch.stack([sum(out.logdets, zero) for out in outs])
         logdet = logdet_levels.sum(0)
         log_prob = logpz + logdet
         out = {
@@ -182,10 +227,17 @@ class MultiScaleFlow(nn.Module):
             "bpd": -log_prob / (self.dims * math.log(2)) + self.n_bits,
         }
         if per_block:
-            out["logdet_blocks"] = (
-                torch.stack(logdet_blocks) if logdet_blocks else h.new_zeros(0, batch)
-            )
+            blocks = [logdet for out in outs for logdet in out.logdets]
+            out["logdet_blocks"] = torch.stack(blocks) if blocks else z_top.new_zeros(0, len(zero))
         return out
+
+    def _walk(self, x: torch.Tensor, memory: MemoryMode = "store", **kwargs) -> list[LevelOut]:
+        """x through every level (Level.forward, with `kwargs`), in the main-path dtype."""
+        outs, h = [], x.to(main_dtype(x))
+        for level in self.levels:
+            outs.append(level(h, memory, **kwargs))
+            h = outs[-1].h
+        return outs
 
     def logdet_per_block(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{block name: log|det J| [B]} for diagnostics (the log-det balance, DESIGN §3.5 (4))."""
@@ -195,19 +247,9 @@ class MultiScaleFlow(nn.Module):
     # ----- bijection ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x -> ([z_0, ..., z_top], log|det J| [B]); z_l: the factored-out parts, level by level."""
-        h = x.to(main_dtype(x))
-        zs = []
-        logdet = h.new_zeros(h.shape[0])
-        for level in self.levels:
-            h = squeeze(h)
-            for block in level.steps:
-                h, block_logdet = block(h)
-                logdet = logdet + block_logdet
-            if level.split is not None:
-                h, z, _ = level.split(h)
-                zs.append(z)
-        zs.append(h)
-        return zs, logdet
+        outs = self._walk(x, prior=False)
+        logdet = sum((d for out in outs for d in out.logdets), outs[-1].h.new_zeros(len(x)))
+        return [out.z for out in outs[:-1]] + [outs[-1].h], logdet
 
     def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
         """[z_0, ..., z_top] -> x, the inverse of encode (residual blocks: to their tolerance)."""
@@ -227,29 +269,15 @@ class MultiScaleFlow(nn.Module):
         """Invert level by level from the top; a split with no given z draws it from its prior."""
         with frozen(self):
             for index in reversed(range(len(self.levels))):
-                level = self.levels[index]
-                if level.split is not None:
-                    z = zs[index] if zs is not None else None
-                    h = level.split.inverse(h, z, temperature, generator)
-                for block in reversed(level.steps):
-                    h = block.inverse(h)
-                h = unsqueeze(h)
+                z = zs[index] if zs is not None and index < len(zs) else None
+                h = self.levels[index].inverse(h, z, temperature, generator)
         return h
 
     def flat_latent(self, x: torch.Tensor) -> torch.Tensor:
         """x -> z as one [B, D] tensor (the map f whose Jacobian the bounds certify), without
         log-dets: for Jacobian-vector products and Lipschitz estimates."""
-        h = x.to(main_dtype(x))
-        zs = []
-        for level in self.levels:
-            h = squeeze(h)
-            for block in level.steps:
-                h = block.transform(h)
-            if level.split is not None:
-                zs.append(h[:, level.split.c_keep :].flatten(1))
-                h = h[:, : level.split.c_keep]
-        zs.append(h.flatten(1))
-        return torch.cat(zs, dim=1)
+        outs = self._walk(x, logdet=False, prior=False)
+        return torch.cat([out.z.flatten(1) for out in outs[:-1]] + [outs[-1].h.flatten(1)], dim=1)
 
     def unflatten_latent(self, z: torch.Tensor) -> list[torch.Tensor]:
         """[B, D] -> [z_0, ..., z_top], the inverse of the concatenation in `flat_latent`."""
@@ -282,15 +310,7 @@ class MultiScaleFlow(nn.Module):
         iterations frozen), so all ranks given the same x get identical parameters, and calling it
         again with the same x reproduces the same parameters."""
         with frozen(self):
-            h = x.to(main_dtype(x))
-            for level in self.levels:
-                h = squeeze(h)
-                for block in level.steps:
-                    if isinstance(block, ActNorm):
-                        block.initialize(h)
-                    h = block.transform(h)
-                if level.split is not None:
-                    h = h[:, : level.split.c_keep]
+            self._walk(x, init=True, prior=False)
 
     @property
     def initialized(self) -> bool:
