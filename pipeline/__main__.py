@@ -1,8 +1,8 @@
 """`python -m pipeline <command>`: the one entry point.
 
-Each command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their command runs, so ``--help`` stays fast and a command never pays for another's
-imports (deepspeed, mlflow).
+Each command lives in its own module under pipeline/commands with ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so ``--help`` stays fast and
+a command never pays for another's imports (deepspeed, mlflow).
 """
 
 from __future__ import annotations
@@ -14,19 +14,34 @@ import sys
 
 # name -> (module, one-line help). Later parts add their commands here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("pipeline.train.cli", "train a flow (plain process, deepspeed launcher or torchrun)"),
-    "sample": ("pipeline.train.sample", "sample a grid of images from a checkpoint"),
-    "evaluate": ("pipeline.train.evaluate", "validation bits/dim of a checkpoint on shards"),
-    "export": ("pipeline.train.export", "checkpoint -> plain state dict + config (no DeepSpeed)"),
-    "synth": ("pipeline.data.synth", "write a folder of procedural face-like images"),
-    "shards": ("pipeline.data.shards", "image folder -> WebDataset tar shards per resolution"),
-    "model": ("pipeline.flows.cli", "print a model summary: parameters, levels, blocks, bounds"),
-    "optimum": ("pipeline.theory.cli", "closed-form likelihood optimum of linear flows on shards"),
-    "bench": ("pipeline.bench", "benchmarks that print JSON (data, train, scaling)"),
-    "compare": ("pipeline.track.compare", "table and plots comparing MLflow runs"),
-    "study": ("pipeline.study.cli", "reproduce the paper's claims: stability and optimum studies"),
+    "train": (
+        "pipeline.commands.train",
+        "train a flow (plain process, deepspeed launcher or torchrun)",
+    ),
+    "sample": ("pipeline.commands.sample", "sample a grid of images from a checkpoint"),
+    "evaluate": ("pipeline.commands.evaluate", "validation bits/dim of a checkpoint on shards"),
+    "export": (
+        "pipeline.commands.export",
+        "checkpoint -> plain state dict + config (no DeepSpeed)",
+    ),
+    "synth": ("pipeline.commands.synth", "write a folder of procedural face-like images"),
+    "shards": ("pipeline.commands.shards", "image folder -> WebDataset tar shards per resolution"),
+    "model": (
+        "pipeline.commands.model",
+        "print a model summary: parameters, levels, blocks, bounds",
+    ),
+    "optimum": (
+        "pipeline.commands.optimum",
+        "closed-form likelihood optimum of linear flows on shards",
+    ),
+    "bench": ("pipeline.commands.bench", "benchmarks that print JSON (data, train, scaling)"),
+    "compare": ("pipeline.commands.compare", "table and plots comparing MLflow runs"),
+    "study": (
+        "pipeline.commands.study",
+        "reproduce the paper's claims: stability and optimum studies",
+    ),
     "config": (
-        "pipeline.config_cli",
+        "pipeline.commands.config",
         "print the resolved config tree (defaults < YAML < overrides)",
     ),
 }

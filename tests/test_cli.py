@@ -63,7 +63,7 @@ def test_a_rank_dying_in_native_code_leaves_its_python_stack(tmp_path):
     proc.send_signal(signal.SIGABRT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGABRT
-    assert "Fatal Python error: Aborted" in err and "pipeline/data/synth.py" in err, err[-2000:]
+    assert "Fatal Python error: Aborted" in err and "pipeline/commands/synth.py" in err, err[-2000:]
 
 
 def test_dockerfile_is_hadolint_clean():

@@ -447,7 +447,7 @@ def test_resume_refuses_a_different_layout(even_set):
 def test_bench_data_prints_rates_and_ratios(capsys):
     import runpy
 
-    from pipeline.bench import BENCH_DIR
+    from pipeline.commands.bench import BENCH_DIR
 
     bench = runpy.run_path(str(BENCH_DIR / "data.py"))
     args = ["--n", "64", "--resolution", "16", "--batch-size", "8", "--epochs", "1", "--rounds", "1"]

@@ -1,4 +1,4 @@
-"""`python -m pipeline shards`: an image folder (CelebA-HQ as distributed) -> WebDataset tar shards.
+"""An image folder (CelebA-HQ as distributed) -> WebDataset tar shards (`python -m pipeline shards`).
 
 Output: ``<out>/<res>/{train,val}-%06d.tar`` + ``<out>/<res>/manifest.json`` per ``--resolution``.
 Each sample is ``<key>.png``: centre crop to the largest square, Lanczos downscale, lossless PNG.
@@ -23,7 +23,6 @@ corrupt or truncated, smaller than the resolution, duplicate key) are skipped, c
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -60,58 +59,8 @@ MIN_VAL_SHARDS = (
 PRINTED_SKIPS = 20
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--src", required=True, help="image folder (searched recursively)")
-    p.add_argument("--out", required=True, help="output root; shards go to <out>/<resolution>/")
-    p.add_argument(
-        "--resolution",
-        type=int,
-        action="append",
-        required=True,
-        help="output side length; repeat for several (e.g. --resolution 64 --resolution 256)",
-    )
-    split = p.add_mutually_exclusive_group()
-    split.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="fraction of keys sent to val by a hash of the key (default 0.1)",
-    )
-    split.add_argument(
-        "--val-list",
-        help="file with one name per line (relative path, with or "
-        "without suffix, or bare file name) that form val",
-    )
-    p.add_argument("--shard-size", type=int, default=256, help="train samples per shard")
-    p.add_argument(
-        "--val-shard-size",
-        type=int,
-        default=0,
-        help=f"val samples per shard; 0 = fewer when needed to give val {MIN_VAL_SHARDS} shards",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="decode/resize processes (default: all cores)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the write order (shuffles shards' contents; not the split)",
-    )
-    p.add_argument("--force", action="store_true", help="rewrite even if the manifests are current")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 class UsageError(ValueError):
-    """Bad arguments; ``run`` prints the message and returns 2."""
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    """Bad arguments or an input with nothing to shard; the command prints the message and exits 2."""
 
 
 def sample_key(rel: str) -> str:
@@ -136,11 +85,13 @@ def scan(src: Path, exclude: Path) -> tuple[list[str], list[dict[str, str]]]:
     return found, skipped
 
 
-def split_rule(args: argparse.Namespace, rels: list[str]) -> tuple[dict[str, str], str, Any]:
+def split_rule(
+    rels: list[str], val_fraction: float, val_list: str | None
+) -> tuple[dict[str, str], str, Any]:
     """key -> "train" | "val", the rule in words, and its identity for the fingerprint."""
     keys = {rel: sample_key(rel) for rel in rels}
-    if args.val_list:
-        path = Path(args.val_list)
+    if val_list:
+        path = Path(val_list)
         if not path.is_file():
             raise UsageError(f"--val-list {path} does not exist")
         names = {ln.strip() for ln in path.read_text().splitlines() if ln.strip()}
@@ -155,7 +106,7 @@ def split_rule(args: argparse.Namespace, rels: list[str]) -> tuple[dict[str, str
             print(f"warning: {missing} names in {path} match no image", file=sys.stderr)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         return split, f"val = names listed in {path.name} (sha256 {digest[:16]})", ["list", digest]
-    f = args.val_fraction
+    f = val_fraction
     if not 0.0 <= f < 1.0:
         raise UsageError(f"--val-fraction {f} must be in [0, 1)")
     split = {key: "val" if mix("split", key) / 2**64 < f else "train" for key in keys.values()}
@@ -188,23 +139,41 @@ def converted_stream(tasks: list, workers: int) -> Iterable:
         yield from pool.imap(convert, tasks, chunksize=4)
 
 
-def run(args: argparse.Namespace) -> int:
-    src, out = Path(args.src), Path(args.out)
+def write_shards(
+    src: Path,
+    out: Path,
+    resolution: Iterable[int],
+    *,
+    val_fraction: float = 0.1,
+    val_list: str | None = None,
+    shard_size: int = 256,
+    val_shard_size: int = 0,
+    workers: int = 1,
+    seed: int = 0,
+    force: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Shard the images under ``src`` into ``<out>/<res>/`` for each resolution (module docstring).
+
+    Raises UsageError for bad arguments and for an input with no usable image; the names of the
+    arguments are those of the ``shards`` command's options, which the messages quote.
+    """
+    src, out = Path(src), Path(out)
     if not src.is_dir():
         what = "is a file, not a folder" if src.exists() else "does not exist"
-        return fail(
+        raise UsageError(
             f"--src {src} {what}; give the folder holding the images "
             f"(e.g. .../CelebA-HQ-img or .../data1024x1024)"
         )
-    resolutions = tuple(sorted(set(args.resolution)))
+    resolutions = tuple(sorted(set(resolution)))
     if min(resolutions) < 8:
-        return fail(f"--resolution must be >= 8, got {min(resolutions)}")
-    if args.shard_size < 1 or args.val_shard_size < 0 or args.workers < 0:
-        return fail("--shard-size must be >= 1, --val-shard-size and --workers >= 0")
+        raise UsageError(f"--resolution must be >= 8, got {min(resolutions)}")
+    if shard_size < 1 or val_shard_size < 0 or workers < 0:
+        raise UsageError("--shard-size must be >= 1, --val-shard-size and --workers >= 0")
 
     rels, skipped_files = scan(src, out.resolve())
     if not rels:
-        return fail(f"no images under {src} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UsageError(f"no images under {src} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     first_rel: dict[str, str] = {}
     for rel in rels:  # the same key from a.jpg and a.png: keep the first, skip the other
         key = sample_key(rel)
@@ -215,35 +184,28 @@ def run(args: argparse.Namespace) -> int:
         else:
             first_rel[key] = rel
     rels = sorted(first_rel.values())
-    try:
-        split, rule, rule_id = split_rule(args, rels)
-    except UsageError as e:
-        return fail(str(e))
+    split, rule, rule_id = split_rule(rels, val_fraction, val_list)
     n_val = sum(1 for v in split.values() if v == "val")
-    val_size = args.val_shard_size or min(
-        args.shard_size, max(1, math.ceil(n_val / MIN_VAL_SHARDS))
-    )
+    val_size = val_shard_size or min(shard_size, max(1, math.ceil(n_val / MIN_VAL_SHARDS)))
 
     stats = [[rel, os.stat(src / rel).st_size, os.stat(src / rel).st_mtime_ns] for rel in rels]
     fingerprint = hashlib.sha256(
-        json.dumps(
-            [VERSION, stats, resolutions, rule_id, args.shard_size, val_size, args.seed]
-        ).encode()
+        json.dumps([VERSION, stats, resolutions, rule_id, shard_size, val_size, seed]).encode()
     ).hexdigest()
     dirs = {res: out / str(res) for res in resolutions}
-    if not args.force and all(current(d, fingerprint) for d in dirs.values()):
+    if not force and all(current(d, fingerprint) for d in dirs.values()):
         print(
             f"shards in {out} are up to date ({', '.join(map(str, resolutions))}); --force rewrites"
         )
-        return 0
+        return
 
-    order = sorted(rels, key=lambda rel: mix("order", args.seed, sample_key(rel)))
+    order = sorted(rels, key=lambda rel: mix("order", seed, sample_key(rel)))
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
         clean_folder(d)
     writers = {
         res: {
-            "train": SplitWriter(d, "train", args.shard_size),
+            "train": SplitWriter(d, "train", shard_size),
             "val": SplitWriter(d, "val", val_size),
         }
         for res, d in dirs.items()
@@ -252,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
     per_res_files: dict[int, list[dict[str, str]]] = {res: [] for res in resolutions}
     converted: Counter[str] = Counter()
     tasks = [(str(src / rel), resolutions) for rel in order]
-    bar = tqdm(total=len(tasks), unit="img", desc="shards", disable=args.quiet, file=sys.stderr)
-    for rel, (pngs, notes, reason, detail) in zip(order, converted_stream(tasks, args.workers)):
+    bar = tqdm(total=len(tasks), unit="img", desc="shards", disable=quiet, file=sys.stderr)
+    for rel, (pngs, notes, reason, detail) in zip(order, converted_stream(tasks, workers)):
         bar.update()
         key = sample_key(rel)
         converted.update(notes)
@@ -283,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
                 "counts": counts,
                 "source": {"kind": "folder", "path": str(src.resolve()), "files": len(rels)},
                 "split_rule": rule,
-                "write_order": f"blake2b64(('order', {args.seed}, key))",
+                "write_order": f"blake2b64(('order', {seed}, key))",
                 "skipped": dict(sorted(skipped[res].items())),
                 "skipped_files": skipped_files + per_res_files[res],
                 "converted": dict(sorted(converted.items())),
@@ -297,8 +259,7 @@ def run(args: argparse.Namespace) -> int:
         )
     report_skips(skipped_files, per_res_files, skipped, converted)
     if written == 0:
-        return fail(f"every image under {src} was skipped; see the reasons above")
-    return 0
+        raise UsageError(f"every image under {src} was skipped; see the reasons above")
 
 
 def current(d: Path, fingerprint: str) -> bool:

@@ -1,4 +1,4 @@
-"""`python -m pipeline synth`: procedural, face-like images, so demos and tests need no real data.
+"""Procedural, face-like images, so demos and tests need no real data (`python -m pipeline synth`).
 
 Each image is a pure function of (seed, index): background gradient, shoulders, neck, ears, hair, a
 face oval with a jaw and side shading, eyes with iris and pupil, brows, a nose shadow and a mouth,
@@ -9,10 +9,7 @@ numbers. Drawing is vectorised numpy on a 2× supersampled grid (box-filtered do
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -109,27 +106,3 @@ def make_face(resolution: int, seed: int, index: int) -> np.ndarray:
     img = img.reshape(resolution, ss, resolution, ss, 3).mean(axis=(1, 3))
     img += rng.normal(0, 2.0, img.shape)  # sensor-like noise so no two pixels are exactly flat
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder to write <index>.png files into")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--resolution", type=int, default=64, help="side length in pixels")
-    p.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i) only")
-
-
-def run(args: argparse.Namespace) -> int:
-    from pipeline.data.images import encode_png
-
-    if args.n < 1 or args.resolution < 8:
-        print("error: need --n >= 1 and --resolution >= 8", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(args.n):
-        path = out / f"{i:06d}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(encode_png(make_face(args.resolution, args.seed, i)))
-        tmp.replace(path)
-    print(f"wrote {args.n} faces of {args.resolution}² to {out}")
-    return 0

@@ -1,12 +1,4 @@
-"""`python -m pipeline compare`: a table and plots comparing MLflow runs.
-
-    python -m pipeline compare --out cmp                          # experiment "lipflow" in runs/mlflow.db
-    python -m pipeline compare --experiment celebahq-256 --out cmp
-    python -m pipeline compare RUN_ID RUN_ID --tracking-uri http://host:5000 --out cmp
-
-The store is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the training default: the SQLite
-file ``<--run-root>/mlflow.db`` (``--run-root`` defaults to runs). The same store in a browser:
-``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``.
+"""Compare MLflow runs: a table and plots (the `compare` command, pipeline/commands/compare.py).
 
 One row per run: name, short id, status, the params that differ between the runs (equal ones are
 left out), steps, final train/bpd, best val/bpd, the optimum reference and the last gap to it, the
@@ -19,43 +11,15 @@ is skipped (and said so); a run without diagnostics still gets its bpd curves.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.track.config import TrackingConfig
-
 LEVEL = re.compile(r"balance/level(\d+)/logdet$")
 GRAD_LEVEL = re.compile(r"optim/grad_norm/level(\d+)$")
 MARKERS = "vX^sDP*ho<>"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to compare (full MLflow ids)")
-    p.add_argument(
-        "--experiment",
-        help=f"every active run of this experiment (default when no RUN_ID: "
-        f"{TrackingConfig.experiment!r})",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: $MLFLOW_TRACKING_URI, then sqlite:///<run root>/mlflow.db)",
-    )
-    p.add_argument("--run-root", default="runs", help="where training put mlflow.db (default runs)")
-    p.add_argument("--out", required=True, help="folder for compare.csv, compare.md and the plots")
-    p.add_argument(
-        "--bpd-max",
-        type=float,
-        help="top of the bpd plot's y-axis (default: the highest first logged bpd plus half the "
-        "way down to the lowest, so divergence spikes do not flatten the curves; points above "
-        "are drawn as triangles on the edge)",
-    )
 
 
 @dataclass
@@ -73,50 +37,6 @@ class Run:
 
     def label(self) -> str:
         return f"{self.name} ({self.run_id[:8]})"
-
-
-def run(args: argparse.Namespace) -> int:
-    uri = resolve_uri(args)
-    if uri is None:
-        print(
-            f"error: no MLflow store: give --tracking-uri, set MLFLOW_TRACKING_URI, or point "
-            f"--run-root at a folder with mlflow.db (looked for {Path(args.run_root) / 'mlflow.db'})",
-            file=sys.stderr,
-        )
-        return 2
-    if args.run_ids and args.experiment:
-        print("error: give RUN_IDs or --experiment, not both", file=sys.stderr)
-        return 2
-    try:
-        runs = load_runs(uri, args.run_ids, args.experiment or TrackingConfig.experiment)
-    except LookupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    columns, rows = table(runs)
-    markdown = to_markdown(columns, rows)
-    (out / "compare.md").write_text(markdown)
-    with open(out / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"{len(runs)} runs from {uri}\n")
-    print(markdown)
-    written, skipped = plot_all(runs, out, bpd_max=args.bpd_max)
-    print(f"wrote {out / 'compare.csv'}, {out / 'compare.md'}" + "".join(f", {p}" for p in written))
-    for name, why in skipped:
-        print(f"skipped {name}: {why}")
-    return 0
-
-
-def resolve_uri(args: argparse.Namespace) -> str | None:
-    if args.tracking_uri:
-        return args.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path(args.run_root) / "mlflow.db"
-    return f"sqlite:///{db.resolve()}" if db.is_file() else None
 
 
 def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
