@@ -26,6 +26,7 @@ import yaml
 
 from pipeline.data.config import DataConfig
 from pipeline.flows.config import ModelConfig
+from pipeline.io import atomic_write_text
 from pipeline.theory.config import GuardConfig
 from pipeline.track.config import TrackingConfig
 from pipeline.train.config import FaultConfig, TrainConfig
@@ -230,8 +231,4 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved tree as YAML (readable, and loadable again with --config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))

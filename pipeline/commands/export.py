@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from pipeline.config import to_dict
+from pipeline.io import atomic_path
 from pipeline.train.inference import load_model
 
 
@@ -27,10 +27,8 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, folder = load_model(args.checkpoint)
     step = json.loads((folder / "trainstate.json").read_text())["step"]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "config": to_dict(cfg), "step": step}, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": model.state_dict(), "config": to_dict(cfg), "step": step}, tmp)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n:,} parameters, step {step}) from {folder}")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.data.images import encode_png
 from pipeline.data.synth import make_face
+from pipeline.io import atomic_write_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,9 +28,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(args.n):
-        path = out / f"{i:06d}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(encode_png(make_face(args.resolution, args.seed, i)))
-        tmp.replace(path)
+        atomic_write_bytes(
+            out / f"{i:06d}.png", encode_png(make_face(args.resolution, args.seed, i))
+        )
     print(f"wrote {args.n} faces of {args.resolution}² to {out}")
     return 0

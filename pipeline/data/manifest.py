@@ -15,6 +15,8 @@ from typing import Any
 
 import webdataset as wds
 
+from pipeline.io import atomic_write_text
+
 FORMAT = "lipflow-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -22,12 +24,6 @@ SPLITS = ("train", "val")
 
 class ShardError(ValueError):
     """A shard set that cannot be used as asked; the message names the path and what to do."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:
@@ -95,7 +91,7 @@ def clean_folder(out_dir: Path) -> None:
 
 def finish_folder(out_dir: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, then remove shards of an earlier, larger set that it does not list."""
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     listed = {r["name"] for split in SPLITS for r in manifest["shards"][split]}
     for split in SPLITS:
         for old in out_dir.glob(f"{split}-*.tar"):

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.io import atomic_write_text
 from pipeline.track import system
 from pipeline.track.config import TrackingConfig
 from pipeline.track.journal import count_lines, file_size, open_journal, read_lines
@@ -84,9 +85,7 @@ class State:
         return saved
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
 
 def limit_http_retries(cfg: TrackingConfig) -> None:

@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline.io import atomic_write_text
 from pipeline.track.config import TrackingConfig
 from pipeline.track.journal import json_safe, open_journal
 
@@ -152,7 +153,7 @@ class MetricsSink:
         if not self.is_main:
             return None
         path = self.run_dir / "summary.json"
-        path.write_text(json.dumps(json_safe(summary), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(json_safe(summary), indent=1) + "\n")
         self.log_artifact(path)
         scalars = {
             f"summary.{k}": v

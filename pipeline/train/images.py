@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pipeline.io import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -28,9 +29,6 @@ def save_grid(x: torch.Tensor, path: str | Path, pad: int = 2) -> Path:
         r, q = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[top : top + h, left : left + w] = img
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    return Path(path)
