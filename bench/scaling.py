@@ -186,6 +186,7 @@ def worker(args) -> None:
     from pipeline import distributed as dist
     from pipeline.config import load_config
     from pipeline.train.build import build_model, build_optimizer
+    from pipeline.train.state import TrainState
 
     torch.set_num_threads(1)
     dist.setup()
@@ -196,7 +197,7 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(dist.rank())
     x = (torch.randint(0, n, (cfg.train.micro_batch, 3, r, r), generator=g) + 0.5) / n - 0.5
     model.data_init(x)
-    optimizer, scheduler, _ = build_optimizer(model, cfg.train, cfg.faults)
+    optimizer, scheduler = build_optimizer(model, cfg.train, cfg.faults, TrainState())
     engine, _, _ = dist.build_engine(model, optimizer, scheduler, cfg.train)
     reduce, spent = engine.allreduce_gradients, [0.0]
 

@@ -183,3 +183,10 @@ def test_exact_resume_after_sigkill_two_ranks(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bitwise
     a, b = bpd_by_step(tmp_path, "straight"), bpd_by_step(tmp_path, "crash")
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # same batches, same order
+
+
+def test_step_of_inverts_tag_for(tmp_path):
+    for step in (0, 7, 123456):
+        assert checkpoint.step_of(tmp_path / checkpoint.tag_for(step)) == step
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        checkpoint.step_of(tmp_path / "latest")

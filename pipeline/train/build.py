@@ -7,6 +7,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,8 +23,13 @@ from pipeline.train.config import FaultConfig, TrainConfig
 from pipeline.train.state import TrainState
 
 
-def build_data(cfg: Config):
-    """(shards dir, infinite train loader of this rank, finite val loader of this rank)."""
+class Data(NamedTuple):
+    shards: Path  # the resolution's shard folder
+    train: Any  # this rank's infinite, exactly resumable train stream
+    val: Any  # this rank's finite share of the val split
+
+
+def build_data(cfg: Config) -> Data:
     if cfg.data.source == "synthetic" and dist.is_main():
         prepare_synthetic(cfg.data)  # writes once, atomically; the others wait at the barrier
     dist.barrier()
@@ -31,7 +37,7 @@ def build_data(cfg: Config):
     rank, world = dist.rank(), dist.world_size()
     train = build_loader(cfg.data, shards, "train", cfg.train.micro_batch, rank, world)
     val = build_loader(cfg.data, shards, "val", cfg.train.micro_batch, rank, world)
-    return shards, train, val
+    return Data(shards, train, val)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
@@ -89,18 +95,19 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, faults: FaultConfig):
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, faults: FaultConfig, state: TrainState
+):
     """Plain torch AdamW (DeepSpeed's fused optimizers need a compiler step on CPU) + LR schedule.
 
-    lr(step) = lr · scale · warm-up/cosine(step), where ``scale`` (in the returned control dict) is
-    the product of the guard's rollback cuts.
+    lr(step) = lr · state.lr_scale · warm-up/cosine(step): ``lr_scale`` is the product of the guard's
+    rollback cuts, kept in the TrainState so that a checkpoint carries it.
     """
     optimizer = SkippableAdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    control = {"scale": 1.0}
 
     def factor(step: int) -> float:
         spike = faults.lr_spike_step - 1 <= step < faults.lr_spike_step - 1 + faults.lr_spike_steps
-        scale = control["scale"] * (faults.lr_spike_factor if spike else 1.0)
+        scale = state.lr_scale * (faults.lr_spike_factor if spike else 1.0)
         if train.warmup_steps and step < train.warmup_steps:
             return scale * (step + 1) / train.warmup_steps
         if train.lr_decay == "none":
@@ -110,7 +117,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, faults: FaultCon
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return scale * (train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine)
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), control
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_optimum(cfg: Config, shards: Path) -> float | None:

@@ -30,6 +30,14 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder holds: the inverse of ``tag_for``."""
+    name = Path(folder).name
+    if not (name.startswith("step") and name[4:].isdigit()):
+        raise ValueError(f"{folder} is not a checkpoint folder (expected {tag_for(0)}-style names)")
+    return int(name[4:])
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -106,10 +114,14 @@ def load_engine(engine, folder: Path) -> None:
         )
 
 
-def load(engine, folder: Path) -> tuple[TrainState, dict]:
-    """Restore engine, optimizer, scheduler and this rank's RNG; return (TrainState, data position)."""
+def read_state(folder: Path) -> TrainState:
+    """The TrainState a checkpoint holds (a plain file: readable before the engine exists)."""
+    return TrainState(**json.loads((folder / "trainstate.json").read_text()))
+
+
+def load(engine, folder: Path) -> dict:
+    """Restore engine, optimizer, scheduler and this rank's RNG; return this rank's data position."""
     load_engine(engine, folder)
-    state = TrainState(**json.loads((folder / "trainstate.json").read_text()))
     rng_file = folder / f"rng-rank{dist.rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
@@ -121,7 +133,7 @@ def load(engine, folder: Path) -> tuple[TrainState, dict]:
             f"{position_file} is missing: this checkpoint was written by a run with fewer ranks; "
             "resume with the same number of ranks"
         )
-    return state, json.loads(position_file.read_text())
+    return json.loads(position_file.read_text())
 
 
 def _as_tuples(x):

@@ -25,6 +25,8 @@ from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
 from pipeline.track.journal import json_safe
 from pipeline.train import checkpoint
 from pipeline.train.build import (
+    Data,
+    SkippableAdamW,
     build_data,
     build_model,
     build_node_monitor,
@@ -45,15 +47,14 @@ class Run:
 
     cfg: Config
     engine: Any
+    optimizer: SkippableAdamW  # ours, not DeepSpeed's wrapper: the guard cancels its next step
     model: torch.nn.Module
     loader: Any
     val_loader: Any
     state: TrainState
     guard: Guard
     sink: Any
-    lr_control: dict
     preemption: Preemption
-    resumed_from: Path | None
     node_monitor: Any = None
 
     @property
@@ -86,7 +87,7 @@ def train(cfg: Config) -> dict:
         state, train_cfg, sink = run.state, cfg.train, run.sink
         batches, meter = iter(run.loader), Throughput(cfg, state.step)
         while state.step < train_cfg.steps:
-            metrics, preempted, x = train_step(run.engine, batches, cfg, state, run.preemption)
+            metrics, preempted, x = train_step(run, batches)
             state.step, state.samples = state.step + 1, state.samples + meter.images_per_step
             state.epoch = run.loader.epoch
             metrics.update(maybe_diagnose(run.model, cfg, state, x))
@@ -126,50 +127,59 @@ def train(cfg: Config) -> dict:
 
 
 def build_run(cfg: Config) -> Run:
-    """Data, model, explicit ActNorm init, engine, resume, guard and tracking: everything but the loop."""
+    """Data, model, engine, guard and tracking: a fresh start, or a resume from the newest complete
+    checkpoint of the run folder."""
     torch.manual_seed(cfg.train.seed)  # same on every rank: identical initial weights
     if dist.is_main():
         save_config(cfg, cfg.run.dir / "config.yaml")
-    preemption = Preemption()
-    shards, loader, val_loader = build_data(cfg)
-    model = build_model(cfg)
-    resume_from = checkpoint.find_latest(cfg.run.dir / "checkpoints")
-    if resume_from is None:  # explicit, identical on all ranks (STYLE.md §9), checked across ranks
-        checksum = initialize_actnorm(model, cfg, shards)
-        say(f"ActNorm data-dependent init identical on {dist.world_size()} rank(s) ({checksum!r})")
-    optimizer, scheduler, lr_control = build_optimizer(model, cfg.train, cfg.faults)
-    engine, _, scheduler = dist.build_engine(model, optimizer, scheduler, cfg.train)
-    engine.optimizer_to_skip = optimizer  # ours, not DeepSpeed's wrapper around it
+    preemption = Preemption()  # before the slow parts: a SIGTERM during set-up is honoured too
+    data, model = build_data(cfg), build_model(cfg)
+    latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
+    if latest is None:
+        return start_fresh(cfg, model, data, preemption)
+    return resume(cfg, model, data, latest, preemption)
 
-    state = TrainState()
-    if resume_from is not None:
-        state, position = checkpoint.load(engine, resume_from)
-        loader.load_state_dict(position)
-    lr_control["scale"] = state.lr_scale
-    if state.optimum_bpd is None:
-        state.optimum_bpd = build_optimum(cfg, shards)
+
+def start_fresh(cfg: Config, model, data: Data, preemption: Preemption) -> Run:
+    """Explicit ActNorm init (identical on all ranks, STYLE.md §9), the optimum reference, the
+    run's parameters, and a step-0 checkpoint: a good rollback target from the start."""
+    checksum = initialize_actnorm(model, cfg, data.shards)
+    say(f"ActNorm data-dependent init identical on {dist.world_size()} rank(s) ({checksum!r})")
+    state = TrainState(optimum_bpd=build_optimum(cfg, data.shards))
+    run = assemble(cfg, model, state, data, preemption)
+    run.sink.log_params({**flatten(to_dict(cfg)), **run_params()})
+    run.save()
+    say(f"fresh start; run {cfg.run.dir}")
+    return run
+
+
+def resume(cfg: Config, model, data: Data, folder: Path, preemption: Preemption) -> Run:
+    """Weights, optimizer, LR schedule, RNG, data position and TrainState from ``folder``."""
+    state = checkpoint.read_state(folder)  # first: the LR schedule and the sink read it
+    run = assemble(cfg, model, state, data, preemption)
+    data.train.load_state_dict(checkpoint.load(run.engine, folder))
+    say(f"resumed from {folder}; run {cfg.run.dir}")
+    return run
+
+
+def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Preemption) -> Run:
+    """The engine around ``model`` and the run's guard and tracking, for ``state``."""
+    optimizer, scheduler = build_optimizer(model, cfg.train, cfg.faults, state)
+    engine, _, _ = dist.build_engine(model, optimizer, scheduler, cfg.train)
     sink = build_sink(cfg, state)
-    run = Run(
+    return Run(
         cfg,
         engine,
+        optimizer,
         model,
-        loader,
-        val_loader,
+        data.train,
+        data.val,
         state,
         Guard(cfg.train, cfg.guard, state),
         sink,
-        lr_control,
         preemption,
-        resume_from,
         node_monitor=build_node_monitor(cfg, sink),
     )
-    if resume_from is None:
-        sink.log_params({**flatten(to_dict(cfg)), **run_params()})
-        run.save()  # step 0: a good rollback target from the start
-    say(
-        f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'}; run {cfg.run.dir}"
-    )
-    return run
 
 
 def guard_step(run: Run, metrics: dict) -> None:
@@ -183,7 +193,7 @@ def guard_step(run: Run, metrics: dict) -> None:
         )
     try:
         if action == ROLLBACK:
-            roll_back(run.engine, run.ckpt_root, run.state, run.cfg, run.lr_control)
+            roll_back(run.engine, run.ckpt_root, run.state, run.cfg)
         elif action == STOP:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
@@ -254,9 +264,7 @@ def optimum_gap(state: TrainState, metrics: dict) -> dict:
     }
 
 
-def train_step(
-    engine, batches, cfg: Config, state: TrainState, preemption
-) -> tuple[dict, bool, torch.Tensor]:
+def train_step(run: Run, batches) -> tuple[dict, bool, torch.Tensor]:
     """One optimizer step over grad_accum micro-batches; skipped on every rank if anything is non-finite.
 
     The loss terms are all-reduced after the last backward and before the optimizer step, so that every
@@ -264,6 +272,7 @@ def train_step(
     (SkippableAdamW), which leaves weights and Adam moments untouched at every ZeRO stage; at ZeRO 1/2
     DeepSpeed's own overflow check also refuses non-finite gradients.
     """
+    engine, cfg, state, preemption = run.engine, run.cfg, run.state, run.preemption
     accum = cfg.train.grad_accum
     local = torch.zeros(4, dtype=torch.float64)  # bpd, logpz_bpd, logdet_bpd, SIGTERM seen
     extremes = torch.full((2,), -math.inf, dtype=torch.float64)  # max, -min of log|det J|/D
@@ -298,7 +307,7 @@ def train_step(
     skip = not finite or not math.isfinite(norms.get("global", 0.0))
     lr = engine.get_lr()[0]  # the LR this step applies
     bounds = certified_range(engine.module, x[0].numel())  # of the weights the batch went through
-    engine.optimizer_to_skip.skip_next = skip
+    run.optimizer.skip_next = skip
     engine.step()
     if cfg.train.zero_stage > 0:
         norms = {"global": float(engine.get_global_grad_norm() or math.nan)}
@@ -340,10 +349,10 @@ def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> di
     return dist.broadcast_object(metrics)
 
 
-def roll_back(engine, ckpt_root, state: TrainState, cfg: Config, lr_control: dict) -> None:
+def roll_back(engine, ckpt_root: Path, state: TrainState, cfg: Config) -> None:
     """Restore the last good weights and optimizer state, cut the LR; the step count and data go on."""
     target = checkpoint.find_good(ckpt_root)
-    repeat = target is not None and int(target.name[4:]) == state.rollback_step
+    repeat = target is not None and checkpoint.step_of(target) == state.rollback_step
     if repeat and state.rollback_step > 0:  # the initial weights (step 0) cannot be damaged
         checkpoint.mark_suspect(target)  # events came back right after it: it may hold bad weights
         target = checkpoint.find_good(ckpt_root, before=state.rollback_step)
@@ -353,10 +362,9 @@ def roll_back(engine, ckpt_root, state: TrainState, cfg: Config, lr_control: dic
         )
     checkpoint.load_engine(engine, target)
     state.rollbacks += 1
-    state.rollback_step = int(target.name[4:])
-    state.lr_scale *= cfg.train.rollback_lr_factor
+    state.rollback_step = checkpoint.step_of(target)
+    state.lr_scale *= cfg.train.rollback_lr_factor  # the schedule reads it from the state
     state.recent_events = []
-    lr_control["scale"] = state.lr_scale
     engine.lr_scheduler.last_epoch = state.step - 1
     engine.lr_scheduler.step()
     say(
