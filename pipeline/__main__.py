@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.commands.study",
         "reproduce the paper's claims: stability and optimum studies",
     ),
+    "probe": (
+        "pipeline.commands.probe",
+        "exploding-inverse battery on a checkpoint: reconstruction, OOD bpd, samples, gradients",
+    ),
     "config": (
         "pipeline.commands.config",
         "print the resolved config tree (defaults < YAML < overrides)",
