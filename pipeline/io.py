@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and values made fit for strict JSON.
 
 Every file another process or a restarted run may read (configs, manifests, checkpoints' metadata,
 images, exported models) is written to a temporary file beside it, fsynced, and renamed over it:
@@ -10,10 +10,13 @@ with a dot and ends with ``.tmp`` (``.<name>.<pid>-<random>.tmp``), so folder li
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -47,3 +50,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON takes it (``json.dumps(..., allow_nan=False)``): non-finite floats as
+    "nan", "inf", "-inf", tuples as lists, keys as strings, numpy scalars as plain numbers, any other
+    object (a Path, a tensor) as its ``str``.
+
+    For what must parse anywhere: events, summaries, results. metrics.jsonl keeps NaN as a number
+    (Python reads it back) and the tracker sends only finite values to MLflow.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return str(value)

@@ -17,8 +17,8 @@ import torch
 
 from pipeline.__main__ import main
 from pipeline.flows import ActNorm, ModelConfig, build_flow
+from pipeline.io import json_safe
 from pipeline.theory.battery import FAMILIES, exploding_inverse_battery
-from pipeline.theory.jsonsafe import json_safe
 from tests.conftest import run_pipeline
 
 IMAGE = (3, 8, 8)

@@ -15,8 +15,8 @@ import sys
 import torch
 
 from pipeline.data import ShardError, build_loader, prepare_synthetic, resolve_shards
+from pipeline.io import json_safe
 from pipeline.theory.battery import TEMPERATURES, exploding_inverse_battery
-from pipeline.theory.jsonsafe import json_safe
 from pipeline.train.inference import load_model
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from pipeline.io import json_safe
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import certified_logdet_range
-from pipeline.theory.jsonsafe import json_safe
 
 NON_FINITE_LOSS = "non_finite_loss"
 NON_FINITE_GRAD = "non_finite_grad"

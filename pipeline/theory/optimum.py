@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.theory.jsonsafe import json_safe
+from pipeline.io import json_safe
 
 Mode = Literal["pooled", "per_image"]
 MODES: tuple[str, ...] = ("pooled", "per_image")

@@ -31,9 +31,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, json_safe
 from pipeline.track.config import TrackingConfig
-from pipeline.track.journal import json_safe, open_journal
+from pipeline.track.journal import open_journal
 
 EVENT_KIND = re.compile(r"[A-Za-z0-9_.\-]+")  # becomes part of a metric name and a tag key
 
