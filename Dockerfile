@@ -36,7 +36,6 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY configs ./configs
 COPY launch ./launch
-COPY bench ./bench
 RUN pip install --no-deps -e . \
     && useradd --create-home --uid 1000 lipflow \
     && mkdir -p /runs /data && chown lipflow:lipflow /runs /data

@@ -445,13 +445,10 @@ def test_resume_refuses_a_different_layout(even_set):
 
 @pytest.mark.slow
 def test_bench_data_prints_rates_and_ratios(capsys):
-    import runpy
+    from pipeline.bench import data as bench
 
-    from pipeline.commands.bench import BENCH_DIR
-
-    bench = runpy.run_path(str(BENCH_DIR / "data.py"))
     args = ["--n", "64", "--resolution", "16", "--batch-size", "8", "--epochs", "1", "--rounds", "1"]
-    assert bench["main"]([*args, "--workers", "2"]) == 0
+    assert bench.main([*args, "--workers", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     names = {"pil_loop", "folder_dataset", "loader", "loader_inprocess"}
     assert set(result["images_per_s"]) == names

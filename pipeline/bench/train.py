@@ -44,9 +44,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path (runpy): find _common
-from _common import emit, machine, matmul_rate, max_rss_bytes, python, rss_bytes, run_json, sync
-
+from pipeline.bench.common import (
+    emit,
+    machine,
+    matmul_rate,
+    max_rss_bytes,
+    python,
+    rss_bytes,
+    run_json,
+    sync,
+)
 from pipeline.config import load_config
 from pipeline.flows import build_flow
 
@@ -215,7 +222,7 @@ def spec_for(args, resolution: int, mode: str, batch: int, steps: int | None = N
 
 
 def run_spec(spec: dict) -> dict:
-    return run_json([python(), __file__, "--worker", json.dumps(spec)])
+    return run_json([python(), "-m", "pipeline.bench.train", "--worker", json.dumps(spec)])
 
 
 def with_fraction(result: dict, rate: float) -> dict:

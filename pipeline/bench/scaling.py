@@ -35,8 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path (runpy): find _common
-from _common import ROOT, emit, free_port, machine, python
+from pipeline.bench.common import ROOT, emit, free_port, machine, python
 
 QUIET_RUN = [
     "tracking.enabled=false",
@@ -131,7 +130,7 @@ def comm_workers(args, nproc: int, out_dir: Path) -> tuple[list[dict], dict]:
         cmd = [
             python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(free_port(29800, 29899)), "--no_local_rank",
-            str(Path(__file__).resolve()), "--worker", "--out", str(out_dir),
+            "--module", "pipeline.bench.scaling", "--worker", "--out", str(out_dir),
             "--config", args.config, "--comm-steps", str(args.comm_steps),
             "--rounds", str(args.rounds), *args.overrides,
         ]  # fmt: skip
