@@ -43,10 +43,17 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(ports: range | None = None) -> int:
+    """A TCP port free on 127.0.0.1 now: the first free one of ``ports`` (rendezvous ports of
+    concurrent launches kept in a known range), else one the OS picks."""
+    for port in ports if ports is not None else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def setup(timeout_s: int = 1800) -> None:
@@ -58,7 +65,7 @@ def setup(timeout_s: int = 1800) -> None:
     ):  # plain process: a group of one, so the engine code path is the same
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if torch.cuda.is_available():

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from pipeline.distributed import free_port
 
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -26,12 +27,6 @@ INSTALL_HINT = "install them with .ci/install-slurm.sh (apt-get install slurm-wl
 
 def missing_binaries() -> list[str]:
     return [name for name in DAEMONS + CLIENTS if shutil.which(name, path=SBIN) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmUnavailable(RuntimeError):
@@ -87,8 +82,8 @@ class LocalSlurm:
             f"""\
 ClusterName=lipflowtest
 SlurmctldHost={self.node}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import from_dict
-from pipeline.distributed import deepspeed_config
+from pipeline.distributed import deepspeed_config, free_port
 from pipeline.flows import build_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.inference import load_model
@@ -134,3 +135,14 @@ def test_export_sample_evaluate_from_a_checkpoint(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_model(tmp_path)
+
+
+def test_free_port_is_bindable_and_a_range_skips_taken_ports():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        assert free_port(range(busy, busy + 1_000)) != busy  # the next free one of the range
+        with pytest.raises(RuntimeError, match="no free port"):
+            free_port(range(busy, busy + 1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))  # any port the OS picks

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,18 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import free_port
 from pipeline.track.sink import MetricsSink
 from tests.test_track_sink import history, tracking
 
 pytestmark = pytest.mark.slow
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -70,18 +69,6 @@ def run_json(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> 
     if out.returncode != 0 or not lines:
         return {"error": f"exit {out.returncode}", "stdout_tail": out.stdout[-2000:]}
     return json.loads(lines[-1])
-
-
-def free_port(low: int, high: int) -> int:
-    """A free TCP port in [low, high] (rendezvous ports of concurrent runs must not clash)."""
-    for port in range(low, high + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def python() -> str:

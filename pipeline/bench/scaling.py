@@ -35,8 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench.common import ROOT, emit, free_port, machine, python
+from pipeline.bench.common import ROOT, emit, machine, python
+from pipeline.distributed import free_port
 
+PORTS = range(29800, 29900)  # rendezvous ports of the launches
 QUIET_RUN = [
     "tracking.enabled=false",
     "train.optimum_images=0",
@@ -97,7 +99,7 @@ def real_run(args, nproc: int, tmp: Path) -> dict:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=env(nproc, free_port(29800, 29899)),
+        env=env(nproc, free_port(PORTS)),
         timeout=1800,
         check=False,
     )
@@ -129,7 +131,7 @@ def comm_workers(args, nproc: int, out_dir: Path) -> tuple[list[dict], dict]:
             stale.unlink()
         cmd = [
             python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port(29800, 29899)), "--no_local_rank",
+            "--master_port", str(free_port(PORTS)), "--no_local_rank",
             "--module", "pipeline.bench.scaling", "--worker", "--out", str(out_dir),
             "--config", args.config, "--comm-steps", str(args.comm_steps),
             "--rounds", str(args.rounds), *args.overrides,
