@@ -12,42 +12,21 @@ import faulthandler
 import importlib
 import sys
 
-# name -> (module, one-line help). Later parts add their commands here.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": (
-        "pipeline.commands.train",
-        "train a flow (plain process, deepspeed launcher or torchrun)",
-    ),
-    "sample": ("pipeline.commands.sample", "sample a grid of images from a checkpoint"),
-    "evaluate": ("pipeline.commands.evaluate", "validation bits/dim of a checkpoint on shards"),
-    "export": (
-        "pipeline.commands.export",
-        "checkpoint -> plain state dict + config (no DeepSpeed)",
-    ),
-    "synth": ("pipeline.commands.synth", "write a folder of procedural face-like images"),
-    "shards": ("pipeline.commands.shards", "image folder -> WebDataset tar shards per resolution"),
-    "model": (
-        "pipeline.commands.model",
-        "print a model summary: parameters, levels, blocks, bounds",
-    ),
-    "optimum": (
-        "pipeline.commands.optimum",
-        "closed-form likelihood optimum of linear flows on shards",
-    ),
-    "bench": ("pipeline.commands.bench", "benchmarks that print JSON (data, train, scaling)"),
-    "compare": ("pipeline.commands.compare", "table and plots comparing MLflow runs"),
-    "study": (
-        "pipeline.commands.study",
-        "reproduce the paper's claims: stability and optimum studies",
-    ),
-    "probe": (
-        "pipeline.commands.probe",
-        "exploding-inverse battery on a checkpoint: reconstruction, OOD bpd, samples, gradients",
-    ),
-    "config": (
-        "pipeline.commands.config",
-        "print the resolved config tree (defaults < YAML < overrides)",
-    ),
+# name -> one-line help; the command is the module pipeline.commands.<name>.
+COMMANDS: dict[str, str] = {
+    "train": "train a flow (plain process, deepspeed launcher or torchrun)",
+    "sample": "sample a grid of images from a checkpoint",
+    "evaluate": "validation bits/dim of a checkpoint on shards",
+    "export": "checkpoint -> plain state dict + config (no DeepSpeed)",
+    "synth": "write a folder of procedural face-like images",
+    "shards": "image folder -> WebDataset tar shards per resolution",
+    "model": "print a model summary: parameters, levels, blocks, bounds",
+    "optimum": "closed-form likelihood optimum of linear flows on shards",
+    "bench": "benchmarks that print JSON (data, train, scaling)",
+    "compare": "table and plots comparing MLflow runs",
+    "study": "reproduce the paper's claims: stability and optimum studies",
+    "probe": "exploding-inverse battery on a checkpoint: reconstruction, OOD bpd, samples, gradients",
+    "config": "print the resolved config tree (defaults < YAML < overrides)",
 }
 
 
@@ -58,10 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        p.set_defaults(_needs_args=True)
+    for name, help_ in COMMANDS.items():
+        sub.add_parser(name, help=help_, description=help_)
     return parser
 
 
@@ -74,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=COMMANDS[name][1])
+    module = importlib.import_module(f"pipeline.commands.{name}")
+    sub = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=COMMANDS[name])
     module.add_arguments(sub)
     try:  # overrides may come before or after options
         args = sub.parse_intermixed_args(argv[1:])
