@@ -221,8 +221,8 @@ def test_certified_bounds_hold_against_estimates_on_the_real_flows():
         assert d["lipschitz/forward_bound"] >= d["lipschitz/forward_est"] > 0
         assert d["lipschitz/inverse_bound"] >= d["lipschitz/inverse_est"] > 0
         # the range can be attained (actnorm data-initialised onto its scale bound): allow rounding
-        assert d["lipschitz/logdet_lower"] - 1e-12 <= d["stability/logdet_min_per_dim"]
-        assert d["stability/logdet_max_per_dim"] <= d["lipschitz/logdet_upper"] + 1e-12
+        assert d["diagnostics/logdet_lower"] - 1e-12 <= d["diagnostics/logdet_min_per_dim"]
+        assert d["diagnostics/logdet_max_per_dim"] <= d["diagnostics/logdet_upper"] + 1e-12
         assert d["stability/inverse_error"] < 1e-6
         levels = [k for k in d if k.startswith("balance/level") and k.count("/") == 2]
         blocks = [k for k in d if k.count("/") == 4]  # balance/level0/step1/conv/logdet

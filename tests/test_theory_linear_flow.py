@@ -193,7 +193,7 @@ def test_flow_diagnostics_measure_the_flow():
     assert d["lipschitz/inverse_bound"] >= d["lipschitz/inverse_est"]
     per_dim = float(torch.linalg.slogdet(J)[1]) / 12
     assert d["balance/level0/logdet"] == pytest.approx(per_dim, rel=1e-5)
-    assert d["stability/logdet_max_per_dim"] == pytest.approx(per_dim, rel=1e-5)
+    assert d["diagnostics/logdet_max_per_dim"] == pytest.approx(per_dim, rel=1e-5)
     assert d["balance/expansion"] == pytest.approx(max(per_dim, 0.0), abs=1e-7)
     assert d["stability/inverse_error"] < 1e-5
     assert flow.training  # the mode is restored
@@ -222,6 +222,18 @@ def test_detector_sees_faults_injected_into_training():
     assert {e.kind for e in events} == {NON_FINITE_LOSS, NON_FINITE_GRAD}
 
 
+def step_and_probe_metrics(flow, x) -> dict:
+    """What the training loop hands the detector: the batch's log-det extremes (every step) and
+    the flow diagnostics probe."""
+    with torch.no_grad():
+        per_dim = flow(x)["logdet"].double() / x[0].numel()
+    return {
+        **flow_diagnostics(flow, x),
+        "stability/logdet_max_per_dim": float(per_dim.max()),
+        "stability/logdet_min_per_dim": float(per_dim.min()),
+    }
+
+
 def test_detector_sees_a_wrong_certificate_and_a_broken_inverse():
     torch.manual_seed(0)
     x = torch.rand(4, 3, RES, RES) - 0.5
@@ -234,7 +246,7 @@ def test_detector_sees_a_wrong_certificate_and_a_broken_inverse():
     with torch.no_grad():
         flow.log_scale.fill_(1.0)  # expands every direction by e
     detector = DivergenceDetector()
-    events = detector.observe(7, flow_diagnostics(flow, x), rank=3)
+    events = detector.observe(7, step_and_probe_metrics(flow, x), rank=3)
     assert [(e.step, e.kind, e.rank) for e in events] == [(7, LOGDET_BOUND, 3)]
     assert events[0].value == pytest.approx(1.0, rel=1e-5) and events[0].threshold < 1e-3
 

@@ -152,9 +152,11 @@ def flow_diagnostics(
 
     Keys: balance/level{i}/logdet, balance/{expansion,contraction,concentration} over levels;
     balance/<block name>/logdet and balance/blocks/{expansion,contraction,concentration} when the
-    flow reports blocks; lipschitz/{forward,inverse}_{bound,est}; lipschitz/logdet_{lower,upper}
-    (certified, per dim); stability/inverse_error; stability/logdet_{min,max}_per_dim (the batch's
-    extremes, which the divergence detector holds to the certified range).
+    flow reports blocks; lipschitz/{forward,inverse}_{bound,est}; stability/inverse_error; and the
+    probe's own diagnostics/logdet_{lower,upper} (certified range, per dim, narrowed by the
+    Lipschitz bounds) and diagnostics/logdet_{min,max}_per_dim (the probe's extremes). The training
+    loop produces lipschitz/logdet_{lower,upper} and stability/logdet_{min,max}_per_dim from the
+    whole batch every step; these names keep the probe from overwriting them.
     """
     was_training = flow.training
     flow.eval()
@@ -191,8 +193,8 @@ def flow_diagnostics(
             {
                 "lipschitz/forward_bound": float(lip),
                 "lipschitz/inverse_bound": float(lip_inv),
-                "lipschitz/logdet_lower": float(lo),
-                "lipschitz/logdet_upper": float(hi),
+                "diagnostics/logdet_lower": float(lo),
+                "diagnostics/logdet_upper": float(hi),
                 "lipschitz/forward_est": lipschitz_estimate(
                     encode, x, power_iters, seed=seed, method=method
                 ),
@@ -200,8 +202,8 @@ def flow_diagnostics(
                     flow.decode, zs, power_iters, seed=seed, method=method
                 ),
                 "stability/inverse_error": inverse_error(encode, flow.decode, x),
-                "stability/logdet_min_per_dim": float(logdet_per_dim.min()),
-                "stability/logdet_max_per_dim": float(logdet_per_dim.max()),
+                "diagnostics/logdet_min_per_dim": float(logdet_per_dim.min()),
+                "diagnostics/logdet_max_per_dim": float(logdet_per_dim.max()),
             }
         )
         return metrics

@@ -20,6 +20,7 @@ from pipeline.theory.shards import iter_levels
 from pipeline.track import system
 from pipeline.track.sink import MetricsSink
 from pipeline.train.config import FaultConfig, TrainConfig
+from pipeline.train.faults import lr_multiplier
 from pipeline.train.state import TrainState
 
 
@@ -106,8 +107,7 @@ def build_optimizer(
     optimizer = SkippableAdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
     def factor(step: int) -> float:
-        spike = faults.lr_spike_step - 1 <= step < faults.lr_spike_step - 1 + faults.lr_spike_steps
-        scale = state.lr_scale * (faults.lr_spike_factor if spike else 1.0)
+        scale = state.lr_scale * lr_multiplier(faults, step)
         if train.warmup_steps and step < train.warmup_steps:
             return scale * (step + 1) / train.warmup_steps
         if train.lr_decay == "none":

@@ -23,7 +23,7 @@ from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
 from pipeline.io import json_safe
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, faults
 from pipeline.train.build import (
     Data,
     SkippableAdamW,
@@ -106,10 +106,7 @@ def train(cfg: Config) -> dict:
                 or state.step == train_cfg.steps
             ):
                 run.save()
-            if state.step == cfg.faults.sigkill_step:
-                os.kill(
-                    os.getpid(), signal.SIGKILL
-                )  # a crash right after a checkpoint: resume test
+            faults.maybe_kill(cfg.faults, state.step)
             if preempted:
                 say(
                     f"SIGTERM: checkpoint at step {state.step} saved; exiting so the job can be requeued"
@@ -265,67 +262,79 @@ def optimum_gap(state: TrainState, metrics: dict) -> dict:
 
 
 def train_step(run: Run, batches) -> tuple[dict, bool, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches; skipped on every rank if anything is non-finite.
+    """One optimizer step over grad_accum micro-batches, in three parts: forward/backward → skip or
+    step (one decision on every rank) → the step's metrics. Returns (metrics, SIGTERM seen on any
+    rank, the last micro-batch)."""
+    sums, extremes, x = forward_backward(run, batches)
+    lr = run.engine.get_lr()[0]  # the LR this step applies
+    bounds = certified_range(run.model, x[0].numel())  # of the weights the batch went through
+    means, extremes, norms, skipped, preempted = skip_or_step(run, sums, extremes)
+    run.state.skipped_steps += int(skipped)
+    return step_metrics(means, extremes, norms, skipped, lr, bounds), preempted, x
 
-    The loss terms are all-reduced after the last backward and before the optimizer step, so that every
-    rank sees the same numbers and takes the same decision. A skip cancels the optimizer's step
-    (SkippableAdamW), which leaves weights and Adam moments untouched at every ZeRO stage; at ZeRO 1/2
-    DeepSpeed's own overflow check also refuses non-finite gradients.
-    """
-    engine, cfg, state, preemption = run.engine, run.cfg, run.state, run.preemption
+
+def forward_backward(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches of one step. Returns this rank's sums of
+    [bpd, logpz_bpd, logdet_bpd], its extremes [max, -min] of log|det J|/D, and the last batch."""
+    engine, cfg, step = run.engine, run.cfg, run.state.step + 1
     accum = cfg.train.grad_accum
-    local = torch.zeros(4, dtype=torch.float64)  # bpd, logpz_bpd, logdet_bpd, SIGTERM seen
-    extremes = torch.full((2,), -math.inf, dtype=torch.float64)  # max, -min of log|det J|/D
+    sums = torch.zeros(3, dtype=torch.float64)
+    extremes = torch.full((2,), -math.inf, dtype=torch.float64)
     for micro in range(accum):
-        x = inject_nan(next(batches), cfg, state.step + 1).to(engine.device)
-        with autocast(cfg):
+        x = faults.corrupt_batch(cfg.faults, next(batches), step).to(engine.device)
+        with autocast(cfg.train.precision):
             out = engine(x)
         loss = out["bpd"].float().mean()
         engine.backward(loss)
         bits = x[0].numel() * math.log(2.0)
-        local[:3] += (
-            torch.stack(
-                [
-                    loss.detach(),
-                    -out["logpz"].detach().mean() / bits,
-                    -out["logdet"].detach().mean() / bits,
-                ]
-            )
-            .double()
-            .cpu()
-        )
+        terms = [loss, -out["logpz"].mean() / bits, -out["logdet"].mean() / bits]
+        sums += torch.stack(terms).detach().double().cpu()
         logdet = out["logdet"].detach().double().cpu() / x[0].numel()
         extremes = torch.maximum(extremes, torch.stack([logdet.max(), -logdet.min()]))
         if micro < accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-    local[3] = float(preemption.requested)
-    reduced = dist.all_reduce(local) / torch.tensor([accum * dist.world_size()] * 3 + [1.0])
+    return sums, extremes, x
+
+
+def skip_or_step(run: Run, sums: torch.Tensor, extremes: torch.Tensor):
+    """The optimizer step, or a skip on every rank if anything is non-finite on any rank.
+
+    The loss terms (and the SIGTERM flag) are all-reduced after the last backward and before the
+    step, so every rank sees the same numbers and takes the same decision. A skip cancels the
+    optimizer's step (SkippableAdamW), which leaves weights and Adam moments untouched at every ZeRO
+    stage; at ZeRO 1/2 DeepSpeed's own overflow check also refuses non-finite gradients. Returns
+    (mean loss terms, extremes, gradient norms, skipped, SIGTERM seen on any rank).
+    """
+    engine, train_cfg = run.engine, run.cfg.train
+    local = torch.cat([sums, torch.tensor([float(run.preemption.requested)], dtype=torch.float64)])
+    reduced = dist.all_reduce(local)
+    means = reduced[:3] / (train_cfg.grad_accum * dist.world_size())
     extremes = dist.all_reduce(extremes, "max")
-    finite = bool(torch.isfinite(reduced[:3]).all())
-    module = engine.module
-    norms = grad_norms(module.named_parameters()) if cfg.train.zero_stage == 0 else {}
-    skip = not finite or not math.isfinite(norms.get("global", 0.0))
-    lr = engine.get_lr()[0]  # the LR this step applies
-    bounds = certified_range(engine.module, x[0].numel())  # of the weights the batch went through
+    norms = grad_norms(engine.module.named_parameters()) if train_cfg.zero_stage == 0 else {}
+    skip = not bool(torch.isfinite(means).all()) or not math.isfinite(norms.get("global", 0.0))
     run.optimizer.skip_next = skip
     engine.step()
-    if cfg.train.zero_stage > 0:
+    if train_cfg.zero_stage > 0:
         norms = {"global": float(engine.get_global_grad_norm() or math.nan)}
         skip = skip or not engine.was_step_applied()
-    state.skipped_steps += int(skip)
-    metrics = {
-        "train/bpd": reduced[0].item(),
-        "train/logpz_bpd": reduced[1].item(),
-        "train/logdet_bpd": reduced[2].item(),
+    return means, extremes, norms, skip, bool(reduced[3] > 0)
+
+
+def step_metrics(means, extremes, norms: dict, skipped: bool, lr: float, bounds: dict) -> dict:
+    """The step's metrics; the only producer of train/*, optim/* and stability/logdet_*_per_dim
+    (the batch's extremes, which the detector holds to the certified range)."""
+    return {
+        "train/bpd": means[0].item(),
+        "train/logpz_bpd": means[1].item(),
+        "train/logdet_bpd": means[2].item(),
         "optim/lr": lr,
         "optim/grad_norm": norms["global"],
-        "optim/skipped": float(skip),
+        "optim/skipped": float(skipped),
         "stability/logdet_max_per_dim": extremes[0].item(),
         "stability/logdet_min_per_dim": -extremes[1].item(),
         **bounds,
         **{f"optim/grad_norm/{k}": v for k, v in norms.items() if k != "global"},
     }
-    return metrics, bool(reduced[3] > 0), x
 
 
 def certified_range(model, num_dims: int) -> dict:
@@ -342,7 +351,7 @@ def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> di
     metrics = {}
     if dist.is_main():
         probe = x[: cfg.guard.diagnostics_images].nan_to_num()
-        with autocast(cfg):
+        with autocast(cfg.train.precision):
             metrics = flow_diagnostics(
                 model, probe, power_iters=cfg.guard.power_iters, seed=state.step
             )
@@ -390,7 +399,7 @@ def validate(engine, val_loader, cfg: Config) -> float:
     for i, x in enumerate(val_loader):
         if cfg.train.val_batches and i >= cfg.train.val_batches:
             break
-        with autocast(cfg):
+        with autocast(cfg.train.precision):
             bpd = engine(x.to(engine.device))["bpd"].double()
         acc += torch.stack([bpd.sum(), torch.tensor(bpd.numel(), dtype=torch.float64)]).cpu()
     engine.train()
@@ -435,13 +444,6 @@ def progress_line(state: TrainState, cfg: Config, m: dict) -> str:
     )
 
 
-def inject_nan(x: torch.Tensor, cfg: Config, step: int) -> torch.Tensor:
-    """faults.nan_step: one rank feeds a NaN batch, to exercise the guard end to end."""
-    if step == cfg.faults.nan_step and dist.rank() == cfg.faults.nan_rank:
-        return x * math.nan
-    return x
-
-
 class Preemption:
     """SIGTERM (preemption, SLURM --signal) -> checkpoint at the end of the current step, exit 0.
 
@@ -460,8 +462,9 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def autocast(cfg: Config):
-    if cfg.train.precision == "bf16":
+def autocast(precision: str):
+    """bf16: subnets under torch.autocast; log-dets, prior and loss stay fp32 (DESIGN §3.5 (6))."""
+    if precision == "bf16":
         return torch.autocast(dist.device().type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -1,0 +1,33 @@
+"""Deliberate faults (``cfg.faults``), all in one place: how the tests drive the guard, rollbacks,
+preemption and exact resume end to end through the real loop. Every hook is a no-op by default."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import torch
+
+from pipeline import distributed as dist
+from pipeline.train.config import FaultConfig
+
+
+def corrupt_batch(faults: FaultConfig, x: torch.Tensor, step: int) -> torch.Tensor:
+    """faults.nan_step: rank faults.nan_rank feeds a NaN batch at that (1-based) step."""
+    if step == faults.nan_step and dist.rank() == faults.nan_rank:
+        return x * math.nan
+    return x
+
+
+def lr_multiplier(faults: FaultConfig, index: int) -> float:
+    """faults.lr_spike_*: the LR times lr_spike_factor for lr_spike_steps steps from lr_spike_step
+    (``index`` is the scheduler's 0-based step index, so step s has index s - 1)."""
+    first = faults.lr_spike_step - 1
+    return faults.lr_spike_factor if first <= index < first + faults.lr_spike_steps else 1.0
+
+
+def maybe_kill(faults: FaultConfig, step: int) -> None:
+    """faults.sigkill_step: right after that step's checkpoint every rank dies as in a node crash."""
+    if step == faults.sigkill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
