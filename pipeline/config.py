@@ -110,6 +110,13 @@ def config_from_args(args: argparse.Namespace) -> Config | None:
         return None
 
 
+# Keys that moved to another section: a config written for the old layout gets told where to.
+MOVED = {
+    f"train.{key}": f"guard.{key}"
+    for key in ("rollback_events", "rollback_window", "rollback_lr_factor", "max_rollbacks")
+}
+
+
 def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
     """Return a copy of dataclass ``obj`` with the values of the nested mapping ``tree`` applied."""
     hints = typing.get_type_hints(type(obj))
@@ -117,6 +124,8 @@ def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
     changes = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if key not in names and dotted in MOVED:
+            raise ConfigError(f"{where}: {dotted!r} is now {MOVED[dotted]!r}; rename it")
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
             close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.5)

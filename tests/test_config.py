@@ -72,3 +72,9 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_a_moved_key_says_where_it_went():
+    with pytest.raises(ConfigError, match="'train.max_rollbacks' is now 'guard.max_rollbacks'"):
+        load_config(None, ["train.max_rollbacks=2"])
+    assert load_config(None, ["guard.max_rollbacks=2"]).guard.max_rollbacks == 2

@@ -82,7 +82,7 @@ def test_lr_spike_rolls_back_cuts_the_lr_and_finishes(tmp_path):
         "faults.lr_spike_step=15",
         "faults.lr_spike_steps=3",
         "guard.min_history=5",
-        "train.rollback_events=2",
+        "guard.rollback_events=2",
     )
     s = summary(tmp_path, "spike")
     assert s["status"] == "finished" and s["rollbacks"] >= 1 and s["skipped_steps"] >= 1
@@ -103,8 +103,8 @@ def test_guard_stops_with_a_diverged_summary_when_rollbacks_run_out(tmp_path):
         "faults.lr_spike_steps=30",
         "faults.lr_spike_factor=1e5",
         "guard.min_history=5",
-        "train.rollback_events=1",
-        "train.max_rollbacks=1",
+        "guard.rollback_events=1",
+        "guard.max_rollbacks=1",
         check=False,
     )
     assert out.returncode != 0

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.io import atomic_write_text, json_safe
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or /opt/lipflow in the image)
 DONE = ("finished", "diverged")  # results; any other run is started again
 
@@ -231,7 +233,4 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(json_safe(data), indent=1))

@@ -1,4 +1,5 @@
-"""The guard section of the config tree (owned by pipeline/theory): divergence thresholds.
+"""The guard section of the config tree: the divergence detector's thresholds (pipeline/theory) and
+the guard's policy (pipeline/train/guard.py), in one place.
 
 Mounted as ``cfg.guard``; every field is a plain scalar, so ``guard.x=v`` overrides work.
 """
@@ -22,3 +23,8 @@ class GuardConfig:
     diagnostics_every: int = 50  # steps between flow diagnostics (Lipschitz, inverse); 0 = never
     diagnostics_images: int = 4  # images per diagnostics batch (cost ∝ power_iters × images)
     power_iters: int = 10  # power-iteration steps per Lipschitz estimate
+    # Policy: what the guard does with the detector's events (pipeline/train/guard.py)
+    rollback_events: int = 3  # this many event steps within `rollback_window` steps -> roll back
+    rollback_window: int = 50
+    rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
+    max_rollbacks: int = 3  # one more rollback than this stops the run (status "diverged")

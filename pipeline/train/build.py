@@ -18,6 +18,7 @@ from pipeline.flows import build_flow
 from pipeline.theory.optimum import optimal_nll
 from pipeline.theory.shards import iter_levels
 from pipeline.track import system
+from pipeline.track.config import TrackingConfig
 from pipeline.track.sink import MetricsSink
 from pipeline.train.config import FaultConfig, TrainConfig
 from pipeline.train.faults import lr_multiplier
@@ -141,7 +142,7 @@ def build_sink(cfg: Config, state: TrainState) -> MetricsSink:
     )
 
 
-def build_node_monitor(cfg: Config, sink: MetricsSink):
+def build_node_monitor(tracking: TrackingConfig, sink: MetricsSink):
     """MLflow system metrics of the other nodes: local rank 0 of each node but the main one.
 
     The main rank's sink monitors its own node. Other nodes can only reach a shared store (a tracking
@@ -151,9 +152,9 @@ def build_node_monitor(cfg: Config, sink: MetricsSink):
     shared_store = not sink.uri.startswith(("sqlite:", "file:")) and "://" in sink.uri
     if dist.is_main() or dist.local_rank() != 0 or not run_id or not shared_store:
         return None
-    if not system.wanted(cfg.tracking.system_metrics):
+    if not system.wanted(tracking.system_metrics):
         return None
-    return system.start_monitor(sink.uri, run_id, cfg.tracking.system_metrics_interval_s)
+    return system.start_monitor(sink.uri, run_id, tracking.system_metrics_interval_s)
 
 
 def run_params() -> dict:

@@ -11,7 +11,6 @@ A folder without COMPLETE was cut short (killed mid-save) and is never resumed f
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -21,6 +20,7 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, save_config
+from pipeline.io import atomic_write_text
 from pipeline.train.state import TrainState
 
 COMPLETE = "COMPLETE"
@@ -36,12 +36,6 @@ def step_of(folder: Path) -> int:
     if not (name.startswith("step") and name[4:].isdigit()):
         raise ValueError(f"{folder} is not a checkpoint folder (expected {tag_for(0)}-style names)")
     return int(name[4:])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -80,7 +74,7 @@ def mark_suspect(folder: Path) -> None:
         path = folder / "trainstate.json"
         state = json.loads(path.read_text())
         state["suspect"] = True
-        _atomic_write(path, json.dumps(state, indent=1))
+        atomic_write_text(path, json.dumps(state, indent=1))
 
 
 def save(
@@ -90,15 +84,15 @@ def save(
     tag = tag_for(state.step)
     folder = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    _atomic_write(folder / f"rank{dist.rank()}.json", json.dumps(data_position))
+    atomic_write_text(folder / f"rank{dist.rank()}.json", json.dumps(data_position))
     rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
     torch.save(rng, folder / f"rng-rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
-        _atomic_write(folder / "trainstate.json", json.dumps(asdict(state), indent=1))
+        atomic_write_text(folder / "trainstate.json", json.dumps(asdict(state), indent=1))
         save_config(cfg, folder / "config.yaml")
-        _atomic_write(folder / COMPLETE, "")
-        _atomic_write(root / "latest", tag)
+        atomic_write_text(folder / COMPLETE, "")
+        atomic_write_text(root / "latest", tag)
         for old in complete_tags(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()

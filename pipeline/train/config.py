@@ -33,11 +33,6 @@ class TrainConfig:
     temperature: float = 0.7
     optimum_images: int = 2048  # train images for the linear-flow optimum reference; 0 = skip
     sample_every: int = 0  # steps between sample grids logged as artifacts; 0 = at the end only
-    # Divergence policy (events come from pipeline.theory's detector, thresholds in `guard`):
-    rollback_events: int = 3  # this many events within `rollback_window` steps -> roll back
-    rollback_window: int = 50
-    rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
-    max_rollbacks: int = 3  # one more rollback than this stops the run with a report
 
 
 @dataclass

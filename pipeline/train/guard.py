@@ -4,7 +4,7 @@ Every input the guard sees has been all-reduced (loss, gradient norm) or broadca
 diagnostics), so every rank holds the same detector and reaches the same decision without talking:
 no rank is ever left waiting in a collective that the others skipped.
 
-Policy (thresholds in cfg.guard, escalation in cfg.train):
+Policy (thresholds and escalation both in cfg.guard):
   - a step whose loss or gradient is non-finite on any rank is skipped on every rank;
   - ``rollback_events`` steps with events within ``rollback_window`` steps: restore the last good
     checkpoint (saved with no event in its window), multiply the LR by ``rollback_lr_factor``; the
@@ -20,7 +20,6 @@ from __future__ import annotations
 from pipeline import distributed as dist
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.detector import DivergenceDetector, Event
-from pipeline.train.config import TrainConfig
 from pipeline.train.state import TrainState
 
 OK, ROLLBACK, STOP = "ok", "rollback", "stop"
@@ -36,8 +35,8 @@ class DivergenceStop(RuntimeError):
 
 
 class Guard:
-    def __init__(self, train: TrainConfig, cfg: GuardConfig, state: TrainState):
-        self.train = train
+    def __init__(self, cfg: GuardConfig, state: TrainState):
+        self.cfg = cfg
         self.detector = DivergenceDetector(cfg)
         if state.detector:
             self.detector.load_state_dict(state.detector)
@@ -49,9 +48,9 @@ class Guard:
             state.event_counts[event.kind] = state.event_counts.get(event.kind, 0) + 1
         if events:  # one bad step often raises several events (loss and gradient): count steps
             state.recent_events.append(state.step)
-        horizon = state.step - self.train.rollback_window
+        horizon = state.step - self.cfg.rollback_window
         state.recent_events = [s for s in state.recent_events if s > horizon]
         state.detector = self.detector.state_dict()
-        if len(state.recent_events) < self.train.rollback_events:
+        if len(state.recent_events) < self.cfg.rollback_events:
             return events, OK
-        return events, STOP if state.rollbacks >= self.train.max_rollbacks else ROLLBACK
+        return events, STOP if state.rollbacks >= self.cfg.max_rollbacks else ROLLBACK

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import signal
 import time
@@ -21,7 +20,8 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
-from pipeline.io import json_safe
+from pipeline.io import atomic_write_text, json_safe
+from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
 from pipeline.train import checkpoint, faults
 from pipeline.train.build import (
@@ -36,6 +36,7 @@ from pipeline.train.build import (
     initialize_actnorm,
     run_params,
 )
+from pipeline.train.config import TrainConfig
 from pipeline.train.guard import ROLLBACK, STOP, DivergenceStop, Guard
 from pipeline.train.images import save_grid
 from pipeline.train.state import TrainState
@@ -85,19 +86,19 @@ def train(cfg: Config) -> dict:
     try:
         run = build_run(cfg)
         state, train_cfg, sink = run.state, cfg.train, run.sink
-        batches, meter = iter(run.loader), Throughput(cfg, state.step)
+        batches, meter = iter(run.loader), Throughput(train_cfg, state.step)
         while state.step < train_cfg.steps:
             metrics, preempted, x = train_step(run, batches)
             state.step, state.samples = state.step + 1, state.samples + meter.images_per_step
             state.epoch = run.loader.epoch
-            metrics.update(maybe_diagnose(run.model, cfg, state, x))
+            metrics.update(maybe_diagnose(run.model, cfg.guard, train_cfg.precision, state.step, x))
             metrics.update(optimum_gap(state, metrics))
             guard_step(run, metrics)
             if every(state.step, train_cfg.log_every) or state.step == train_cfg.steps:
                 sink.log(state.step, {**metrics, **meter.read(state.step), **event_metrics(state)})
-                say(progress_line(state, cfg, metrics))
+                say(progress_line(state, train_cfg.steps, metrics))
             if every(state.step, train_cfg.val_every):
-                sink.log(state.step, {"val/bpd": validate(run.engine, run.val_loader, cfg)})
+                sink.log(state.step, {"val/bpd": validate(run.engine, run.val_loader, train_cfg)})
             if every(state.step, train_cfg.sample_every):
                 sample_grid(run, cfg.run.dir / "samples" / f"step{state.step:08d}.png")
             if (
@@ -172,10 +173,10 @@ def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Pree
         data.train,
         data.val,
         state,
-        Guard(cfg.train, cfg.guard, state),
+        Guard(cfg.guard, state),
         sink,
         preemption,
-        node_monitor=build_node_monitor(cfg, sink),
+        node_monitor=build_node_monitor(cfg.tracking, sink),
     )
 
 
@@ -190,7 +191,7 @@ def guard_step(run: Run, metrics: dict) -> None:
         )
     try:
         if action == ROLLBACK:
-            roll_back(run.engine, run.ckpt_root, run.state, run.cfg)
+            roll_back(run.engine, run.ckpt_root, run.state, run.cfg.guard)
         elif action == STOP:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
@@ -209,7 +210,7 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     state = run.state if run is not None else TrainState()
     val_bpd = None
     if status == "finished":
-        val_bpd = validate(run.engine, run.val_loader, cfg)
+        val_bpd = validate(run.engine, run.val_loader, cfg.train)
         run.sink.log(state.step, {"val/bpd": val_bpd})
         sample_grid(run, cfg.run.dir / "samples.png")
     latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
@@ -232,11 +233,8 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     }
     if run is None:
         if dist.is_main():  # nothing to track with yet: the file alone
-            path = cfg.run.dir / "summary.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".summary.json.tmp")
-            tmp.write_text(json.dumps(json_safe(summary), indent=1) + "\n")
-            os.replace(tmp, path)
+            summary_text = json.dumps(json_safe(summary), indent=1) + "\n"
+            atomic_write_text(cfg.run.dir / "summary.json", summary_text)
         return summary
     run.sink.log_artifact(cfg.run.dir / "config.yaml")
     run.sink.log_summary(summary)
@@ -343,22 +341,20 @@ def certified_range(model, num_dims: int) -> dict:
     return {"lipschitz/logdet_lower": lo / num_dims, "lipschitz/logdet_upper": hi / num_dims}
 
 
-def maybe_diagnose(model, cfg: Config, state: TrainState, x: torch.Tensor) -> dict:
+def maybe_diagnose(model, guard: GuardConfig, precision: str, step: int, x: torch.Tensor) -> dict:
     """Flow diagnostics every guard.diagnostics_every steps: computed on rank 0, broadcast to all."""
-    every = cfg.guard.diagnostics_every
-    if not every or state.step % every:
+    every = guard.diagnostics_every
+    if not every or step % every:
         return {}
     metrics = {}
     if dist.is_main():
-        probe = x[: cfg.guard.diagnostics_images].nan_to_num()
-        with autocast(cfg.train.precision):
-            metrics = flow_diagnostics(
-                model, probe, power_iters=cfg.guard.power_iters, seed=state.step
-            )
+        probe = x[: guard.diagnostics_images].nan_to_num()
+        with autocast(precision):
+            metrics = flow_diagnostics(model, probe, power_iters=guard.power_iters, seed=step)
     return dist.broadcast_object(metrics)
 
 
-def roll_back(engine, ckpt_root: Path, state: TrainState, cfg: Config) -> None:
+def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) -> None:
     """Restore the last good weights and optimizer state, cut the LR; the step count and data go on."""
     target = checkpoint.find_good(ckpt_root)
     repeat = target is not None and checkpoint.step_of(target) == state.rollback_step
@@ -372,13 +368,13 @@ def roll_back(engine, ckpt_root: Path, state: TrainState, cfg: Config) -> None:
     checkpoint.load_engine(engine, target)
     state.rollbacks += 1
     state.rollback_step = checkpoint.step_of(target)
-    state.lr_scale *= cfg.train.rollback_lr_factor  # the schedule reads it from the state
+    state.lr_scale *= guard.rollback_lr_factor  # the schedule reads it from the state
     state.recent_events = []
     engine.lr_scheduler.last_epoch = state.step - 1
     engine.lr_scheduler.step()
     say(
         f"guard: rolled back to {target.name}, LR scale now {state.lr_scale:g} "
-        f"(rollback {state.rollbacks}/{cfg.train.max_rollbacks})"
+        f"(rollback {state.rollbacks}/{guard.max_rollbacks})"
     )
 
 
@@ -392,14 +388,14 @@ def event_metrics(state: TrainState) -> dict:
 
 
 @torch.no_grad()
-def validate(engine, val_loader, cfg: Config) -> float:
+def validate(engine, val_loader, train: TrainConfig) -> float:
     """Mean bpd over the val split, every rank its share, reduced: [sum of bpd, count]."""
     engine.eval()
     acc = torch.zeros(2, dtype=torch.float64)
     for i, x in enumerate(val_loader):
-        if cfg.train.val_batches and i >= cfg.train.val_batches:
+        if train.val_batches and i >= train.val_batches:
             break
-        with autocast(cfg.train.precision):
+        with autocast(train.precision):
             bpd = engine(x.to(engine.device))["bpd"].double()
         acc += torch.stack([bpd.sum(), torch.tensor(bpd.numel(), dtype=torch.float64)]).cpu()
     engine.train()
@@ -420,8 +416,8 @@ def sample_grid(run: Run, path: Path) -> None:
 class Throughput:
     """images/s between log lines, and peak memory."""
 
-    def __init__(self, cfg: Config, step: int):
-        self.images_per_step = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size()
+    def __init__(self, train: TrainConfig, step: int):
+        self.images_per_step = train.micro_batch * train.grad_accum * dist.world_size()
         self.t, self.step = time.perf_counter(), step
 
     def read(self, step: int) -> dict:
@@ -435,11 +431,11 @@ class Throughput:
         return {"speed/images_per_s": speed, "memory/peak_bytes": float(peak)}
 
 
-def progress_line(state: TrainState, cfg: Config, m: dict) -> str:
+def progress_line(state: TrainState, steps: int, m: dict) -> str:
     extra = f"  skipped {state.skipped_steps}" if state.skipped_steps else ""
     extra += f"  rollbacks {state.rollbacks}" if state.rollbacks else ""
     return (
-        f"step {state.step:>6}/{cfg.train.steps}  bpd {m['train/bpd']:.4f}  "
+        f"step {state.step:>6}/{steps}  bpd {m['train/bpd']:.4f}  "
         f"grad {m['optim/grad_norm']:.3g}  lr {m['optim/lr']:.2e}{extra}"
     )
 
