@@ -190,3 +190,32 @@ def test_step_of_inverts_tag_for(tmp_path):
         assert checkpoint.step_of(tmp_path / checkpoint.tag_for(step)) == step
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         checkpoint.step_of(tmp_path / "latest")
+
+
+def test_escalation_reaches_its_depth_when_rotation_has_removed_older_checkpoints(tmp_path):
+    """keep_last=1 and events right after a checkpoint: that checkpoint is marked suspect after one
+    rollback and every older one was rotated away. The initial weights (step 0) are never rotated
+    away, so the guard still tries the LR at 1/2, 1/4, 1/8 before it stops."""
+    out = launch(
+        tmp_path,
+        "deep",
+        "train.steps=40",
+        "train.save_every=4",
+        "train.keep_last=1",
+        "faults.lr_spike_step=10",
+        "faults.lr_spike_steps=40",
+        "faults.lr_spike_factor=1e5",
+        "guard.min_history=5",
+        "guard.rollback_events=1",
+        "guard.max_rollbacks=3",
+        check=False,
+    )
+    s = summary(tmp_path, "deep")
+    assert out.returncode == 3 and s["status"] == "diverged", out.stdout[-2000:]
+    assert s["rollbacks"] == 3 and s["lr_scale"] == pytest.approx(1 / 8)
+    targets = [
+        line.split()[4].rstrip(",") for line in out.stdout.splitlines() if "rolled back" in line
+    ]
+    assert len(targets) == 3 and targets[0] == "step00000008"
+    kept = sorted(p.name for p in (tmp_path / "runs" / "deep" / "checkpoints").glob("step*"))
+    assert kept[0] == "step00000000"  # never rotated away

@@ -76,7 +76,7 @@ def test_single_process_run_then_resume_continues_the_same_mlflow_run(tmp_path):
     steps = metric_steps(second["tracking_uri"], second["mlflow_run_id"], "train/bpd")
     assert sorted(steps) == list(range(1, 10))  # no duplicated or missing steps across the restart
     kept = sorted(p.name for p in (tmp_path / "runs" / "debug" / "checkpoints").glob("step*"))
-    assert kept == ["step00000003", "step00000006", "step00000009"]
+    assert kept == ["step00000000", "step00000003", "step00000006", "step00000009"]  # + step 0
 
 
 @pytest.mark.slow

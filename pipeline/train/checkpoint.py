@@ -68,6 +68,18 @@ def find_good(root: Path, before: int | None = None) -> Path | None:
     return None
 
 
+def rotated_out(root: Path, keep_last: int) -> list[str]:
+    """The complete checkpoints beyond the newest ``keep_last`` (0 keeps all), except the guard's
+    rollback targets: the initial weights (step 0, which no training step can have damaged) and
+    the newest good checkpoint. So however far rotation has gone, the guard's escalation can reach
+    its configured depth instead of stopping for want of a target."""
+    if keep_last <= 0:
+        return []
+    good = find_good(root)
+    keep = {tag_for(0), good.name if good is not None else None}
+    return [tag for tag in complete_tags(root)[:-keep_last] if tag not in keep]
+
+
 def mark_suspect(folder: Path) -> None:
     """Exclude a checkpoint from rollbacks (rank 0 only; the others need not know)."""
     if dist.is_main():
@@ -93,7 +105,7 @@ def save(
         save_config(cfg, folder / "config.yaml")
         atomic_write_text(folder / COMPLETE, "")
         atomic_write_text(root / "latest", tag)
-        for old in complete_tags(root)[:-keep_last] if keep_last > 0 else []:
+        for old in rotated_out(root, keep_last):
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return folder
