@@ -62,6 +62,11 @@ def test_single_process_run_then_resume_continues_the_same_mlflow_run(tmp_path):
     first, stdout = train(tmp_path)
     assert "final validation bits/dim" in stdout and "mlflow ui --backend-store-uri" in stdout
     check_run_folder(first, steps=6)
+    battery = first["battery"]  # the exploding-inverse battery ran on the final model
+    assert battery["battery/val/finite_frac"] == 1.0 and battery["battery/val/recon_error"] < 1e-9
+    assert {f"battery/sample_T{t}/nonfinite_frac" for t in ("0.7", "1", "1.5", "2")} <= set(battery)
+    assert "non-finite samples" in stdout
+    assert metric_steps(first["tracking_uri"], first["mlflow_run_id"], "battery/val/bpd") == [6]
     assert first["tracking_uri"].startswith("sqlite:///") and first["tracking_uri"].endswith(
         "mlflow.db"
     )

@@ -58,6 +58,24 @@ def final_line(s: dict) -> str:
     return f"final validation bits/dim : {s['final_val_bpd']:.4f}  (after {s['steps']} steps{gap})"
 
 
+def battery_lines(b: dict) -> list[str]:
+    """The exploding-inverse battery in two lines: off-data inputs and the sampler."""
+    if not b:
+        return []
+
+    def pct(key: str) -> str:
+        value = b.get(key)
+        return f"{100 * value:.0f}%" if isinstance(value, int | float) else "-"
+
+    return [
+        f"bpd finite off the data   : noise 3x {pct('battery/noise_3x/finite_frac')}, "
+        f"noise 10x {pct('battery/noise_10x/finite_frac')}, "
+        f"N(0,1) {pct('battery/normal/finite_frac')}",
+        f"non-finite samples        : T=1.5 {pct('battery/sample_T1.5/nonfinite_frac')}, "
+        f"T=2 {pct('battery/sample_T2/nonfinite_frac')}  (python -m pipeline probe: all of it)",
+    ]
+
+
 def print_summary(s: dict) -> None:
     uri = s["tracking_uri"]
     print(
@@ -66,6 +84,7 @@ def print_summary(s: dict) -> None:
                 "",
                 "=" * 72,
                 final_line(s),
+                *battery_lines(s.get("battery") or {}),
                 f"run folder                : {s['run_dir']}",
                 f"samples                   : {s['samples'] or 'none'}",
                 f"last checkpoint           : {s['checkpoint'] or 'none'}",

@@ -23,6 +23,9 @@ class GuardConfig:
     diagnostics_every: int = 50  # steps between flow diagnostics (Lipschitz, inverse); 0 = never
     diagnostics_images: int = 4  # images per diagnostics batch (cost ∝ power_iters × images)
     power_iters: int = 10  # power-iteration steps per Lipschitz estimate
+    # The exploding-inverse battery (theory/battery.py) at the end of a finished run: images per
+    # input family (samples per temperature: twice as many); 0 = skip
+    battery_images: int = 16
     # Policy: what the guard does with the detector's events (pipeline/train/guard.py)
     rollback_events: int = 3  # this many event steps within `rollback_window` steps -> roll back
     rollback_window: int = 50

@@ -21,6 +21,7 @@ import torch
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
 from pipeline.io import atomic_write_text, json_safe
+from pipeline.theory.battery import exploding_inverse_battery
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
 from pipeline.train import checkpoint, faults
@@ -209,9 +210,11 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     """
     state = run.state if run is not None else TrainState()
     val_bpd = None
+    battery = {}
     if status == "finished":
         val_bpd = validate(run.engine, run.val_loader, cfg.train)
-        run.sink.log(state.step, {"val/bpd": val_bpd})
+        battery = maybe_battery(run.model, run.val_loader, cfg.guard.battery_images)
+        run.sink.log(state.step, {"val/bpd": val_bpd, **battery})
         sample_grid(run, cfg.run.dir / "samples.png")
     latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
     samples = cfg.run.dir / "samples.png"
@@ -230,6 +233,7 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         "tracking_uri": run.sink.uri if run is not None else None,
         "mlflow_run_id": run.sink.run_id if run is not None else None,
         "checkpoint": str(latest.resolve()) if latest is not None else None,
+        "battery": battery,
     }
     if run is None:
         if dist.is_main():  # nothing to track with yet: the file alone
@@ -244,6 +248,22 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     if status in ("finished", "diverged"):
         dist.teardown()
     return summary
+
+
+def maybe_battery(model, val_loader, n_images: int) -> dict:
+    """The exploding-inverse battery on the final model (main rank; no collectives): reconstruction
+    and bpd finiteness on val and off-data inputs, samples at T 0.7-2, invertible-mode gradients."""
+    if not n_images or not dist.is_main():
+        return {}
+    batches = []
+    for x in val_loader:
+        batches.append(x)
+        if sum(len(b) for b in batches) >= n_images:
+            break
+    x = torch.cat(batches)[:n_images].to(dist.device())
+    return exploding_inverse_battery(
+        model, x, n_images=n_images, n_samples=2 * n_images, n_grad=min(8, n_images)
+    )
 
 
 def every(step: int, n: int) -> bool:
