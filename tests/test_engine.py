@@ -82,6 +82,38 @@ def test_zero_stages_precisions_and_accumulation_on_two_ranks(tmp_path, zero, pr
     ours = model.state_dict()
     for name, tensor in fp32.items():
         assert torch.equal(tensor.float(), ours[name].float()), name
+    if zero == 2:  # the commands too, once: each costs a DeepSpeed import
+        assert_zero_to_fp32_commands_work(ckpt, set(fp32), ours, tmp_path)
+
+
+def assert_zero_to_fp32_commands_work(
+    ckpt: Path, names: set[str], ours: dict, tmp_path: Path
+) -> None:
+    """DeepSpeed's converter as a command, in this environment (it imports huggingface_hub):
+    `python -m deepspeed.utils.zero_to_fp32` and the zero_to_fp32.py DeepSpeed drops beside the
+    checkpoints, both on the folder of step folders with its `latest` pointer."""
+    script = ckpt.parent / "zero_to_fp32.py"
+    assert script.is_file(), sorted(p.name for p in ckpt.parent.iterdir())
+    commands = {
+        "module": [PYTHON, "-m", "deepspeed.utils.zero_to_fp32"],
+        "script": [PYTHON, str(script)],
+    }
+    for how, command in commands.items():
+        out_dir = tmp_path / f"fp32-{how}"
+        out = subprocess.run(
+            [*command, str(ckpt.parent), str(out_dir)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env_for_subprocess(),
+        )
+        assert out.returncode == 0, f"{how}: " + out.stdout[-2000:] + out.stderr[-2000:]
+        converted = torch.load(out_dir / "pytorch_model.bin", weights_only=True)
+        assert set(converted) == names, how  # what the Python API gives
+        for name, tensor in converted.items():  # fp32 weights; buffers keep their dtype
+            expected = ours[name].float() if ours[name].is_floating_point() else ours[name]
+            assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), (how, name)
 
 
 def test_export_sample_evaluate_from_a_checkpoint(tmp_path):
