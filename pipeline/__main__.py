@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import importlib
+import os
 import sys
+
+from pipeline.errors import PipelineError
 
 # name -> one-line help; the command is the module pipeline.commands.<name>.
 COMMANDS: dict[str, str] = {
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher inserts --local_rank=N before the command; ranks come from the environment.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if "--debug" in argv:  # anywhere on the line: tracebacks for expected errors too
+        argv.remove("--debug")
+        os.environ["LIPFLOW_DEBUG"] = "1"
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
@@ -58,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         args = sub.parse_intermixed_args(argv[1:])
     except TypeError:  # parsers with a REMAINDER argument (bench) cannot intermix
         args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except PipelineError as error:
+        if os.environ.get("LIPFLOW_DEBUG", "") not in ("", "0"):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ overrides ``a.b=value`` (values parsed as YAML scalars, so ``train.lr=3e-4`` is 
 this module only assembles the tree, loads, validates and saves it.
 
 Unknown keys fail with the closest valid keys; a value of the wrong type fails naming the key, the value
-and the expected type. The resolved tree is written to every run folder and checkpoint.
+and the expected type; a value outside its range (each section's ``RANGES``, e.g. train.steps ≥ 1) or a
+combination that cannot work (``check_combinations``: levels against resolution, batch arithmetic)
+fails naming the key, the value and what is allowed, before any work starts. The resolved tree is
+written to every run folder and checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import json
-import sys
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.data.config import DataConfig
+from pipeline.errors import PipelineError
 from pipeline.flows.config import ModelConfig
 from pipeline.io import atomic_write_text
 from pipeline.theory.config import GuardConfig
@@ -32,8 +36,10 @@ from pipeline.track.config import TrackingConfig
 from pipeline.train.config import FaultConfig, TrainConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A config file or override that does not fit the tree; the message says what to change."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -92,7 +98,47 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             node = node.setdefault(p, {})
         node[leaf] = value
         cfg = merge(cfg, tree, where=f"override {item!r}")
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: Config) -> None:
+    """Every numeric key within its section's RANGES, then the cross-key rules: one ConfigError
+    naming the key, the value and what is allowed (the first offence)."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for key, allowed in getattr(type(part), "RANGES", {}).items():
+            value = getattr(part, key)
+            if not allowed.allows(value):
+                raise ConfigError(f"{section.name}.{key} = {value!r}: must be {allowed}")
+    check_combinations(cfg)
+
+
+def check_combinations(cfg: Config) -> None:
+    """Rules across keys that need no file system: the image must survive model.levels squeezes;
+    under a launcher (WORLD_SIZE set), train.global_batch = micro_batch × grad_accum × ranks."""
+    r, levels = cfg.data.resolution, cfg.model.levels
+    if r % 2**levels:
+        fits = (r & -r).bit_length() - 1  # how many times 2 divides r
+        fewer = f"model.levels ≤ {fits} or " if fits else ""
+        raise ConfigError(
+            f"data.resolution = {r} with model.levels = {levels}: each level halves the image, so "
+            f"the resolution must be a multiple of 2^{levels} = {2**levels}; use {fewer}a "
+            f"resolution such as {max(r - r % 2**levels, 2**levels)}"
+        )
+    if "WORLD_SIZE" in os.environ:
+        check_batch(cfg.train, int(os.environ["WORLD_SIZE"]))
+
+
+def check_batch(train: Any, world: int) -> None:
+    """train.global_batch (when set) must be micro_batch × grad_accum × ``world`` ranks."""
+    derived = train.micro_batch * train.grad_accum * world
+    if train.global_batch and train.global_batch != derived:
+        raise ConfigError(
+            f"train.global_batch = {train.global_batch} but train.micro_batch "
+            f"{train.micro_batch} × train.grad_accum {train.grad_accum} × {world} rank(s) = "
+            f"{derived}; change one of them, or set train.global_batch=0 to derive it"
+        )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,13 +147,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
 
 
-def config_from_args(args: argparse.Namespace) -> Config | None:
-    """The resolved config of a command line; None after printing the error (exit status 2)."""
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The resolved config of a command line; a ConfigError becomes the entry point's one-line
+    ``error: ...`` with exit status 2."""
+    return load_config(args.config, args.overrides)
 
 
 # Keys that moved to another section: a config written for the old layout gets told where to.
@@ -224,7 +267,9 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(tree: dict) -> Config:
     """Rebuild a Config from a saved resolved tree (a checkpoint's config.json), validating it."""
-    return merge(Config(), tree, where="saved config")
+    cfg = merge(Config(), tree, where="saved config")
+    check_values(cfg)
+    return cfg
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

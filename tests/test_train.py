@@ -99,29 +99,3 @@ def test_two_cpu_ranks_under_the_deepspeed_launcher(tmp_path):
     assert (ckpt / "mp_rank_00_model_states.pt").is_file()
     assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
 
-
-def test_a_failed_run_still_writes_its_summary(tmp_path):
-    missing = tmp_path / "no-such-shards"
-    args = [
-        "--config",
-        "configs/debug.yaml",
-        f"run.root={tmp_path}/runs",
-        "run.name=broken",
-        "data.source=shards",
-        f"data.shards={missing}",
-        "--summary-json",
-        str(tmp_path / "broken.json"),
-    ]
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", "train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(),
-    )
-    assert out.returncode != 0
-    summary = json.loads((tmp_path / "runs" / "broken" / "summary.json").read_text())
-    assert summary == json.loads((tmp_path / "broken.json").read_text())
-    assert summary["status"] == "failed" and str(missing) in summary["reason"]
-    assert summary["steps"] == 0 and summary["checkpoint"] is None

@@ -15,7 +15,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg is None:
-        return 2
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0

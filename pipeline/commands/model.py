@@ -16,8 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg is None:
-        return 2
     resolution = cfg.data.resolution
     try:
         flow = build_flow(cfg.model, (3, resolution, resolution), cfg.data.n_bits)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from pipeline.config import add_config_arguments, config_from_args
+from pipeline.config import Config, add_config_arguments, check_batch, config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,8 +20,7 @@ def run(args: argparse.Namespace) -> int:
     """0 for a finished or preempted run, 3 for a diverged one; a failure raises. The run's
     summary.json (written by the loop on every way out) is copied to --summary-json."""
     cfg = config_from_args(args)
-    if cfg is None:
-        return 2
+    check_inputs(cfg)
     from pipeline import distributed as dist
     from pipeline.train.loop import train
 
@@ -41,6 +41,16 @@ def run(args: argparse.Namespace) -> int:
         )
         return 3
     return 0
+
+
+def check_inputs(cfg: Config) -> None:
+    """What the config names must be there before any work starts: the batch arithmetic for the
+    ranks this process runs with, and a shard folder holding the resolution asked for."""
+    check_batch(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.data.source == "shards":
+        from pipeline.data import resolve_shards
+
+        resolve_shards(cfg.data)  # ShardError names the folder and what to do
 
 
 def mlflow_command() -> str:

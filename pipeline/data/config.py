@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from pipeline.ranges import NON_NEGATIVE, Range, at_least
 
 
 @dataclass
@@ -23,3 +25,14 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes per rank; 0 = decode in the training process
     shuffle_buffer: int = 256  # samples (raw bytes) held by each worker's shuffle buffer
     seed: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "synthetic_train": at_least(1),
+        "synthetic_val": at_least(1),
+        "synthetic_shards": at_least(1),
+        "resolution": at_least(2),
+        "n_bits": Range(1, 8),
+        "workers": NON_NEGATIVE,
+        "shuffle_buffer": at_least(1),
+        "seed": NON_NEGATIVE,
+    }

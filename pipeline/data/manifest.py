@@ -15,6 +15,7 @@ from typing import Any
 
 import webdataset as wds
 
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text
 
 FORMAT = "lipflow-shards/1"
@@ -22,7 +23,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-class ShardError(ValueError):
+class ShardError(PipelineError, ValueError):
     """A shard set that cannot be used as asked; the message names the path and what to do."""
 
 

@@ -51,6 +51,7 @@ from pipeline.data.manifest import (
     clean_folder,
     finish_folder,
 )
+from pipeline.errors import PipelineError
 
 VERSION = 1  # bump when the conversion changes, so old fingerprints stop matching
 MIN_VAL_SHARDS = (
@@ -59,7 +60,7 @@ MIN_VAL_SHARDS = (
 PRINTED_SKIPS = 20
 
 
-class UsageError(ValueError):
+class UsageError(PipelineError, ValueError):
     """Bad arguments or an input with nothing to shard; the command prints the message and exits 2."""
 
 

@@ -17,7 +17,9 @@ where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from pipeline.ranges import NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range, at_least
 
 
 @dataclass
@@ -53,3 +55,17 @@ class ModelConfig:
     # each flow step (recompute it); invertible: keep only each level's output and reconstruct
     # step inputs with the exact inverse (memory independent of depth; residual steps checkpoint)
     memory: Literal["store", "checkpoint", "invertible"] = "store"
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "levels": at_least(1),
+        "steps": NON_NEGATIVE,
+        "width": at_least(1),
+        "log_scale_bound": POSITIVE,
+        "subnet_coeff": POSITIVE,
+        "affine_x_bound": POSITIVE,
+        "residual_coeff": OPEN_UNIT,
+        "residual_terms": at_least(1),
+        "residual_tol": POSITIVE,
+        "residual_max_iter": at_least(1),
+        "power_iterations": at_least(1),
+    }

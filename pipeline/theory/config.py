@@ -7,6 +7,9 @@ Mounted as ``cfg.guard``; every field is a plain scalar, so ``guard.x=v`` overri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from pipeline.ranges import NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range, at_least
 
 
 @dataclass
@@ -26,6 +29,26 @@ class GuardConfig:
     # The exploding-inverse battery (theory/battery.py) at the end of a finished run: images per
     # input family (samples per temperature: twice as many); 0 = skip
     battery_images: int = 16
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "window": at_least(2),
+        "level_window": at_least(1),
+        "min_history": at_least(1),
+        "loss_spike_z": POSITIVE,
+        "loss_spike_floor": NON_NEGATIVE,
+        "grad_spike_z": POSITIVE,
+        "grad_spike_floor": NON_NEGATIVE,
+        "logdet_slack": NON_NEGATIVE,
+        "inverse_tol": POSITIVE,
+        "diagnostics_every": NON_NEGATIVE,
+        "diagnostics_images": at_least(1),
+        "power_iters": at_least(1),
+        "rollback_events": at_least(1),
+        "rollback_window": at_least(1),
+        "rollback_lr_factor": OPEN_UNIT,
+        "max_rollbacks": NON_NEGATIVE,
+        "battery_images": NON_NEGATIVE,
+    }
     # Policy: what the guard does with the detector's events (pipeline/train/guard.py)
     rollback_events: int = 3  # this many event steps within `rollback_window` steps -> roll back
     rollback_window: int = 50

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from pipeline.ranges import NON_NEGATIVE, POSITIVE, Range, at_least
 
 
 @dataclass
@@ -21,3 +24,10 @@ class TrackingConfig:
     retry_max_s: float = 30.0  # longest pause between attempts while the store is unreachable
     flush_timeout_s: float = 60.0  # close() waits this long for the backlog, then leaves it on disk
     http_timeout_s: int = 10  # per request; MLflow's default (120 s, 7 retries) stalls for minutes
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "system_metrics_interval_s": POSITIVE,
+        "retry_max_s": POSITIVE,
+        "flush_timeout_s": NON_NEGATIVE,
+        "http_timeout_s": at_least(1),
+    }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from pipeline.ranges import NON_NEGATIVE, POSITIVE, Range, at_least
 
 
 @dataclass
@@ -33,6 +35,32 @@ class TrainConfig:
     temperature: float = 0.7
     optimum_images: int = 2048  # train images for the linear-flow optimum reference; 0 = skip
     sample_every: int = 0  # steps between sample grids logged as artifacts; 0 = at the end only
+    # keys a resume may change although they change the model, the data stream or the optimizer
+    # (comma-separated, e.g. data.shards,data.workers): a deliberate override (pipeline/train/compat.py)
+    allow_changed: str = ""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": at_least(1),
+        "micro_batch": at_least(1),
+        "grad_accum": at_least(1),
+        "global_batch": NON_NEGATIVE,
+        "lr": POSITIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "min_lr_ratio": Range(0, 1),
+        "weight_decay": NON_NEGATIVE,
+        "grad_clip": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+        "init_batches": at_least(1),
+        "log_every": NON_NEGATIVE,
+        "save_every": NON_NEGATIVE,
+        "keep_last": NON_NEGATIVE,
+        "val_every": NON_NEGATIVE,
+        "val_batches": NON_NEGATIVE,
+        "samples": at_least(1),
+        "temperature": POSITIVE,
+        "optimum_images": NON_NEGATIVE,
+        "sample_every": NON_NEGATIVE,
+    }
 
 
 @dataclass
@@ -45,3 +73,9 @@ class FaultConfig:
     lr_spike_steps: int = 0  # ... for this many steps
     lr_spike_factor: float = 1000.0
     sigkill_step: int = -1  # after the checkpoint at this step, every rank SIGKILLs itself
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "nan_rank": NON_NEGATIVE,
+        "lr_spike_steps": NON_NEGATIVE,
+        "lr_spike_factor": POSITIVE,
+    }

@@ -11,7 +11,9 @@ import json
 import math
 import resource
 import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,11 +120,26 @@ def train(cfg: Config) -> dict:
     except DivergenceStop as stop:  # every rank alike: a result of the run, not a crash
         return finish(run, cfg, "diverged", reason=str(stop), last_events=stop.events)
     except BaseException as error:
-        finish(run, cfg, "failed", reason=f"{type(error).__name__}: {error}")
+        keep_traceback(cfg.run.dir)
+        try:  # e.g. on a full disk: the summary must not mask the error that ended the run
+            finish(run, cfg, "failed", reason=f"{type(error).__name__}: {error}")
+        except Exception as secondary:
+            print(f"warning: could not write the run's summary: {secondary}", file=sys.stderr)
         raise
     finally:
         if run is not None:
             run.preemption.uninstall()
+
+
+def keep_traceback(run_dir: Path) -> None:
+    """The failure's traceback in <run>/error-rank<r>.log: the entry point prints an expected error
+    as one line, so this is where the whole story stays (best effort: the disk may be full)."""
+    try:
+        path = run_dir / f"error-rank{dist.rank()}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+    except OSError:
+        pass
 
 
 def build_run(cfg: Config) -> Run:
