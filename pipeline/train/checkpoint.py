@@ -89,6 +89,11 @@ def mark_suspect(folder: Path) -> None:
         atomic_write_text(path, json.dumps(state, indent=1))
 
 
+def saved_world_size(folder: Path) -> int:
+    """The number of ranks that wrote ``folder`` (each writes its rank<r>.json)."""
+    return len(list(folder.glob("rank*.json")))
+
+
 def save(
     engine, state: TrainState, cfg: Config, root: Path, keep_last: int, data_position: dict
 ) -> Path:

@@ -36,7 +36,8 @@ class TrainConfig:
     optimum_images: int = 2048  # train images for the linear-flow optimum reference; 0 = skip
     sample_every: int = 0  # steps between sample grids logged as artifacts; 0 = at the end only
     # keys a resume may change although they change the model, the data stream or the optimizer
-    # (comma-separated, e.g. data.shards,data.workers): a deliberate override (pipeline/train/compat.py)
+    # (comma-separated, e.g. data.shards,train.grad_clip): a deliberate override; which keys it can
+    # lift and which never change on resume: pipeline/train/compat.py
     allow_changed: str = ""
 
     RANGES: ClassVar[dict[str, Range]] = {

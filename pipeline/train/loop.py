@@ -26,7 +26,7 @@ from pipeline.io import atomic_write_text, json_safe
 from pipeline.theory.battery import exploding_inverse_battery
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
-from pipeline.train import checkpoint, faults
+from pipeline.train import checkpoint, compat, faults
 from pipeline.train.build import (
     Data,
     SkippableAdamW,
@@ -144,16 +144,50 @@ def keep_traceback(run_dir: Path) -> None:
 
 def build_run(cfg: Config) -> Run:
     """Data, model, engine, guard and tracking: a fresh start, or a resume from the newest complete
-    checkpoint of the run folder."""
+    checkpoint of the run folder if its config is compatible with ``cfg`` (train/compat.py)."""
     torch.manual_seed(cfg.train.seed)  # same on every rank: identical initial weights
+    found = on_main(choose_checkpoint, cfg, dist.world_size())  # before any work: it may refuse
     if dist.is_main():
         save_config(cfg, cfg.run.dir / "config.yaml")
     preemption = Preemption()  # before the slow parts: a SIGTERM during set-up is honoured too
     data, model = build_data(cfg), build_model(cfg)
-    latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
-    if latest is None:
+    if found.folder is None:
         return start_fresh(cfg, model, data, preemption)
-    return resume(cfg, model, data, latest, preemption)
+    return resume(cfg, model, data, found, preemption)
+
+
+@dataclass
+class Found:
+    """The checkpoint a run resumes from (None: a fresh start) and the config keys it accepts
+    as changed since that checkpoint ("key: old -> new")."""
+
+    folder: Path | None
+    changed: list[str]
+
+
+def choose_checkpoint(cfg: Config, world_size: int) -> Found:
+    """The newest complete checkpoint of the run folder, checked against ``cfg``: a ConfigError
+    (one line: the differing keys, what to do) if it cannot continue under it."""
+    folder = checkpoint.find_latest(cfg.run.dir / "checkpoints")
+    if folder is None:
+        return Found(None, [])
+    saved_ranks = checkpoint.saved_world_size(folder)
+    return Found(folder, compat.check_resume(folder, cfg, world_size, saved_ranks))
+
+
+def on_main(fn, *args):
+    """``fn(*args)`` on rank 0, its result (or the exception it raised) on every rank: file checks
+    done once, and one decision, so no rank is left waiting in a collective the others skipped."""
+    outcome = (None, None)
+    if dist.is_main():
+        try:
+            outcome = (fn(*args), None)
+        except Exception as error:
+            outcome = (None, error)
+    result, error = dist.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return result
 
 
 def start_fresh(cfg: Config, model, data: Data, preemption: Preemption) -> Run:
@@ -169,8 +203,11 @@ def start_fresh(cfg: Config, model, data: Data, preemption: Preemption) -> Run:
     return run
 
 
-def resume(cfg: Config, model, data: Data, folder: Path, preemption: Preemption) -> Run:
-    """Weights, optimizer, LR schedule, RNG, data position and TrainState from ``folder``."""
+def resume(cfg: Config, model, data: Data, found: Found, preemption: Preemption) -> Run:
+    """Weights, optimizer, LR schedule, RNG, data position and TrainState from ``found.folder``."""
+    folder = found.folder
+    if found.changed:
+        say(f"resuming with changed keys: {'; '.join(found.changed)}")
     state = checkpoint.read_state(folder)  # first: the LR schedule and the sink read it
     run = assemble(cfg, model, state, data, preemption)
     data.train.load_state_dict(checkpoint.load(run.engine, folder))
