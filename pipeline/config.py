@@ -33,7 +33,7 @@ from pipeline.flows.config import ModelConfig
 from pipeline.io import atomic_write_text
 from pipeline.theory.config import GuardConfig
 from pipeline.track.config import TrackingConfig
-from pipeline.train.config import FaultConfig, TrainConfig
+from pipeline.train.config import DEEPSPEED_OWNED, FaultConfig, TrainConfig, deepspeed_owned
 
 
 class ConfigError(PipelineError, ValueError):
@@ -126,6 +126,12 @@ def check_combinations(cfg: Config) -> None:
             f"the resolution must be a multiple of 2^{levels} = {2**levels}; use {fewer}a "
             f"resolution such as {max(r - r % 2**levels, 2**levels)}"
         )
+    owned = deepspeed_owned(cfg.train.deepspeed)
+    if owned:
+        raise ConfigError(
+            f"train.deepspeed.{owned[0]} is set by the pipeline from its own keys; use "
+            f"{DEEPSPEED_OWNED[owned[0]]} instead"
+        )
     if "WORLD_SIZE" in os.environ:
         check_batch(cfg.train, int(os.environ["WORLD_SIZE"]))
 
@@ -177,7 +183,11 @@ def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
                 f"{where}: unknown config key {dotted!r}{hint} Valid keys here: {', '.join(valid)}"
             )
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, dict):  # a free-form mapping (train.deepspeed): merged, not replaced
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {dotted!r} is a mapping; give it one, not {value!r}")
+            changes[key] = deep_merge(current, value)
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"{where}: {dotted!r} is a section; give it a mapping, not {value!r}"
@@ -186,6 +196,16 @@ def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
         else:
             changes[key] = coerce(value, hints[key], dotted, where)
     return dataclasses.replace(obj, **changes)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of ``base`` with ``update`` applied key by key, nested mappings merged likewise."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        )
+    return out
 
 
 def coerce(value: Any, tp: Any, key: str, where: str) -> Any:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.config import deep_merge
+
 # DeepSpeed picks its accelerator at import time; without CUDA it must be told to use the CPU one.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -145,7 +147,8 @@ def deepspeed_config(train: Any, world: int) -> dict:
     }
     if not torch.cuda.is_available():
         cfg["zero_allow_untested_optimizer"] = True
-    return cfg
+    # train.deepspeed's knobs on top; the config refused the keys the pipeline owns
+    return deep_merge(cfg, dict(getattr(train, "deepspeed", {}) or {}))
 
 
 def build_engine(

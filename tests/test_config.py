@@ -78,3 +78,22 @@ def test_a_moved_key_says_where_it_went():
     with pytest.raises(ConfigError, match="'train.max_rollbacks' is now 'guard.max_rollbacks'"):
         load_config(None, ["train.max_rollbacks=2"])
     assert load_config(None, ["guard.max_rollbacks=2"]).guard.max_rollbacks == 2
+
+
+def test_deepspeed_knobs_pass_through_and_owned_keys_refuse():
+    from pipeline.distributed import deepspeed_config
+
+    cfg = load_config(
+        None,
+        ["train.deepspeed.zero_optimization.overlap_comm=true", "train.zero_stage=2"],
+    )
+    engine = deepspeed_config(cfg.train, world=2)
+    assert engine["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged, not replaced
+    assert engine["train_batch_size"] == 2 * cfg.train.micro_batch
+    for override, instead in [
+        ("train.deepspeed.zero_optimization.stage=1", "use train.zero_stage instead"),
+        ("train.deepspeed.gradient_clipping=5", "use train.grad_clip instead"),
+        ("train.deepspeed.optimizer.type=Adam", "the pipeline passes its own AdamW"),
+    ]:
+        with pytest.raises(ConfigError, match=instead):
+            load_config(None, [override])

@@ -86,16 +86,23 @@ def test_single_process_run_then_resume_continues_the_same_mlflow_run(tmp_path):
 
 @pytest.mark.slow
 def test_two_cpu_ranks_under_the_deepspeed_launcher(tmp_path):
-    summary, stdout = train(tmp_path, launcher=[str(ROOT / "launch" / "local.sh")], port=29632)
+    summary, stdout = train(
+        tmp_path,
+        "train.deepspeed.wall_clock_breakdown=true",
+        launcher=[str(ROOT / "launch" / "local.sh")],
+        port=29632,
+    )
     check_run_folder(summary, steps=6)
+    # DeepSpeed's own knob went through to the engine: its timers print at every step.
+    assert stdout.count("time (ms) | fwd_microstep") == 6, stdout[-3000:]
     from mlflow.tracking import MlflowClient
 
     params = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
     assert params["run.world_size"] == "2" and params["train.micro_batch"] == "8"
+    assert params["train.deepspeed.wall_clock_breakdown"] == "True"
     # DeepSpeed's own checkpoint files are there, next to ours, one data position per rank.
     from pathlib import Path
 
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "mp_rank_00_model_states.pt").is_file()
     assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
-

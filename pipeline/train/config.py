@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 from pipeline.ranges import NON_NEGATIVE, POSITIVE, Range, at_least
 
@@ -35,6 +35,10 @@ class TrainConfig:
     temperature: float = 0.7
     optimum_images: int = 2048  # train images for the linear-flow optimum reference; 0 = skip
     sample_every: int = 0  # steps between sample grids logged as artifacts; 0 = at the end only
+    # DeepSpeed's own knobs, merged into the engine JSON generated from this section (e.g.
+    # train.deepspeed.zero_optimization.overlap_comm=true, train.deepspeed.flops_profiler.enabled=true);
+    # keys the pipeline sets itself (DEEPSPEED_OWNED) are refused with the key to use instead
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     # keys a resume may change although they change the model, the data stream or the optimizer
     # (comma-separated, e.g. data.shards,train.grad_clip): a deliberate override; which keys it can
     # lift and which never change on resume: pipeline/train/compat.py
@@ -62,6 +66,33 @@ class TrainConfig:
         "optimum_images": NON_NEGATIVE,
         "sample_every": NON_NEGATIVE,
     }
+
+
+# DeepSpeed JSON keys ("a.b" for nested ones) that the train section decides -> what to set instead.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.micro_batch and train.grad_accum (train.global_batch to assert it)",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16": "train.precision (bf16 autocasts the subnets; log-dets and the loss stay fp32)",
+    "fp16": "train.precision",
+    "amp": "train.precision",
+    "optimizer": "train.lr and train.weight_decay (the pipeline passes its own AdamW)",
+    "scheduler": "train.lr_decay, train.warmup_steps and train.min_lr_ratio",
+}
+
+
+def deepspeed_owned(passthrough: dict, prefix: str = "") -> list[str]:
+    """The keys of ``passthrough`` (a train.deepspeed mapping) that the pipeline owns."""
+    found = []
+    for key, value in passthrough.items():
+        dotted = f"{prefix}{key}"
+        if dotted in DEEPSPEED_OWNED:
+            found.append(dotted)
+        elif isinstance(value, dict):
+            found += deepspeed_owned(value, f"{dotted}.")
+    return found
 
 
 @dataclass
