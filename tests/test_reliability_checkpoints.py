@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import ConfigError, load_config, save_config
@@ -174,3 +175,94 @@ def test_safe_and_allowed_changes_resume_and_are_reported(trained, tmp_path):
     assert "resumed from" in out.stdout and checkpoint.tag_for(4) in out.stdout
     summary = json.loads((runs / "longer" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 6
+
+
+# --- 15.4: verified checkpoints -------------------------------------------------------------------
+
+
+def fake_checkpoint(root: Path, step: int, manifest: bool = True) -> Path:
+    """A step folder with a model file and a trainstate, marked COMPLETE (a manifest, or the old
+    empty marker)."""
+    folder = root / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 8)
+    (folder / "trainstate.json").write_text(json.dumps({"step": step}))
+    if manifest:
+        checkpoint.write_manifest(folder)
+    else:
+        (folder / checkpoint.COMPLETE).write_text("")
+    (root / "latest").write_text(folder.name)
+    return folder
+
+
+def test_the_manifest_catches_a_truncated_changed_or_missing_file(tmp_path):
+    folder = fake_checkpoint(tmp_path, 4)
+    listed = json.loads((folder / checkpoint.COMPLETE).read_text())["files"]
+    assert set(listed) == {"mp_rank_00_model_states.pt", "trainstate.json"}
+    assert listed["mp_rank_00_model_states.pt"]["size"] == 2048
+    assert checkpoint.verify(folder) is None
+    model = folder / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    assert checkpoint.verify(folder) == (
+        "mp_rank_00_model_states.pt: 100 bytes, the manifest says 2048"
+    )
+    model.write_bytes(bytes(2048))  # same size, other bytes
+    assert (
+        checkpoint.verify(folder)
+        == "mp_rank_00_model_states.pt: sha256 differs from the manifest's"
+    )
+    model.unlink()
+    assert checkpoint.verify(folder) == "mp_rank_00_model_states.pt: missing"
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
+    old = fake_checkpoint(tmp_path, 2, manifest=False)  # written before manifests: accepted
+    good = fake_checkpoint(tmp_path, 4)
+    newest = fake_checkpoint(tmp_path, 6)
+    assert checkpoint.find_latest(tmp_path) == newest
+    (newest / "trainstate.json").write_text("{}")
+    damaged = []
+    assert checkpoint.find_latest(tmp_path, damaged) == good
+    assert damaged == [(newest, "trainstate.json: 2 bytes, the manifest says 11")]
+    assert checkpoint.find_good(tmp_path) == good  # a rollback target is verified too
+    (good / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert checkpoint.find_latest(tmp_path) == old
+    assert checkpoint.find_good(tmp_path) == old
+    assert "not verified" in checkpoint.describe_check(old, 0.0)
+    assert "2 files" in checkpoint.describe_check(newest, 0.0)
+
+
+def test_marking_a_checkpoint_suspect_keeps_its_manifest_valid(tmp_path):
+    first, second = fake_checkpoint(tmp_path, 2), fake_checkpoint(tmp_path, 4)
+    checkpoint.mark_suspect(second)
+    assert checkpoint.verify(second) is None and checkpoint.find_latest(tmp_path) == second
+    assert checkpoint.find_good(tmp_path) == first
+
+
+def test_a_damaged_newest_checkpoint_is_reported_and_the_run_resumes_from_the_one_before(
+    trained, tmp_path
+):
+    runs = copy_run(trained, tmp_path, "damaged")
+    ckpts = runs / "damaged" / "checkpoints"
+    model = ckpts / checkpoint.tag_for(4) / "mp_rank_00_model_states.pt"
+    original = model.read_bytes()
+    model.write_bytes(original[:100])  # damaged after it was marked COMPLETE
+    out = train(runs, trained / "data", "damaged", *BASE)
+    damaged = [line for line in out.stdout.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and str(ckpts / checkpoint.tag_for(4)) in damaged[0], out.stdout
+    assert f"mp_rank_00_model_states.pt: 100 bytes, the manifest says {len(original)}" in damaged[0]
+    resumed = [line for line in out.stdout.splitlines() if line.startswith("resumed from")]
+    assert str(ckpts / checkpoint.tag_for(2)) in resumed[0] and "verified in" in resumed[0]
+    events = [
+        json.loads(line) for line in (runs / "damaged" / "events.jsonl").read_text().splitlines()
+    ]
+    assert [e["kind"] for e in events] == ["checkpoint_damaged"]
+    assert events[0]["checkpoint"] == str(ckpts / checkpoint.tag_for(4)) and events[0]["step"] == 2
+    summary = json.loads((runs / "damaged" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 4
+    assert checkpoint.verify(ckpts / checkpoint.tag_for(4)) is None  # saved again, whole
+    again = torch.load(model, weights_only=True)["module"]  # the same steps replayed exactly
+    before = torch.load(
+        trained / "runs/base/checkpoints/step00000004/mp_rank_00_model_states.pt", weights_only=True
+    )["module"]
+    assert all(torch.equal(again[k], before[k]) for k in before)

@@ -1,15 +1,20 @@
 """Checkpoints: DeepSpeed engine state + TrainState + resolved config, one step-numbered folder each.
 
     <run>/checkpoints/step00000040/   DeepSpeed's files (every rank writes its part)
-                                       trainstate.json, config.yaml, COMPLETE,
-                                       rank<r>.json (data position), rng-rank<r>.pt (per rank)
+                                       trainstate.json, config.yaml,
+                                       rank<r>.json (data position), rng-rank<r>.pt (per rank),
+                                       COMPLETE (the manifest: size and sha256 of every file above)
+                                       SUSPECT (only if the guard found it bad after the save)
     <run>/checkpoints/latest           the newest COMPLETE tag, replaced atomically
 
-A folder without COMPLETE was cut short (killed mid-save) and is never resumed from.
+A folder without COMPLETE was cut short (killed mid-save) and is never resumed from; one whose files
+no longer match its COMPLETE manifest (damaged after the save) is skipped for the previous one. A
+COMPLETE written before manifests existed is empty: its checkpoint is accepted unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -20,10 +25,17 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, save_config
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text
 from pipeline.train.state import TrainState
 
 COMPLETE = "COMPLETE"
+SUSPECT = "SUSPECT"
+MANIFEST_VERSION = 1
+
+
+class CheckpointError(PipelineError, RuntimeError):
+    """A checkpoint that cannot be written or resumed from; the message (one line) says what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -45,26 +57,119 @@ def complete_tags(root: Path) -> list[str]:
     return sorted(tags)
 
 
-def find_latest(root: Path) -> Path | None:
-    """The folder `latest` names, if complete; else the newest complete one; else None."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / COMPLETE).is_file():
-            return root / tag
-    tags = complete_tags(root)
-    return root / tags[-1] if tags else None
+# --- the manifest ---------------------------------------------------------------------------------
 
 
-def find_good(root: Path, before: int | None = None) -> Path | None:
-    """The newest complete checkpoint saved with no guard event in its window (a rollback target),
-    optionally only among those older than step ``before``."""
-    for tag in reversed(complete_tags(root)):
-        state = json.loads((root / tag / "trainstate.json").read_text())
-        if before is not None and state["step"] >= before:
+def write_manifest(folder: Path) -> dict:
+    """COMPLETE as {"version", "files": {relative path: {"size", "sha256"}}} over every file the
+    ranks wrote into ``folder`` (rank 0, after the barrier: the folder is on a filesystem every rank
+    shares). Written last, atomically: its presence still means "complete"."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel in (COMPLETE, SUSPECT) or path.name.startswith("."):  # markers, temporaries
             continue
-        if not state.get("suspect", False):
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    manifest = {"version": MANIFEST_VERSION, "files": files}
+    atomic_write_text(folder / COMPLETE, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest; None for an old-format (empty) COMPLETE, which lists nothing."""
+    text = (folder / COMPLETE).read_text()
+    if not text.strip():
+        return None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError:
+        return {"files": {}, "error": f"{COMPLETE} is not valid JSON"}
+    return manifest if isinstance(manifest, dict) else {"files": {}, "error": f"{COMPLETE} is odd"}
+
+
+def verify(folder: Path) -> str | None:
+    """None if every file the manifest lists is there with its size and sha256 (or the COMPLETE is
+    old-format, with nothing to check); else the first mismatch, e.g. "mp_rank_00_model_states.pt:
+    100 bytes, the manifest says 328647"."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    if "error" in manifest:
+        return manifest["error"]
+    for rel, expected in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel}: missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{rel}: {size} bytes, the manifest says {expected['size']}"
+        if sha256(path) != expected["sha256"]:
+            return f"{rel}: sha256 differs from the manifest's"
+    return None
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def describe_check(folder: Path, seconds: float) -> str:
+    """How ``folder`` was checked, for the resume line: files, bytes and time, or unverified."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return f"old-format {COMPLETE} without checksums: not verified"
+    files = manifest.get("files", {})
+    size = sum(f["size"] for f in files.values())
+    return f"{len(files)} files, {size / 1e6:.2f} MB verified in {seconds:.3f} s"
+
+
+# --- finding checkpoints --------------------------------------------------------------------------
+
+
+def find_latest(root: Path, damaged: list | None = None) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if it is complete and its files match
+    its manifest, else the newest such one; None if there is none. Every complete checkpoint passed
+    over for a mismatch is appended to ``damaged`` as (folder, first mismatch)."""
+    pointer = root / "latest"
+    tags = complete_tags(root)[::-1]
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named in tags:
+            tags.remove(named)
+            tags.insert(0, named)
+    for tag in tags:
+        problem = verify(root / tag)
+        if problem is None:
             return root / tag
+        if damaged is not None:
+            damaged.append((root / tag, problem))
+    return None
+
+
+def is_suspect(folder: Path) -> bool:
+    """Saved with guard events in its window, or marked bad by the guard since."""
+    state = json.loads((folder / "trainstate.json").read_text())
+    return bool(state.get("suspect", False)) or (folder / SUSPECT).is_file()
+
+
+def find_good(
+    root: Path, before: int | None = None, verify_files: bool = True, damaged: list | None = None
+) -> Path | None:
+    """The newest complete checkpoint saved with no guard event in its window (a rollback target),
+    optionally only among those older than step ``before``. With ``verify_files`` a checkpoint must
+    also match its manifest (one that does not is appended to ``damaged``); rotation, which only
+    decides what to keep, skips that cost."""
+    for tag in reversed(complete_tags(root)):
+        folder = root / tag
+        if before is not None and step_of(folder) >= before:
+            continue
+        if is_suspect(folder):
+            continue
+        problem = verify(folder) if verify_files else None
+        if problem is None:
+            return folder
+        if damaged is not None:
+            damaged.append((folder, problem))
     return None
 
 
@@ -75,18 +180,16 @@ def rotated_out(root: Path, keep_last: int) -> list[str]:
     its configured depth instead of stopping for want of a target."""
     if keep_last <= 0:
         return []
-    good = find_good(root)
+    good = find_good(root, verify_files=False)
     keep = {tag_for(0), good.name if good is not None else None}
     return [tag for tag in complete_tags(root)[:-keep_last] if tag not in keep]
 
 
 def mark_suspect(folder: Path) -> None:
-    """Exclude a checkpoint from rollbacks (rank 0 only; the others need not know)."""
+    """Exclude a checkpoint from rollbacks (rank 0 only; the others need not know). A marker file
+    beside the manifest, so the files the manifest lists stay as they were saved."""
     if dist.is_main():
-        path = folder / "trainstate.json"
-        state = json.loads(path.read_text())
-        state["suspect"] = True
-        atomic_write_text(path, json.dumps(state, indent=1))
+        atomic_write_text(folder / SUSPECT, "events recurred right after a rollback to it\n")
 
 
 def saved_world_size(folder: Path) -> int:
@@ -94,12 +197,19 @@ def saved_world_size(folder: Path) -> int:
     return len(list(folder.glob("rank*.json")))
 
 
+# --- save and load --------------------------------------------------------------------------------
+
+
 def save(
     engine, state: TrainState, cfg: Config, root: Path, keep_last: int, data_position: dict
 ) -> Path:
-    """Every rank must call this (DeepSpeed's save is a collective); ``data_position`` is this rank's."""
+    """Every rank must call this (DeepSpeed's save is a collective); ``data_position`` is this rank's.
+    Rank 0 writes the manifest (COMPLETE) after the barrier, over every file the ranks wrote."""
     tag = tag_for(state.step)
     folder = root / tag
+    if dist.is_main() and folder.exists():  # a save of this step cut short, or damaged: not ours
+        shutil.rmtree(folder)
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     atomic_write_text(folder / f"rank{dist.rank()}.json", json.dumps(data_position))
     rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
@@ -108,7 +218,7 @@ def save(
     if dist.is_main():
         atomic_write_text(folder / "trainstate.json", json.dumps(asdict(state), indent=1))
         save_config(cfg, folder / "config.yaml")
-        atomic_write_text(folder / COMPLETE, "")
+        write_manifest(folder)
         atomic_write_text(root / "latest", tag)
         for old in rotated_out(root, keep_last):
             shutil.rmtree(root / old, ignore_errors=True)

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,21 +158,35 @@ def build_run(cfg: Config) -> Run:
 
 @dataclass
 class Found:
-    """The checkpoint a run resumes from (None: a fresh start) and the config keys it accepts
-    as changed since that checkpoint ("key: old -> new")."""
+    """The checkpoint a run resumes from (None: a fresh start), the config keys it accepts as
+    changed since that checkpoint ("key: old -> new"), the newer complete checkpoints passed over
+    as damaged (folder, first mismatch), and how the folder was verified."""
 
     folder: Path | None
-    changed: list[str]
+    changed: list[str] = field(default_factory=list)
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    checked: str = ""
 
 
 def choose_checkpoint(cfg: Config, world_size: int) -> Found:
-    """The newest complete checkpoint of the run folder, checked against ``cfg``: a ConfigError
-    (one line: the differing keys, what to do) if it cannot continue under it."""
-    folder = checkpoint.find_latest(cfg.run.dir / "checkpoints")
+    """The newest complete checkpoint of the run folder whose files match its manifest, checked
+    against ``cfg``: a ConfigError (one line: the differing keys, what to do) if it cannot continue
+    under it, a CheckpointError if every complete checkpoint is damaged."""
+    root, damaged = cfg.run.dir / "checkpoints", []
+    start = time.perf_counter()
+    folder = checkpoint.find_latest(root, damaged)
+    seconds = time.perf_counter() - start
+    for bad, problem in damaged:
+        say(f"checkpoint {bad} is damaged ({problem}); falling back to the one before it")
+    if folder is None and damaged:
+        raise checkpoint.CheckpointError(
+            f"every complete checkpoint in {root} is damaged (the newest, {damaged[0][0].name}: "
+            f"{damaged[0][1]}); restore them from a copy, or use a new run.name to start afresh"
+        )
     if folder is None:
-        return Found(None, [])
-    saved_ranks = checkpoint.saved_world_size(folder)
-    return Found(folder, compat.check_resume(folder, cfg, world_size, saved_ranks))
+        return Found(None)
+    changed = compat.check_resume(folder, cfg, world_size, checkpoint.saved_world_size(folder))
+    return Found(folder, changed, damaged, checkpoint.describe_check(folder, seconds))
 
 
 def on_main(fn, *args):
@@ -211,7 +225,9 @@ def resume(cfg: Config, model, data: Data, found: Found, preemption: Preemption)
     state = checkpoint.read_state(folder)  # first: the LR schedule and the sink read it
     run = assemble(cfg, model, state, data, preemption)
     data.train.load_state_dict(checkpoint.load(run.engine, folder))
-    say(f"resumed from {folder}; run {cfg.run.dir}")
+    for bad, problem in found.damaged:
+        log_damaged(run, bad, problem)
+    say(f"resumed from {folder} ({found.checked}); run {cfg.run.dir}")
     return run
 
 
@@ -235,6 +251,12 @@ def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Pree
     )
 
 
+def log_damaged(run: Run, folder: Path, problem: str) -> None:
+    """A checkpoint whose files no longer match its manifest, as the event checkpoint_damaged."""
+    event = {"kind": "checkpoint_damaged", "step": run.state.step, "checkpoint": str(folder)}
+    run.sink.log_event({**event, "problem": problem})
+
+
 def guard_step(run: Run, metrics: dict) -> None:
     """Record the step's events; roll back or stop when the guard says so (same on every rank)."""
     events, action = run.guard.observe(run.state, metrics)
@@ -246,7 +268,8 @@ def guard_step(run: Run, metrics: dict) -> None:
         )
     try:
         if action == ROLLBACK:
-            roll_back(run.engine, run.ckpt_root, run.state, run.cfg.guard)
+            for bad, problem in roll_back(run.engine, run.ckpt_root, run.state, run.cfg.guard):
+                log_damaged(run, bad, problem)
         elif action == STOP:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
@@ -428,13 +451,17 @@ def maybe_diagnose(model, guard: GuardConfig, precision: str, step: int, x: torc
     return dist.broadcast_object(metrics)
 
 
-def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) -> None:
-    """Restore the last good weights and optimizer state, cut the LR; the step count and data go on."""
-    target = checkpoint.find_good(ckpt_root)
+def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) -> list:
+    """Restore the last good weights and optimizer state, cut the LR; the step count and data go on.
+    Returns the checkpoints passed over as damaged (folder, first mismatch)."""
+    damaged = []
+    target = checkpoint.find_good(ckpt_root, damaged=damaged)
     repeat = target is not None and checkpoint.step_of(target) == state.rollback_step
     if repeat and state.rollback_step > 0:  # the initial weights (step 0) cannot be damaged
         checkpoint.mark_suspect(target)  # events came back right after it: it may hold bad weights
-        target = checkpoint.find_good(ckpt_root, before=state.rollback_step)
+        target = checkpoint.find_good(ckpt_root, before=state.rollback_step, damaged=damaged)
+    for bad, problem in damaged:
+        say(f"guard: checkpoint {bad} is damaged ({problem}); not a rollback target")
     if target is None:
         raise DivergenceStop(
             f"guard asked for a rollback but {ckpt_root} has no good checkpoint left"
@@ -450,6 +477,7 @@ def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) ->
         f"guard: rolled back to {target.name}, LR scale now {state.lr_scale:g} "
         f"(rollback {state.rollbacks}/{guard.max_rollbacks})"
     )
+    return damaged
 
 
 def event_metrics(state: TrainState) -> dict:
