@@ -69,6 +69,9 @@ class ActNorm(FlowBlock):
         log_scale = self.log_scale().detach()
         return math.exp(log_scale.max().item()), math.exp(-log_scale.min().item())
 
+    def channel_matrix(self) -> torch.Tensor:
+        return torch.diag(torch.exp(self.log_scale().detach().double()))
+
     def logdet_bound(self) -> tuple[float, float]:
         # the log-det of a linear map is a constant: its bound is its value
         h, w = self.shape[1:]

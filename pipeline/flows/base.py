@@ -178,6 +178,11 @@ class FlowBlock(nn.Module):
     def lipschitz_bound(self) -> tuple[float, float]:
         raise NotImplementedError
 
+    def channel_matrix(self) -> torch.Tensor | None:
+        """For a per-position linear block, y[:, :, i, j] = M·x[:, :, i, j] + b, the c×c matrix M
+        (float64, detached), so that runs of such blocks are certified as one matrix; else None."""
+        return None
+
     def logdet_bound(self) -> tuple[float, float]:
         """Certified range of log|det J|: σ(J) ⊂ [1/L_inv, L] gives [-D·ln L_inv, D·ln L]."""
         lip, lip_inv = self.lipschitz_bound()

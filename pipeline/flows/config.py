@@ -28,17 +28,24 @@ class ModelConfig:
     steps: int = 4  # flow steps per level
     width: int = 32  # hidden channels of coupling subnets and residual g
     block: Literal["glow", "residual"] = "glow"
-    # additive: y_b = x_b + t(x_a); affine: y_b = x_b·exp(α·tanh(h/α)) + t; affine_exp: exp(h),
-    # unbounded; none: no coupling, so a step is actnorm + 1×1 conv and the whole flow is linear
-    coupling: Literal["additive", "affine", "affine_exp", "none"] = "affine"
+    # additive: y_b = x_b + t(x_a); affine: y_b = x_b·exp(α·tanh(h/α)) + t; affine_box: the same
+    # inside |x_b| ≤ affine_x_bound, slope 1 outside (a bound without assumptions); affine_exp:
+    # exp(h), unbounded; none: no coupling, so a step is actnorm + 1×1 conv and the flow is linear
+    coupling: Literal["additive", "affine", "affine_box", "affine_exp", "none"] = "affine"
+    # svd: singular values bounded by e^±α by construction; lu: Glow's, free, certified exactly
     conv: Literal["svd", "lu", "none"] = "svd"
     actnorm: Literal["bounded", "unbounded", "none"] = "bounded"
-    # α: the |log-scale| bound of actnorm, the affine coupling and the 1x1-conv singular values
+    # α: the |log-scale| bound of actnorm and of the SVD 1x1 conv's singular values
     log_scale_bound: float = 2.0
     spectral_norm: bool = False  # spectral-normalise coupling subnets to Lip ≤ subnet_coeff
     subnet_coeff: float = 1.0  # certified Lip of a whole spectral-normalised coupling subnet
-    # An affine coupling is Lipschitz only on a bounded domain: its certified (L, L_inv) and log-det
-    # range assume |x|_∞ ≤ affine_x_bound at its input (additive couplings need no assumption).
+    # certified Lip of the affine coupling's log-scale head h_s (its own budget: it is multiplied
+    # by |x_b| ≤ affine_x_bound in the bound); with spectral_norm only
+    scale_coeff: float = 1.0
+    # α of the affine coupling's s = α·tanh(h_s/α); its e^α multiplies into the composed bound
+    coupling_log_scale_bound: float = 2.0
+    # β. affine: Lipschitz only on a bounded domain, its certified (L, L_inv) assume |x|_∞ ≤ β at
+    # its input; affine_box: the box of its affine part (its bound holds everywhere)
     affine_x_bound: float = 8.0
     residual_coeff: float = 0.9  # c: certified Lip(g) ≤ c < 1, so L ≤ 1 + c and L_inv ≤ 1/(1 - c)
     residual_terms: int = 8  # terms of the log-det power series
@@ -47,8 +54,10 @@ class ModelConfig:
     residual_tol: float = 1e-6  # fixed-point inverse: stop when max |x_k+1 - x_k| ≤ tol
     residual_max_iter: int = 200
     # exact: σ_max by an eigensolve at every training forward, so Lip ≤ c holds by construction;
-    # power: persistent power iteration (cheaper for width 512), which lags and may overshoot c
-    spectral_method: Literal["exact", "power"] = "exact"
+    # power: persistent power iteration (cheaper for width 512), which lags and may overshoot c;
+    # fourier: the exact norm of each 3×3 conv on its H×W (flows/lipschitz.py), so a layer may use
+    # its whole budget (exact leaves a 3×3 layer between c/3 and c); costs ~H·W small eigensolves
+    spectral_method: Literal["exact", "power", "fourier"] = "exact"
     power_iterations: int = 1  # per training forward, for spectral_method=power
     split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z
     # activations for the backward pass (pipeline/flows/memory.py): store them all; checkpoint
@@ -62,6 +71,8 @@ class ModelConfig:
         "width": at_least(1),
         "log_scale_bound": POSITIVE,
         "subnet_coeff": POSITIVE,
+        "scale_coeff": POSITIVE,
+        "coupling_log_scale_bound": POSITIVE,
         "affine_x_bound": POSITIVE,
         "residual_coeff": OPEN_UNIT,
         "residual_terms": at_least(1),

@@ -63,6 +63,10 @@ class _Conv1x1(FlowBlock):
         with full_precision(y):
             return F.conv2d(y, self.inverse_weight().to(y.dtype)[:, :, None, None])
 
+    def channel_matrix(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.weight().double()
+
     def logdet_bound(self) -> tuple[float, float]:
         h, w = self.shape[1:]
         with torch.no_grad():

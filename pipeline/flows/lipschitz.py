@@ -10,6 +10,17 @@ kernel by c / max(c, sqrt(k_h·k_w)·σ), σ = ‖W_mat‖₂ exactly or estimat
 LipschitzConv2d). The certified bound is always recomputed exactly from the rescaled kernel (float64
 eigensolve of its Gram matrix). The sqrt(k_h·k_w) factor is what certification costs: a 3×3 layer
 normalised this way has a true operator norm between c/3 and c, depending on how its taps align.
+
+The exact norm, when the layer knows the H×W it acts on (`spatial`): a zero-padded conv on H×W
+(padding p = k//2) is a submatrix of the circular conv on an N_h×N_w torus, N ≥ H + p (the input
+embedded in zeros, the output restricted), whose singular values are those of the c_out×c_in
+matrices K̂(ω) = Σ_taps K_tap·e^{-i⟨ω, tap⟩} at the torus's frequencies (Sedghi et al. 2019,
+"The singular values of convolutional layers"). So
+
+    ‖conv‖₂ ≤ max_ω σ_max(K̂(ω))        (certified, ≤ the sqrt(k_h·k_w) bound, often ~3× below)
+
+`operator_bound` certifies with the smaller of the two; method "fourier" also normalises with it,
+so a layer's certified norm is its true norm and its whole budget c is usable.
 """
 
 from __future__ import annotations
@@ -22,6 +33,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.flows.base import NoGradCache, compute_dtype, frozen, in_reuse_scope
+
+# frequencies × (smaller Gram side)² × (larger side) above which the Fourier norm is skipped in
+# certificates (the sqrt(k_h·k_w) bound stays valid): ~1 s of float64 eigensolves on a CPU core
+FOURIER_MAX_WORK = 2e8
+
+
+def fourier_norm_sq(weight: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
+    """max_ω σ_max(K̂(ω))² of a [c_out, c_in, k_h, k_w] kernel on the torus that holds the zero-padded
+    conv on `spatial` = (H, W) as a submatrix (see the module docstring).
+
+    Differentiable at the cost of one frequency: the eigensolves run without autograd, and the
+    value is re-formed as e*·G(ω*)·e at the maximising frequency ω* with its top eigenvector e
+    fixed, whose gradient is the top eigenvalue's (Hellmann-Feynman). Squared, so that a
+    zero-initialised kernel has no sqrt of 0 in the backward pass."""
+    k_h, k_w = weight.shape[2:]
+    # any torus of ≥ H + k_h//2 rows holds the conv; ≥ k_h rows so that no tap is cut off
+    n_h, n_w = max(spatial[0] + k_h // 2, k_h), max(spatial[1] + k_w // 2, k_w)
+    wide = weight.shape[0] <= weight.shape[1]  # Gram on the smaller side
+
+    def gram(k_hat: torch.Tensor) -> torch.Tensor:
+        k_hat_h = k_hat.conj().transpose(-2, -1)
+        return k_hat @ k_hat_h if wide else k_hat_h @ k_hat
+
+    with torch.no_grad():
+        # a real kernel has K̂(-ω) = conj(K̂(ω)), with the same singular values: half the spectrum
+        k_hat = torch.fft.rfft2(weight.detach(), s=(n_h, n_w)).permute(2, 3, 0, 1)
+        values, vectors = torch.linalg.eigh(gram(k_hat))  # [n_h, n_w//2+1, m], [.., m, m]
+        top = values[..., -1]
+        index = int(top.flatten().argmax())
+        u, v = divmod(index, top.shape[1])
+        e = vectors[u, v, :, -1]
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return top.max().clamp_min(0.0)
+    taps_h = torch.arange(k_h, device=weight.device, dtype=weight.dtype)
+    taps_w = torch.arange(k_w, device=weight.device, dtype=weight.dtype)
+    angle = -2 * math.pi * (taps_h[:, None] * u / n_h + taps_w[None, :] * v / n_w)
+    k_star = (weight * torch.polar(torch.ones_like(angle), angle)).sum((-2, -1))
+    return (e.conj() @ gram(k_star) @ e).real.clamp_min(0.0)
+
+
+def fourier_work(weight: torch.Tensor, spatial: tuple[int, int]) -> float:
+    c_out, c_in, k_h, k_w = weight.shape
+    small, large = sorted((c_out, c_in))
+    return max(spatial[0] + k_h // 2, k_h) * max(spatial[1] + k_w // 2, k_w) * small * small * large
 
 
 def top_gram_eigenvalue(w_mat: torch.Tensor) -> torch.Tensor:
@@ -48,6 +103,10 @@ class LipschitzConv2d(nn.Conv2d):
     """A 'same' conv2d that reports a certified bound on its operator norm; spectral-normalised to
     ‖conv‖₂ ≤ coeff when coeff is given (see the module docstring).
 
+    method "fourier": σ = the exact operator norm on `spatial` (max over the torus frequencies,
+    differentiable), so ‖conv‖₂ = coeff whenever the layer would exceed it: the layer may use all
+    of its certified budget, where "exact" leaves it between coeff/sqrt(k_h·k_w) and coeff.
+
     method "exact": σ = sqrt(λ_max(W_mat·W_matᵀ)) by an eigensolve of the smaller Gram matrix at
     every training forward (differentiable), so the bound holds by construction. method "power": σ̂
     from `power_iterations` steps of persistent power iteration (Miyato et al. 2018), cheap for wide
@@ -61,13 +120,17 @@ class LipschitzConv2d(nn.Conv2d):
         c_out: int,
         kernel_size: int,
         coeff: float | None = None,
-        method: Literal["exact", "power"] = "exact",
+        method: Literal["exact", "power", "fourier"] = "exact",
         power_iterations: int = 1,
         zero_init: bool = False,
+        spatial: tuple[int, int] | None = None,
     ):
         super().__init__(c_in, c_out, kernel_size, padding=kernel_size // 2)
+        if method == "fourier" and coeff is not None and spatial is None:
+            raise ValueError("spectral_method=fourier needs the layer's spatial size")
         self.coeff = coeff
         self.method = method
+        self.spatial = None if spatial is None else tuple(spatial)
         self.power_iterations = power_iterations
         self.overlap = math.sqrt(kernel_size * kernel_size)  # taps per input pixel, square-rooted
         self._cache = NoGradCache()
@@ -107,7 +170,7 @@ class LipschitzConv2d(nn.Conv2d):
         if not updating and not torch.is_grad_enabled() and in_reuse_scope():
             sources = [self.weight, *([self.u, self.v] if self.method == "power" else [])]
             return self._cache.get("weight", sources, lambda: self._normalised_weight(update))
-        if self.method == "exact" and not torch.is_grad_enabled():
+        if self.method != "power" and not torch.is_grad_enabled():
             key = self._state_key(slice(None))
             if self._eval_weight is None or self._eval_weight[0] != key:
                 self._eval_weight = (key, self._normalised_weight(update))
@@ -118,14 +181,18 @@ class LipschitzConv2d(nn.Conv2d):
         # the normalising scale is computed in (at least) fp32 even under autocast
         with torch.autocast(self.weight.device.type, enabled=False):
             w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
+            overlap = self.overlap
             if self.method == "exact":
                 sigma_sq = top_gram_eigenvalue(w_mat)
+            elif self.method == "fourier":
+                sigma_sq = fourier_norm_sq(self.weight.to(w_mat.dtype), self.spatial)
+                overlap = 1.0  # the norm itself, not a bound on it
             else:
                 if self.training if update is None else update:
                     self._power_iteration(w_mat.detach().to(self.u.dtype))
                 sigma_sq = torch.dot(self.u.to(w_mat.dtype), w_mat @ self.v.to(w_mat.dtype)) ** 2
             # compare squares: no sqrt of 0 (a zero-initialised kernel) in the backward pass
-            bound_sq = torch.maximum(self.overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
+            bound_sq = torch.maximum(overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
             scale = self.coeff / torch.sqrt(bound_sq)
             return self.weight * scale.to(self.weight.dtype)
 
@@ -150,7 +217,8 @@ class LipschitzConv2d(nn.Conv2d):
     @torch.no_grad()
     def operator_bound(self, rows: slice = slice(None)) -> float:
         """Certified ‖conv‖₂ restricted to output channels `rows`: sqrt(k_h·k_w)·‖W_mat[rows]‖₂,
-        with ‖W‖₂² the top eigenvalue of the smaller Gram matrix, in float64. Cached until the
+        with ‖W‖₂² the top eigenvalue of the smaller Gram matrix, in float64, or the Fourier norm
+        on `spatial` where it is smaller and affordable (FOURIER_MAX_WORK). Cached until the
         kernel (or the spectral-norm state) changes: the eigensolve dominates `lipschitz_bound()`
         for wide models."""
         key = self._state_key(rows)
@@ -160,10 +228,17 @@ class LipschitzConv2d(nn.Conv2d):
             if w_mat.numel() == 0:
                 cache[key] = 0.0
             else:
-                top = top_gram_eigenvalue(w_mat).clamp_min(0.0).sqrt().item()
+                bound = self.overlap * top_gram_eigenvalue(w_mat).clamp_min(0.0).sqrt().item()
+                kernel = self.effective_weight(update=False)[rows].double()
+                if (
+                    self.spatial is not None
+                    and self.kernel_size != (1, 1)
+                    and fourier_work(kernel, self.spatial) <= FOURIER_MAX_WORK
+                ):
+                    bound = min(bound, math.sqrt(fourier_norm_sq(kernel, self.spatial).item()))
                 if len(cache) > 8:
                     cache.clear()
-                cache[key] = self.overlap * top
+                cache[key] = bound
         return cache[key]
 
     @torch.no_grad()
@@ -180,7 +255,8 @@ class ConvNet(nn.Module):
     so each coupling starts as the identity) and, with LipSwish, the residual g of Residual Flows.
 
     Lip ≤ Π_layers ‖conv‖₂ (activations are 1-Lipschitz); `lipschitz_bound(rows)` certifies it for a
-    subset of output channels. With coeff, each layer is normalised to coeff^(1/3).
+    subset of output channels. With coeff, each layer is normalised to coeff^(1/3). `spatial`, the
+    H×W the net acts on, lets the layers certify (and, method "fourier", normalise) exactly.
     """
 
     def __init__(
@@ -191,8 +267,9 @@ class ConvNet(nn.Module):
         coeff: float | None = None,
         activation: str = "relu",
         zero_init: bool = True,
-        method: Literal["exact", "power"] = "exact",
+        method: Literal["exact", "power", "fourier"] = "exact",
         power_iterations: int = 1,
+        spatial: tuple[int, int] | None = None,
     ):
         super().__init__()
         layer_coeff = None if coeff is None else coeff ** (1.0 / 3.0)
@@ -202,7 +279,7 @@ class ConvNet(nn.Module):
 
         def conv(c_from: int, c_to: int, kernel: int, zero: bool = False) -> LipschitzConv2d:
             return LipschitzConv2d(
-                c_from, c_to, kernel, layer_coeff, method, power_iterations, zero
+                c_from, c_to, kernel, layer_coeff, method, power_iterations, zero, spatial
             )
 
         self.layers = nn.Sequential(

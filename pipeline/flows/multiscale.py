@@ -326,16 +326,51 @@ class MultiScaleFlow(nn.Module):
         """(level index, name, L, L_inv) of every block: the per-block Lipschitz diagnostics."""
         return [(index, name, *block.lipschitz_bound()) for index, name, block in self.blocks()]
 
+    def factors(self) -> list[tuple[int, str, list[FlowBlock]]]:
+        """(level index, name, blocks) of the factors the composed bound multiplies, in forward
+        order: each run of consecutive per-position linear blocks (actnorm → 1×1 conv) as one
+        factor named 'level0/step0/actnorm+conv', every other block alone."""
+        out: list[tuple[int, str, list[FlowBlock]]] = []
+        for index, level in enumerate(self.levels):
+            linear_run = False  # whether out[-1] is a run of linear blocks of this level
+            for name, block in zip(level.names, level.steps):
+                linear = block.channel_matrix() is not None
+                if linear and linear_run:
+                    _, run_name, blocks = out[-1]
+                    step, kind = name.split("/")[1:]
+                    part = kind if run_name.split("/")[1] == step else f"{step}/{kind}"
+                    out[-1] = (index, f"{run_name}+{part}", [*blocks, block])
+                else:
+                    out.append((index, name, [block]))
+                linear_run = linear
+        return out
+
+    def bound_factors(self) -> list[tuple[int, str, float, float]]:
+        """(level index, name, L, L_inv) of every factor of `factors()`. A run of linear blocks is
+        one c×c matrix M = M_k···M_1 applied at every position (plus a bias), so its exact bounds
+        are σ_max(M) and 1/σ_min(M), at most the product of its blocks' bounds."""
+        out = []
+        for index, name, blocks in self.factors():
+            if blocks[0].channel_matrix() is None:
+                out.append((index, name, *blocks[0].lipschitz_bound()))
+                continue
+            matrix = blocks[0].channel_matrix()
+            for block in blocks[1:]:
+                matrix = block.channel_matrix() @ matrix
+            sigma = torch.linalg.svdvals(matrix)
+            out.append((index, name, sigma.max().item(), (1 / sigma.min()).item()))
+        return out
+
     def lipschitz_bound(
-        self, block_bounds: list[tuple[int, str, float, float]] | None = None
+        self, factors: list[tuple[int, str, float, float]] | None = None
     ) -> tuple[float, float]:
-        """Certified (L, L_inv) of x -> (z_0, ..., z_top), the product of block bounds (DESIGN
-        §3.4); pass `block_bounds()` if already computed.
+        """Certified (L, L_inv) of x -> (z_0, ..., z_top): the product of the bounds of
+        `bound_factors()` (DESIGN §3.4); pass them if already computed.
 
         Blocks after the first split act on part of the coordinates and as the identity on the
         factored-out rest, so they contribute max(L_b, 1) (resp. max(L_inv_b, 1))."""
         lip, lip_inv = 1.0, 1.0
-        for index, _, block_lip, block_lip_inv in block_bounds or self.block_bounds():
+        for index, _, block_lip, block_lip_inv in factors or self.bound_factors():
             if index > 0:
                 block_lip, block_lip_inv = max(block_lip, 1.0), max(block_lip_inv, 1.0)
             lip *= block_lip
@@ -389,13 +424,14 @@ def make_step(
                     shape,
                     cfg.coupling,
                     cfg.width,
-                    alpha,
+                    cfg.coupling_log_scale_bound,
                     cfg.affine_x_bound,
                     # without a 1x1 conv nothing mixes channels, so alternate the conditioning half
                     flip=cfg.conv == "none" and step % 2 == 1,
                     coeff=cfg.subnet_coeff if cfg.spectral_norm else None,
                     spectral_method=cfg.spectral_method,
                     power_iterations=cfg.power_iterations,
+                    scale_coeff=cfg.scale_coeff if cfg.spectral_norm else None,
                 ),
             )
         )
@@ -415,6 +451,7 @@ def build_flow(cfg: ModelConfig, image_shape: tuple[int, int, int], n_bits: int)
             f"image {h}x{w} is not divisible by 2^levels = {scale} (model.levels={cfg.levels}); "
             f"use at most {int(math.log2(math.gcd(h, w) & -math.gcd(h, w)))} levels"
         )
-    if cfg.log_scale_bound <= 0:
-        raise ValueError(f"model.log_scale_bound must be > 0, got {cfg.log_scale_bound}")
+    for key in ("log_scale_bound", "coupling_log_scale_bound", "subnet_coeff", "scale_coeff"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
     return MultiScaleFlow(cfg, (c, h, w), n_bits)

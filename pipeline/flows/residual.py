@@ -41,7 +41,7 @@ class ResidualBlock(FlowBlock):
         logdet: Literal["hutchinson", "exact"] = "hutchinson",
         tol: float = 1e-6,
         max_iter: int = 200,
-        spectral_method: Literal["exact", "power"] = "exact",
+        spectral_method: Literal["exact", "power", "fourier"] = "exact",
         power_iterations: int = 1,
     ):
         super().__init__(shape)
@@ -62,6 +62,7 @@ class ResidualBlock(FlowBlock):
             zero_init=False,
             method=spectral_method,
             power_iterations=power_iterations,
+            spatial=shape[1:],
         )
         self.last_inverse_iterations = 0
         self.last_inverse_step = 0.0

@@ -1,4 +1,5 @@
-"""A readable model summary: parameters, levels and shapes, block types, certified bounds."""
+"""A readable model summary: parameters, levels and shapes, block types, certified bounds per factor
+and composed, and (given estimates) their tightness, log10(certified / estimated) (DESIGN §3.6)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,48 @@ def _fmt(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.4g}"
 
 
-def summary(flow: MultiScaleFlow) -> str:
+def _log10(value: float) -> str:
+    if value <= 0:
+        return "-inf"
+    return "inf" if math.isinf(value) or math.isnan(value) else f"{math.log10(value):7.2f}"
+
+
+def bound_lines(
+    flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | None = None
+) -> list[str]:
+    """One line per factor of the composed bound and one for the model: certified log10 L and
+    log10 L_inv and, for names in `estimates` ({name: (est L, est L_inv)}, "model" for the whole
+    map), the estimates' log10 and the tightness log10(certified / estimated)."""
+    rows = [(name, lip, lip_inv) for _, name, lip, lip_inv in flow.bound_factors()]
+    rows.append(("model (composed)", *flow.lipschitz_bound()))
+    width = max(len(name) for name, _, _ in rows)
+    head = f"    {'factor':<{width}}  {'L':>7} {'L_inv':>7}"
+    if estimates:
+        head += f"   {'est L':>7} {'est Linv':>8}   {'tight L':>7} {'tight Linv':>10}"
+    lines = [
+        "  certified Lipschitz bounds, log10"
+        + (
+            " (est: power iteration at data points; tight = log10(certified/est))"
+            if estimates
+            else ""
+        ),
+        head,
+    ]
+    for name, lip, lip_inv in rows:
+        line = f"    {name:<{width}}  {_log10(lip)} {_log10(lip_inv)}"
+        est = (estimates or {}).get("model" if name == "model (composed)" else name)
+        if est is not None:
+            tight = [
+                _log10(bound / value) if value > 0 else "inf"
+                for bound, value in ((lip, est[0]), (lip_inv, est[1]))
+            ]
+            line += f"   {_log10(est[0])} {_log10(est[1]):>8}   {tight[0]} {tight[1]:>10}"
+        lines.append(line)
+    return lines
+
+
+def summary(flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | None = None) -> str:
+    """The model's summary; `estimates` as in `bound_lines` adds the tightness columns."""
     cfg = flow.cfg
     n_params = sum(p.numel() for p in flow.parameters())
     c, h, w = flow.image_shape
@@ -31,7 +73,7 @@ def summary(flow: MultiScaleFlow) -> str:
         f"log_scale_bound={cfg.log_scale_bound}",
         "  levels:",
     ]
-    bounds = flow.block_bounds()
+    bounds = flow.bound_factors()
     z_index = 0
     for index, level in enumerate(flow.levels):
         shape = "x".join(map(str, flow.level_shapes[index]))
@@ -53,7 +95,7 @@ def summary(flow: MultiScaleFlow) -> str:
             f"    level {index}: {shape}  blocks {blocks}  params {params:,}  "
             f"L={_fmt(lip)} L_inv={_fmt(lip_inv)}  {out}"
         )
-    lip, lip_inv = flow.lipschitz_bound(bounds)
+    lip, lip_inv = flow.lipschitz_bound()
     lo, hi = flow.logdet_bound()
     cond = lip * lip_inv
     bits = flow.dims * math.log(2)
@@ -67,4 +109,4 @@ def summary(flow: MultiScaleFlow) -> str:
         lines.append(
             f"  (affine-coupling bounds assume |x|_inf <= {cfg.affine_x_bound} at its inputs)"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + bound_lines(flow, estimates))
