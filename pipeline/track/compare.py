@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.track.store import open_client
+
 LEVEL = re.compile(r"balance/level(\d+)/logdet$")
 GRAD_LEVEL = re.compile(r"optim/grad_norm/level(\d+)$")
 MARKERS = "vX^sDP*ho<>"
@@ -42,9 +44,8 @@ class Run:
 def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = open_client(uri)  # a fresh run root's store may be being created right now
     if run_ids:
         found = []
         for run_id in run_ids:

@@ -18,6 +18,9 @@ Guarantees and their limits:
   exponential backoff (``tracking.retry_max_s``); MLflow's own HTTP retries are switched off so a
   dead server fails in milliseconds instead of stalling the thread for minutes.
 - Rejections (an invalid name or value): the metric or operation is skipped with a warning.
+- Set-up is retried like any call: opening the store (creating or migrating a SQLite file, one
+  process at a time: pipeline/track/store.py), the experiment and the run. Until it succeeds the
+  run trains with metrics.jsonl alone; nothing in tracking can stop training.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pipeline.io import atomic_write_text
 from pipeline.track import system
 from pipeline.track.config import TrackingConfig
 from pipeline.track.journal import count_lines, file_size, open_journal, read_lines
+from pipeline.track.store import local_artifact_root, open_client
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +98,6 @@ def limit_http_retries(cfg: TrackingConfig) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.http_timeout_s)
 
 
-def local_artifact_root(uri: str) -> str | None:
-    """Artifacts of a SQLite store go beside the database, not into ./mlruns of whatever the cwd is."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri == prefix:
-        return None
-    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
-
-
 def rejected(error: Exception) -> bool:
     return getattr(error, "error_code", None) in REJECTED
 
@@ -116,9 +112,7 @@ class Delivery:
         run_id: str | None,
     ):
         limit_http_retries(cfg)
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(uri)
+        self.client: Any = None  # built by ensure_run: building it can fail like any call
         self.uri, self.cfg, self.run_name = uri, cfg, run_name
         self.metrics_path = run_dir / "metrics.jsonl"
         self.dir = run_dir / "tracking"
@@ -227,10 +221,16 @@ class Delivery:
         self.finish()
 
     def ensure_run(self) -> None:
-        """Resume the saved run (RUNNING again) or create one; its id is saved before anything else."""
+        """Resume the saved run (RUNNING again) or create one; its id is saved before anything else.
+
+        Every step of it, opening the store included, may fail: the loop retries it, and until it
+        succeeds training goes on with metrics.jsonl alone."""
         if self.ready:
             return
         from mlflow.exceptions import MlflowException
+
+        if self.client is None:
+            self.client = open_client(self.uri)
 
         if self.run_id:
             try:
