@@ -46,6 +46,7 @@ def check_run_folder(summary: dict, steps: int) -> list[dict]:
 
     run = Path(summary["run_dir"])
     assert (run / "samples.png").stat().st_size > 0
+    assert summary["panel"] == str(run / "panel.png") and (run / "panel.png").stat().st_size > 0
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["data"]["resolution"] == 16 and "tracking" in resolved
     ckpt = Path(summary["checkpoint"])

@@ -97,6 +97,7 @@ def print_summary(s: dict) -> None:
                 *battery_lines(s.get("battery") or {}),
                 f"run folder                : {s['run_dir']}",
                 f"samples                   : {s['samples'] or 'none'}",
+                f"data, reconstructions, samples: {s.get('panel') or 'none'}",
                 f"last checkpoint           : {s['checkpoint'] or 'none'}",
                 f"MLflow store              : {uri}  (run {s['mlflow_run_id']})",
                 f"open the MLflow UI        : {mlflow_command()} ui --backend-store-uri {uri} --port 5000",

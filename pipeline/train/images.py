@@ -32,3 +32,31 @@ def save_grid(x: torch.Tensor, path: str | Path, pad: int = 2) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     return Path(path)
+
+
+def save_panel(rows: list[tuple[str, torch.Tensor]], path: str | Path, scale: int = 3) -> Path:
+    """A labelled panel, one titled row of images per (label, batch), each image enlarged
+    ``scale``× (nearest neighbour, so pixels stay pixels); written as PNG, atomically."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    pad, title = 4, 14
+    strips = [np.repeat(np.repeat(to_uint8(x), scale, axis=1), scale, axis=2) for _, x in rows]
+    h, w, c = strips[0].shape[1:]
+    cols = max(len(s) for s in strips)
+    width = max(pad + cols * (w + pad), 8 * max(len(label) for label, _ in rows))
+    height = len(rows) * (title + h + pad) + pad
+    panel = np.full((height, width, c), 255, dtype=np.uint8)
+    top = pad
+    for strip in strips:
+        for i, img in enumerate(strip):
+            left = pad + i * (w + pad)
+            panel[top + title : top + title + h, left : left + w] = img
+        top += title + h + pad
+    image = Image.fromarray(panel)
+    draw = ImageDraw.Draw(image)
+    for k, (label, _) in enumerate(rows):
+        draw.text((pad, pad + k * (title + h + pad)), label, fill=(0, 0, 0), font=font)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

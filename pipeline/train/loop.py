@@ -41,7 +41,7 @@ from pipeline.train.build import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.guard import ROLLBACK, STOP, DivergenceStop, Guard
-from pipeline.train.images import save_grid
+from pipeline.train.images import save_grid, save_panel
 from pipeline.train.state import TrainState
 
 
@@ -293,8 +293,9 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         battery = maybe_battery(run.model, run.val_loader, cfg.guard.battery_images)
         run.sink.log(state.step, {"val/bpd": val_bpd, **battery})
         sample_grid(run, cfg.run.dir / "samples.png")
+        save_run_panel(run, cfg.run.dir / "panel.png")
     latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
-    samples = cfg.run.dir / "samples.png"
+    samples, panel = cfg.run.dir / "samples.png", cfg.run.dir / "panel.png"
     summary = {
         "status": status,
         **outcome,
@@ -307,6 +308,7 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         "event_counts": state.event_counts,
         "run_dir": str(cfg.run.dir.resolve()),
         "samples": str(samples.resolve()) if samples.is_file() else None,
+        "panel": str(panel.resolve()) if panel.is_file() else None,
         "tracking_uri": run.sink.uri if run is not None else None,
         "mlflow_run_id": run.sink.run_id if run is not None else None,
         "checkpoint": str(latest.resolve()) if latest is not None else None,
@@ -332,15 +334,50 @@ def maybe_battery(model, val_loader, n_images: int) -> dict:
     and bpd finiteness on val and off-data inputs, samples at T 0.7-2, invertible-mode gradients."""
     if not n_images or not dist.is_main():
         return {}
-    batches = []
-    for x in val_loader:
-        batches.append(x)
-        if sum(len(b) for b in batches) >= n_images:
-            break
-    x = torch.cat(batches)[:n_images].to(dist.device())
+    x = first_images(val_loader, n_images)
     return exploding_inverse_battery(
         model, x, n_images=n_images, n_samples=2 * n_images, n_grad=min(8, n_images)
     )
+
+
+def first_images(loader, n: int) -> torch.Tensor:
+    """The first ``n`` images of a finite loader (fewer if it holds fewer), on this rank's device."""
+    batches = []
+    for x in loader:
+        batches.append(x)
+        if sum(len(b) for b in batches) >= n:
+            break
+    return torch.cat(batches)[:n].to(dist.device())
+
+
+PANEL_TEMPERATURES = (0.5, 0.7, 1.0)
+
+
+def save_run_panel(run: Run, path: Path, n: int = 8) -> None:
+    """The end-of-run picture (main rank), logged as an artifact: validation images, their exact
+    reconstructions x -> z -> x (proof of invertibility at a glance), and samples at 0.5, 0.7, 1.0."""
+    if not dist.is_main():
+        return
+    model, was_training = run.model, run.model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = first_images(run.val_loader, n)
+            x_hat = model.reconstruct(x)
+            error = (x_hat - x).abs().max().item()
+            generator = torch.Generator(device=x.device).manual_seed(0)
+            rows = [
+                ("validation images", x),
+                (f"their reconstructions x -> z -> x (max |error| {error:.1e})", x_hat),
+                *(
+                    (f"samples at T = {t}", model.sample(n, temperature=t, generator=generator))
+                    for t in PANEL_TEMPERATURES
+                ),
+            ]
+    finally:
+        model.train(was_training)
+    save_panel(rows, path)
+    run.sink.log_artifact(path)
 
 
 def every(step: int, n: int) -> bool:
