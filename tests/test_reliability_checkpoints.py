@@ -3,7 +3,9 @@ checkpoints, a full disk. One tiny trained run is shared; each test works on its
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -266,3 +268,62 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_run_resumes_from_the_on
         trained / "runs/base/checkpoints/step00000004/mp_rank_00_model_states.pt", weights_only=True
     )["module"]
     assert all(torch.equal(again[k], before[k]) for k in before)
+
+
+# --- 15.5: a full disk ----------------------------------------------------------------------------
+
+
+def test_a_failed_save_removes_its_folder_and_tells_a_full_disk_from_other_failures(tmp_path):
+    good = fake_checkpoint(tmp_path, 2)
+    partial = tmp_path / checkpoint.tag_for(4)
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    assert checkpoint.save_failed(partial, RuntimeError("some bug")) is None  # space is plenty
+    assert not partial.exists()
+    partial.mkdir()
+    try:
+        raise RuntimeError("unexpected pos 128 vs 0") from OSError(errno.ENOSPC, "No space left")
+    except RuntimeError as error:
+        full = checkpoint.save_failed(partial, error)
+    assert isinstance(full, checkpoint.DiskFullError) and not partial.exists()
+    message = str(full)
+    assert f"no space left to save checkpoint {partial}: " in message and "bytes free" in message
+    assert f"still names {good.name}" in message and "\n" not in message
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs at tmp_path/disk (root only; skipped where mounting is not permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_the_same_command_resumes(trained, small_disk):
+    runs, name = small_disk / "runs", "full"
+    command = ("train.steps=5", "train.save_every=1", "train.keep_last=0")
+    out = train(runs, trained / "data", name, *command, check=False)
+    line = error_line(out)
+    found = re.search(r"no space left to save checkpoint (\S+): ([\d,]+) bytes free", line)
+    assert found, line
+    partial = Path(found.group(1))
+    assert not partial.exists() and int(found.group(2).replace(",", "")) >= 0
+    ckpts = runs / name / "checkpoints"
+    assert all((p / checkpoint.COMPLETE).is_file() for p in ckpts.glob("step*"))  # none partial
+    latest = ckpts / (ckpts / "latest").read_text()
+    assert checkpoint.verify(latest) is None and checkpoint.step_of(latest) < 5
+    assert checkpoint.step_of(partial) == checkpoint.step_of(latest) + 1
+    summary = json.loads((runs / name / "summary.json").read_text())
+    assert summary["status"] == "failed" and "no space left" in summary["reason"]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    out = train(runs, trained / "data", name, *command)
+    assert f"resumed from {latest} " in out.stdout
+    summary = json.loads((runs / name / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 5

@@ -14,10 +14,12 @@ COMPLETE written before manifests existed is empty: its checkpoint is accepted u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
 import shutil
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +38,10 @@ MANIFEST_VERSION = 1
 
 class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint that cannot be written or resumed from; the message (one line) says what to do."""
+
+
+class DiskFullError(CheckpointError):
+    """A save that failed for lack of space; its partial folder is gone, `latest` is unchanged."""
 
 
 def tag_for(step: int) -> str:
@@ -204,26 +210,86 @@ def save(
     engine, state: TrainState, cfg: Config, root: Path, keep_last: int, data_position: dict
 ) -> Path:
     """Every rank must call this (DeepSpeed's save is a collective); ``data_position`` is this rank's.
-    Rank 0 writes the manifest (COMPLETE) after the barrier, over every file the ranks wrote."""
+
+    A rank whose part fails removes the partial folder and raises: a DiskFullError naming the
+    path and the bytes free when the filesystem is full, else the original error. It raises before
+    the barrier ahead of COMPLETE, so no rank can mark that folder complete; the others are stopped
+    by the launcher (or wait in their next collective until the group's timeout).
+    """
     tag = tag_for(state.step)
     folder = root / tag
     if dist.is_main() and folder.exists():  # a save of this step cut short, or damaged: not ours
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    atomic_write_text(folder / f"rank{dist.rank()}.json", json.dumps(data_position))
-    rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
-    torch.save(rng, folder / f"rng-rank{dist.rank()}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        atomic_write_text(folder / f"rank{dist.rank()}.json", json.dumps(data_position))
+        rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+        torch.save(rng, folder / f"rng-rank{dist.rank()}.pt")
+    except Exception as error:
+        if (full := save_failed(folder, error)) is None:
+            raise
+        raise full from error
     dist.barrier()
     if dist.is_main():
-        atomic_write_text(folder / "trainstate.json", json.dumps(asdict(state), indent=1))
-        save_config(cfg, folder / "config.yaml")
-        write_manifest(folder)
-        atomic_write_text(root / "latest", tag)
+        try:
+            atomic_write_text(folder / "trainstate.json", json.dumps(asdict(state), indent=1))
+            save_config(cfg, folder / "config.yaml")
+            write_manifest(folder)
+            atomic_write_text(root / "latest", tag)
+        except Exception as error:
+            if (full := save_failed(folder, error)) is None:
+                raise
+            raise full from error
         for old in rotated_out(root, keep_last):
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return folder
+
+
+def save_failed(folder: Path, error: BaseException) -> DiskFullError | None:
+    """Remove the partial ``folder``. Returns a DiskFullError (path, bytes free, what to do) if
+    the filesystem is full: ENOSPC or EDQUOT anywhere in the chain, or less free at the failure
+    than a checkpoint of this run takes (torch's writer reports a full disk as "unexpected pos
+    ..."); else None: ``error`` stands as it is."""
+    root = folder.parent
+    need = checkpoint_bytes(root, exclude=folder.name)
+    free_at_failure = free_bytes(root)
+    for e in chain(error):  # the failed writer, still open in a frame, would hold its space
+        traceback.clear_frames(e.__traceback__)
+    shutil.rmtree(folder, ignore_errors=True)
+    full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in chain(error))
+    if not (full or free_at_failure < need):
+        return None
+    latest = root / "latest"
+    named = latest.read_text().strip() if latest.is_file() else "nothing yet"
+    return DiskFullError(
+        f"no space left to save checkpoint {folder}: {free_bytes(root):,} bytes free on its "
+        f"filesystem (a checkpoint of this run takes about {need:,}); the partial folder was "
+        f"removed and {latest} still names {named}. Free space (or keep fewer: train.keep_last) "
+        "and run the same command again to resume"
+    )
+
+
+def chain(error: BaseException):
+    """``error`` and the exceptions it was raised from or during."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path if path.exists() else path.parent).free
+
+
+def checkpoint_bytes(root: Path, exclude: str = "") -> int:
+    """The size of the newest complete checkpoint but ``exclude`` (1 MiB if there is none yet)."""
+    for tag in reversed(complete_tags(root)):
+        if tag != exclude:
+            return sum(p.stat().st_size for p in (root / tag).rglob("*") if p.is_file())
+    return 2**20
 
 
 def load_engine(engine, folder: Path) -> None:
