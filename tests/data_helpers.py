@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,14 @@ def save_image(path: Path, array: np.ndarray, mode: str | None = None, **save_kw
 
 def png_bytes_of(path: Path) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"))
+
+
+def record_digests(folder: Path) -> None:
+    """Rewrite the manifest's sha256 of every shard to the bytes now on disk: a set written with
+    bad members, as opposed to one damaged after it was written."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for records in manifest["shards"].values():
+        for r in records:
+            r["sha256"] = sha256_file(folder / r["name"])
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

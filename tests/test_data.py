@@ -32,6 +32,7 @@ from tests.data_helpers import (
     batch_ids,
     data_cfg,
     index_image,
+    record_digests,
     save_image,
     write_set,
     write_tar,
@@ -232,8 +233,9 @@ def test_synth_faces_are_deterministic_and_varied(tmp_path):
 def test_prepare_synthetic_is_idempotent_atomic_and_shards_enough(tmp_path):
     cfg = DataConfig(cache=str(tmp_path), synthetic_train=64, synthetic_val=16, resolution=16)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(prepare_synthetic(cfg)))
-               for _ in range(2)]  # two "ranks" racing: both must see the complete set
+    threads = [
+        threading.Thread(target=lambda: results.append(prepare_synthetic(cfg))) for _ in range(2)
+    ]  # two "ranks" racing: both must see the complete set
     for t in threads:
         t.start()
     for t in threads:
@@ -370,6 +372,7 @@ def test_bad_members_and_truncated_tar_are_skipped_and_counted(tmp_path):
         tar = folder / shard  # 1 KiB per sample: 700 cuts the first one's padding (ReadError),
         # 1500 the second header (tarfile sees a clean end there)
         tar.write_bytes(tar.read_bytes()[:cut])
+    record_digests(folder)  # written this way: the tar-level handlers, not the checksum, see it
     seen: dict[str, int] = {}
 
     def on_bad(reason, n):
@@ -447,7 +450,18 @@ def test_resume_refuses_a_different_layout(even_set):
 def test_bench_data_prints_rates_and_ratios(capsys):
     from pipeline.bench import data as bench
 
-    args = ["--n", "64", "--resolution", "16", "--batch-size", "8", "--epochs", "1", "--rounds", "1"]
+    args = [
+        "--n",
+        "64",
+        "--resolution",
+        "16",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--rounds",
+        "1",
+    ]
     assert bench.main([*args, "--workers", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     names = {"pil_loop", "folder_dataset", "loader", "loader_inprocess"}

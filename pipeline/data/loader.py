@@ -6,6 +6,11 @@ epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (S
     shard order       train: the split's shards permuted by rng(seed, epoch); val: manifest order
     split by node     rank r takes positions r, r + R, r + 2R, ...            (R = world size)
     split by worker   reader w of rank r takes positions r + R·w (mod R·W)
+    verify            each shard's sha256 against the manifest, on its first open in the process
+                      (hashing streams the file once; the page cache then serves the tar read): a
+                      mismatch is a bad shard, named in the log and in ``Loader.bad_shards``,
+                      its manifest count added to "bad_shard", and it is skipped; a reader left
+                      with no intact shard stops with a ShardError naming them
     tar -> samples    wds.tarfile_to_samples; an unreadable shard or member goes to the named
                       handler BadSamples.handler: counted, skipped, never fatal
     check counts      a shard yielding fewer samples than its manifest count: each missing one
@@ -34,6 +39,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -48,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.config import DataConfig
 from pipeline.data.images import SkipImage, decode_rgb_array
-from pipeline.data.manifest import ShardError, read_manifest
+from pipeline.data.manifest import ShardError, read_manifest, sha256_file
 from pipeline.data.source import check_resolution
 
 log = logging.getLogger("pipeline.data")
@@ -56,6 +62,10 @@ log = logging.getLogger("pipeline.data")
 # The largest float32 below 1/2: (k + u)/2^n rounds up to exactly 1/2 for k = 2^n - 1 and u near 1.
 BELOW_HALF = np.nextafter(np.float32(0.5), np.float32(0.0))
 LOGGED_PER_READER = 10  # bad-sample warnings per reader; the counts carry the rest
+REWRITE = (
+    "rewrite the set: `python -m pipeline shards --src IMAGES --out DIR --resolution R --force` "
+    "(a synthetic set: delete its folder under data.cache and it is generated again)"
+)
 
 
 def mix(*parts: Any) -> int:
@@ -73,6 +83,8 @@ class BadSamples:
     def __init__(self, where: str):
         self.where = where
         self.counts: Counter[str] = Counter()
+        self.shards: set[str] = set()  # names of shards that failed their checksum
+        self.shards_logged: set[str] = set()
         self.logged = 0
 
     def handler(self, exn: Exception) -> bool:
@@ -86,11 +98,45 @@ class BadSamples:
             self.logged += 1
             log.warning("skipped bad sample (%s) in %s: %s", reason, self.where, detail[:300])
 
+    def bad_shard(self, url: str, samples: int, detail: str) -> None:
+        """A whole shard skipped: its samples counted as "bad_shard", its name kept and logged
+        (once per reader and epoch, whatever the bad samples before it left of the warnings)."""
+        name = Path(url).name
+        self.counts["bad_shard"] += samples
+        if name not in self.shards_logged:
+            self.shards_logged.add(name)
+            log.warning(
+                "skipped bad shard %s in %s: %s; its %d samples skipped (%s)",
+                url,
+                self.where,
+                detail,
+                samples,
+                REWRITE,
+            )
+        self.shards.add(name)
+
     def take(self) -> dict[str, int]:
         """The counts since the last take (they travel with the next chunk)."""
         out = dict(self.counts)
         self.counts.clear()
         return out
+
+    def take_shards(self) -> list[str]:
+        out = sorted(self.shards)
+        self.shards.clear()
+        return out
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime, inode) -> sha256
+
+
+def shard_digest(url: str) -> str:
+    """The file's sha256, computed once per process (DataLoader worker) and file version."""
+    st = os.stat(url)
+    key = (url, st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(Path(url))
+    return _DIGESTS[key]
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,7 @@ class StreamPlan:
     split: str
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    sha256: tuple[str | None, ...]  # the manifest's digest per shard (None: not recorded)
     resolution: int
     n_bits: int
     hflip: bool
@@ -162,6 +209,7 @@ def make_plan(
         split=split,
         urls=tuple(str(shards_dir / r["name"]) for r in records),
         counts=tuple(counts),
+        sha256=tuple(r.get("sha256") for r in records),
         resolution=cfg.resolution,
         n_bits=cfg.n_bits,
         hflip=cfg.hflip and split == "train",
@@ -217,31 +265,54 @@ def read_chunks(
     per_pass = sum(plan.counts[i] for i in shard_ids)
 
     expected = {plan.urls[i]: plan.counts[i] for i in shard_ids}
+    digests = {plan.urls[i]: plan.sha256[i] for i in shard_ids}
 
-    def check_counts(src: Iterator[dict]) -> Iterator[dict]:
+    def verify(rejected: set[str]) -> Callable[[Iterator[dict]], Iterator[dict]]:
+        def stage(src: Iterator[dict]) -> Iterator[dict]:
+            for shard in src:
+                url, want = shard["url"], digests[shard["url"]]
+                try:
+                    got = shard_digest(url) if want else want
+                except OSError:
+                    got = want  # unreadable: the tar stage reports it as it reports any
+                if got != want:
+                    rejected.add(url)
+                    detail = f"sha256 {got[:16]}... is not the manifest's {want[:16]}..."
+                    bad.bad_shard(url, expected[url], detail)
+                    continue
+                yield shard
+
+        return stage
+
+    def check_counts(rejected: set[str]) -> Callable[[Iterator[dict]], Iterator[dict]]:
         # tarfile reads a tar cut at a header boundary as a clean end: only the manifest's count
         # reveals the lost samples, so compare each shard's yield with it once the shard is done
-        done = iter(urls)
-        url, n = next(done, None), 0
-        for sample in itertools.chain(src, [None]):
-            while url is not None and (sample is None or sample["__url__"] != url):
-                if n < expected[url]:
-                    detail = f"{url} yielded {n} of its {expected[url]} samples"
-                    bad.add("missing_sample", detail, expected[url] - n)
-                url, n = next(done, None), 0
-            if sample is None:
-                return
-            n += 1
-            yield sample
+        def stage(src: Iterator[dict]) -> Iterator[dict]:
+            done = iter(urls)
+            url, n = next(done, None), 0
+            for sample in itertools.chain(src, [None]):
+                while url is not None and (sample is None or sample["__url__"] != url):
+                    if n < expected[url] and url not in rejected:  # counted as a bad shard
+                        detail = f"{url} yielded {n} of its {expected[url]} samples"
+                        bad.add("missing_sample", detail, expected[url] - n)
+                    url, n = next(done, None), 0
+                if sample is None:
+                    return
+                n += 1
+                yield sample
 
-    def one_pass(index: int) -> wds.DataPipeline:
+        return stage
+
+    def one_pass(index: int, rejected: set[str]) -> wds.DataPipeline:
         return wds.DataPipeline(
             # this reader's shards: shard order, split by node, split by worker (reader_shards)
             wds.SimpleShardList(urls),
+            # a shard whose bytes are not the manifest's -> skipped, named, counted
+            verify(rejected),
             # tar members -> {"__key__", "png"} samples; bad shards/members -> the named handler
             wds.tarfile_to_samples(handler=bad.handler),
             # samples a shard lost without an exception (cut at a header) -> the named handler
-            check_counts,
+            check_counts(rejected),
             # buffer shuffle on raw bytes, before any decode work
             wds.shuffle(
                 plan.shuffle_buffer,
@@ -256,18 +327,26 @@ def read_chunks(
         for index in itertools.count():
             if index:  # only reached when bad samples left the reader short
                 bad.add("refill_pass", f"reading {len(urls)} shards again")
-            n = 0
-            for sample in one_pass(index):
+            n, rejected = 0, set()
+            for sample in one_pass(index, rejected):
                 n += 1
                 yield sample
+            if n == 0 and rejected == set(urls):
+                names = ", ".join(sorted(Path(u).name for u in rejected))
+                raise ShardError(
+                    f"{where}: no intact shard left: {names} in {Path(urls[0]).parent} do not "
+                    f"match the sha256 in its manifest.json (corrupted or changed since written); "
+                    f"{REWRITE}"
+                )
             if n == 0:
                 raise ShardError(f"{where}: no readable sample in shards {urls}")
 
     def position(src: Iterator[dict]) -> Iterator[dict]:
         for pos, sample in enumerate(src):
             if pos < skip:
-                if pos == skip - 1:
-                    bad.take()  # reported with the consumed chunks before the resume
+                if pos == skip - 1:  # reported with the consumed chunks before the resume
+                    bad.take()
+                    bad.take_shards()
                 continue
             sample["__pos__"] = pos
             yield sample
@@ -302,7 +381,7 @@ def read_chunks(
             parts.append(x)
             if len(parts) == plan.chunk:
                 meta = {"epoch": epoch, "reader": reader, "index": index, "pos": pos + 1}
-                meta["bad"] = bad.take()
+                meta["bad"], meta["bad_shards"] = bad.take(), bad.take_shards()
                 yield torch.from_numpy(np.stack(parts)), meta
                 parts, index = [], index + 1
                 if index == plan.chunks_per_reader:
@@ -347,9 +426,10 @@ class Loader:
 
     train: endless; epoch e+1 starts after ``batches_per_epoch`` batches. val: each ``iter()``
     finishes the current pass (a full one unless resumed), no shuffle, no flip, the same noise every
-    pass. ``bad_samples`` sums the counts of every reader this rank has consumed from; counts made
-    in DataLoader worker processes travel to the rank inside each chunk's metadata, so no shared
-    memory or queue is needed. ``on_bad(reason, n)``, if given, is called in this process for each
+    pass. ``bad_samples`` sums the counts of every reader this rank has consumed from, and
+    ``bad_shards`` names the shards they skipped for a checksum mismatch; counts made in DataLoader
+    worker processes travel to the rank inside each chunk's metadata, so no shared memory or queue
+    is needed. ``on_bad(reason, n)``, if given, is called in this process for each
     new count (for the tracker). With workers > 0 one DataLoader serves all epochs of an ``iter()``
     (train), so worker processes start once, not at every epoch.
     """
@@ -366,6 +446,7 @@ class Loader:
         chunks = plan.readers * plan.chunks_per_reader
         self.batches_per_epoch: int = chunks * plan.chunk // batch_size
         self.bad_samples: dict[str, int] = {}
+        self.bad_shards: set[str] = set()
         self.epoch = 0
         self.batches = 0  # consumed in the current epoch
         self.positions = [0] * plan.readers  # raw position of each reader after its last used chunk
@@ -402,6 +483,7 @@ class Loader:
             "samples": batches * self.batch_size,
             "reader_positions": positions,
             "bad_samples": dict(self.bad_samples),
+            "bad_shards": sorted(self.bad_shards),
             "layout": self._layout(),
         }
 
@@ -422,6 +504,7 @@ class Loader:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self.positions = [int(p) for p in state["reader_positions"]]
         self.bad_samples = {k: int(v) for k, v in state.get("bad_samples", {}).items()}
+        self.bad_shards = set(state.get("bad_shards", []))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         per_batch = self.batch_size // self.plan.chunk
@@ -438,9 +521,7 @@ class Loader:
         if self.workers == 0:
             return reader_chunks(self.plan, epoch, 0, consumed, self.positions[0])
         dataset = ReaderDataset(self.plan, epoch, consumed, tuple(self.positions))
-        return iter(
-            DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=keep)
-        )
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=keep))
 
     def _rest_of_epoch(self, source: Iterator, pending: dict) -> Iterator[torch.Tensor]:
         """Chunk j of the epoch is chunk j div W of reader j mod W; whatever arrives early waits in
@@ -461,6 +542,7 @@ class Loader:
             if len(parts) == per_batch:
                 for m in metas:
                     self.positions[m["reader"]] = m["pos"]
+                    self.bad_shards.update(m["bad_shards"])
                     for reason, n in m["bad"].items():
                         self.bad_samples[reason] = self.bad_samples.get(reason, 0) + n
                         if self.on_bad is not None:
