@@ -8,7 +8,15 @@ the channels out under a learned conditional prior. A step is
 
 where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with these keys:
 
-- bounded (the default): affine coupling with s = α·tanh(h/α), SVD 1×1 conv, bounded actnorm;
+- certified (the default): boxed affine coupling (s = α·tanh(h_s/α) inside |x_b| ≤ β, slope 1
+  outside, so its bound needs no assumption on the input) with a subnet spectral-normalised by
+  the exact Fourier norm of each conv (Lip(t) ≤ subnet_coeff, Lip(h_s) ≤ scale_coeff), LU 1×1 conv
+  (exact bounds from its SVD), bounded actnorm. Every block, and so the model, has finite
+  certified bounds for the map and its inverse; each actnorm → 1×1 conv pair is certified as one
+  matrix (MultiScaleFlow.bound_factors);
+- old bounded (the default before issue 14): coupling=affine conv=svd spectral_norm=false
+  spectral_method=exact (actnorm=bounded as here): its coupling bounds assume |x|_∞ ≤
+  affine_x_bound and are astronomically loose (~10^40 after training);
 - unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded;
 - linear flow (closed-form optimum, DESIGN §3.2): coupling=none levels=1 split_prior=standard;
 - i-ResNet / Residual Flow: block=residual (the coupling key is then unused).
@@ -31,17 +39,17 @@ class ModelConfig:
     # additive: y_b = x_b + t(x_a); affine: y_b = x_b·exp(α·tanh(h/α)) + t; affine_box: the same
     # inside |x_b| ≤ affine_x_bound, slope 1 outside (a bound without assumptions); affine_exp:
     # exp(h), unbounded; none: no coupling, so a step is actnorm + 1×1 conv and the flow is linear
-    coupling: Literal["additive", "affine", "affine_box", "affine_exp", "none"] = "affine"
+    coupling: Literal["additive", "affine", "affine_box", "affine_exp", "none"] = "affine_box"
     # svd: singular values bounded by e^±α by construction; lu: Glow's, free, certified exactly
-    conv: Literal["svd", "lu", "none"] = "svd"
+    conv: Literal["svd", "lu", "none"] = "lu"
     actnorm: Literal["bounded", "unbounded", "none"] = "bounded"
     # α: the |log-scale| bound of actnorm and of the SVD 1x1 conv's singular values
     log_scale_bound: float = 2.0
-    spectral_norm: bool = False  # spectral-normalise coupling subnets to Lip ≤ subnet_coeff
-    subnet_coeff: float = 1.0  # certified Lip of a whole spectral-normalised coupling subnet
+    spectral_norm: bool = True  # spectral-normalise coupling subnets to Lip ≤ subnet_coeff
+    subnet_coeff: float = 4.0  # certified Lip of a whole spectral-normalised coupling subnet
     # certified Lip of the affine coupling's log-scale head h_s (its own budget: it is multiplied
     # by |x_b| ≤ affine_x_bound in the bound); with spectral_norm only
-    scale_coeff: float = 1.0
+    scale_coeff: float = 4.0
     # α of the affine coupling's s = α·tanh(h_s/α); its e^α multiplies into the composed bound
     coupling_log_scale_bound: float = 2.0
     # β. affine: Lipschitz only on a bounded domain, its certified (L, L_inv) assume |x|_∞ ≤ β at
@@ -57,7 +65,7 @@ class ModelConfig:
     # power: persistent power iteration (cheaper for width 512), which lags and may overshoot c;
     # fourier: the exact norm of each 3×3 conv on its H×W (flows/lipschitz.py), so a layer may use
     # its whole budget (exact leaves a 3×3 layer between c/3 and c); costs ~H·W small eigensolves
-    spectral_method: Literal["exact", "power", "fourier"] = "exact"
+    spectral_method: Literal["exact", "power", "fourier"] = "fourier"
     power_iterations: int = 1  # per training forward, for spectral_method=power
     split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z
     # activations for the backward pass (pipeline/flows/memory.py): store them all; checkpoint
