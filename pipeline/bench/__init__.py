@@ -4,4 +4,4 @@ Measurements, never timed assertions: the slow tests only check that each prints
 module has ``main(argv) -> int``; ``common`` holds what they share.
 """
 
-NAMES = ("data", "scaling", "train")
+NAMES = ("data", "peer", "scaling", "train")

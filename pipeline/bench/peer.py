@@ -1,0 +1,357 @@
+"""lipflow against normflows, side by side: `python -m pipeline bench peer [options]`.
+
+One training step (forward to the loss, backward, AdamW step, fp32, the same batch every step) of
+each arm, all arms in this one process, interleaved: a warm-up, then --rounds rounds in which every
+arm runs --steps steps, the order rotating each round so that no arm always follows the same one.
+Slow phases of a shared machine then hit every arm alike; the median step counts.
+
+Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = every preset x mode):
+    normflows   normflows' multi-scale Glow, built as its Glow example does (GlowBlock x K per
+                level, Squeeze, Merge, DiagGaussian bases, MultiscaleFlow), loss forward_kld
+    glow        the unconstrained Glow preset: coupling=affine_exp conv=lu actnorm=unbounded
+                spectral_norm=false (matched to normflows' GlowBlock block for block)
+    default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
+    bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
+                spectral_norm=false spectral_method=exact
+and memory modes store (if none is named), checkpoint, invertible. Architectures match normflows 1.7.3
+(pinned dev dependency, imported only here): L levels x K steps of actnorm, 1x1 conv, affine coupling
+whose subnet is conv3x3 - ReLU - conv1x1 - ReLU - conv3x3 with `width` hidden channels; lipflow's
+split priors are learned and conditional, normflows' bases are unconditional (parameters reported).
+
+Settings (``--settings``): 32 (32², L3 K8 w128, batch 16, 1 thread), 64 (64², L4 K8 w128, batch 8,
+2 threads), 128 (128², L5 K8 w128, batch 4, 2 threads), quick (16², L2 K2 w16, batch 4: the test).
+Per arm: median step time, images/s, ratio to normflows (images/s over normflows' images/s; and
+the same from median CPU time, which other jobs on a shared machine inflate least), the spread of
+round medians (min/max), parameters; per setting, issue 16's goals as ratios (wall and CPU). ``--profile ARM[,ARM]`` instead
+runs torch.profiler over a few steps of each named arm at each setting and lists the top ops.
+
+    python -m pipeline bench peer                                    # BENCHMARKS.md §6
+    python -m pipeline bench peer --settings 32 --arms default --profile default,glow
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.bench.common import emit, machine
+from pipeline.errors import PipelineError
+from pipeline.flows import ModelConfig, build_flow
+
+N_BITS = 8
+NORMFLOWS = "normflows"
+PRESETS: dict[str, dict] = {
+    "glow": {
+        "coupling": "affine_exp",
+        "conv": "lu",
+        "actnorm": "unbounded",
+        "spectral_norm": False,
+    },
+    "default": {},
+    "bounded": {
+        "coupling": "affine",
+        "conv": "svd",
+        "actnorm": "bounded",
+        "spectral_norm": False,
+        "spectral_method": "exact",
+    },
+}
+MODES = ("store", "checkpoint", "invertible")
+DEFAULT_ARMS = "normflows,glow,default,bounded,default:checkpoint,default:invertible"
+
+
+@dataclass(frozen=True)
+class Setting:
+    resolution: int
+    levels: int
+    steps: int  # K, flow steps per level
+    width: int
+    batch: int
+    threads: int
+
+
+SETTINGS = {
+    "32": Setting(32, 3, 8, 128, 16, 1),
+    "64": Setting(64, 4, 8, 128, 8, 2),
+    "128": Setting(128, 5, 8, 128, 4, 2),
+    "quick": Setting(16, 2, 2, 16, 4, 1),
+}
+
+
+@dataclass
+class Arm:
+    name: str
+    step: Callable[[], None]
+    params: int
+    model_keys: dict | None = None  # lipflow arms: the resolved ModelConfig
+    times: list[float] = dataclasses.field(default_factory=list)
+    cpu_times: list[float] = dataclasses.field(default_factory=list)
+    round_medians: list[float] = dataclasses.field(default_factory=list)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline bench peer", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--settings", default="32,64,128", help=f"of {', '.join(SETTINGS)}")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help="preset[:memory],...; all: every pair")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per arm per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
+    p.add_argument("--threads", type=int, help="override every setting's torch threads")
+    p.add_argument("--quick", action="store_true", help="the tiny setting, 2 rounds of 1 step")
+    p.add_argument("--profile", help="arms to profile (torch.profiler) instead of timing")
+    p.add_argument("--profile-steps", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.settings, args.rounds, args.steps, args.warmup = "quick", 2, 1, 1
+    return args
+
+
+def arm_names(text: str) -> list[str]:
+    if text == "all":
+        return [NORMFLOWS] + [f"{p}:{m}" if m != "store" else p for p in PRESETS for m in MODES]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        preset, _, mode = name.partition(":")
+        if name != NORMFLOWS and (preset not in PRESETS or mode not in ("", *MODES)):
+            raise PipelineError(
+                f"unknown arm {name!r}: use normflows or preset[:memory] with preset in "
+                f"{', '.join(PRESETS)} and memory in {', '.join(MODES)}"
+            )
+    return names
+
+
+# ----- the two libraries' models -----------------------------------------------------------------
+def batch(s: Setting) -> torch.Tensor:
+    """Dequantised n-bit images in lipflow's domain [-1/2, 1/2); both libraries get the same one."""
+    n = 2**N_BITS
+    shape = (s.batch, 3, s.resolution, s.resolution)
+    k = torch.randint(0, n, shape, generator=torch.Generator().manual_seed(1))
+    return (k + torch.rand(shape, generator=torch.Generator().manual_seed(2))) / n - 0.5
+
+
+def import_normflows():
+    try:
+        import normflows
+    except ImportError as error:
+        raise PipelineError(
+            "bench peer needs normflows (a pinned dev dependency), which is not installed: "
+            "`make setup`, or pip install -c requirements.lock -e '.[dev]'"
+        ) from error
+    return normflows
+
+
+def normflows_glow(s: Setting) -> torch.nn.Module:
+    """normflows' multi-scale Glow as in its examples/glow.ipynb (without class conditioning).
+    normflows lists levels from the coarsest: level i runs at 2^(L-i) downsampling."""
+    nf = import_normflows()
+    big_l, r = s.levels, s.resolution
+    q0, merges, flows = [], [], []
+    for i in range(big_l):
+        channels = 3 * 2 ** (big_l + 1 - i)
+        level = [
+            nf.flows.GlowBlock(channels, s.width, split_mode="channel", scale=True)
+            for _ in range(s.steps)
+        ]
+        flows.append([*level, nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            latent = (3 * 2 ** (big_l - i), r // 2 ** (big_l - i), r // 2 ** (big_l - i))
+        else:
+            latent = (3 * 2 ** (big_l + 1), r // 2**big_l, r // 2**big_l)
+        q0.append(nf.distributions.DiagGaussian(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def lipflow_model(name: str, s: Setting) -> tuple[torch.nn.Module, ModelConfig]:
+    preset, _, mode = name.partition(":")
+    cfg = ModelConfig(
+        levels=s.levels,
+        steps=s.steps,
+        width=s.width,
+        memory=mode or "store",
+        **PRESETS[preset],
+    )
+    return build_flow(cfg, (3, s.resolution, s.resolution), N_BITS), cfg
+
+
+def build_arm(name: str, s: Setting, x: torch.Tensor) -> Arm:
+    torch.manual_seed(0)
+    if name == NORMFLOWS:
+        model = normflows_glow(s)
+        with torch.no_grad():
+            model.forward_kld(x)  # normflows initialises its ActNorms on the first batch
+
+        def loss() -> torch.Tensor:
+            return model.forward_kld(x)
+
+        keys = None
+    else:
+        model, cfg = lipflow_model(name, s)
+        model.data_init(x)
+
+        def loss() -> torch.Tensor:
+            return model(x)["bpd"].mean()
+
+        keys = dataclasses.asdict(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    return Arm(name, step, sum(p.numel() for p in model.parameters()), keys)
+
+
+# ----- timing ------------------------------------------------------------------------------------
+def timed(arm: Arm, steps: int) -> None:
+    times = []
+    for _ in range(steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        arm.step()
+        times.append(time.perf_counter() - start)
+        arm.cpu_times.append(time.process_time() - cpu_start)
+    arm.times += times
+    arm.round_medians.append(statistics.median(times))
+
+
+def compare(setting: str, names: list[str], args: argparse.Namespace) -> dict:
+    s = SETTINGS[setting]
+    threads = args.threads or s.threads
+    torch.set_num_threads(threads)
+    x = batch(s)
+    arms = [build_arm(name, s, x) for name in names]
+    for arm in arms:
+        for _ in range(args.warmup):
+            arm.step()
+    load_before = machine(threads)["load_avg_1_5_15"]
+    for r in range(args.rounds):
+        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
+            timed(arm, args.steps)
+    rows = {arm.name: row(arm, s.batch) for arm in arms}
+    print(f"bench peer: setting {setting} done ({len(arms)} arms)", file=sys.stderr, flush=True)
+    if NORMFLOWS in rows:
+        base = rows[NORMFLOWS]
+        for r in rows.values():
+            r["ratio_to_normflows"] = round(r["images_per_s"] / base["images_per_s"], 3)
+            r["ratio_to_normflows_cpu"] = round(
+                base["step_cpu_s_median"] / r["step_cpu_s_median"], 3
+            )
+    return {
+        "setting": {"name": setting, **dataclasses.asdict(s), "threads": threads},
+        "machine": {**machine(threads), "load_avg_before": load_before},
+        "arms": rows,
+        "goals": goals(rows, "step_s_median"),
+        "goals_cpu": goals(rows, "step_cpu_s_median"),
+    }
+
+
+def row(arm: Arm, batch_size: int) -> dict:
+    median = statistics.median(arm.times)
+    out = {
+        "step_s_median": round(median, 5),
+        "images_per_s": round(batch_size / median, 3),
+        "round_median_min_s": round(min(arm.round_medians), 5),
+        "round_median_max_s": round(max(arm.round_medians), 5),
+        "step_cpu_s_median": round(statistics.median(arm.cpu_times), 5),
+        "timed_steps": len(arm.times),
+        "params": arm.params,
+    }
+    if arm.model_keys is not None:
+        out["model_keys"] = arm.model_keys
+    return out
+
+
+def goals(rows: dict, time_key: str) -> dict:
+    """Issue 16's goals as speed ratios (inverse ratios of the median step times under `time_key`:
+    wall or CPU), each present only when both arms ran."""
+    pairs = {
+        "default_vs_normflows (goal >= 1.3)": ("default", NORMFLOWS),
+        "glow_vs_normflows (goal >= 1.5)": ("glow", NORMFLOWS),
+        "default_vs_glow (goal >= 0.9: certified within 10% of uncertified)": ("default", "glow"),
+        "default_vs_bounded": ("default", "bounded"),
+        "invertible_vs_store (goal >= 0.8)": ("default:invertible", "default"),
+        "checkpoint_vs_store": ("default:checkpoint", "default"),
+    }
+    return {
+        key: round(rows[b][time_key] / rows[a][time_key], 3)
+        for key, (a, b) in pairs.items()
+        if a in rows and b in rows
+    }
+
+
+# ----- where the time goes -----------------------------------------------------------------------
+def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    s = SETTINGS[setting]
+    threads = args.threads or s.threads
+    torch.set_num_threads(threads)
+    x = batch(s)
+    out = {}
+    for name in names:
+        arm = build_arm(name, s, x)
+        for _ in range(args.warmup):
+            arm.step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_steps):
+                with record_function("step"):
+                    arm.step()
+        events = [e for e in prof.key_averages() if e.key != "step"]
+        total = sum(e.self_cpu_time_total for e in events)
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
+        out[name] = {
+            "self_cpu_ms_per_step": round(total / args.profile_steps / 1e3, 2),
+            "top_ops_self_cpu": [
+                {
+                    "op": e.key,
+                    "ms_per_step": round(e.self_cpu_time_total / args.profile_steps / 1e3, 3),
+                    "share": round(e.self_cpu_time_total / total, 4),
+                    "calls_per_step": e.count // args.profile_steps,
+                }
+                for e in top
+            ],
+        }
+    return {"setting": {"name": setting, **dataclasses.asdict(s), "threads": threads}, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    settings = [v.strip() for v in args.settings.split(",") if v.strip()]
+    unknown = [v for v in settings if v not in SETTINGS]
+    if unknown:
+        raise PipelineError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)}")
+    names = arm_names(args.profile or args.arms)
+    if NORMFLOWS in names:
+        import_normflows()  # say so before building anything
+    if args.profile:
+        emit({"profile": [profile(v, names, args) for v in settings]})
+        return 0
+    emit(
+        {
+            "method": (
+                "fp32 CPU, forward + backward + AdamW on one fixed batch; interleaved rounds in "
+                "one process (order rotating), median step time over all timed steps"
+            ),
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "warmup": args.warmup,
+            "normflows": normflows_version() if NORMFLOWS in names else None,
+            "results": [compare(v, names, args) for v in settings],
+        }
+    )
+    return 0
+
+
+def normflows_version() -> str:
+    return getattr(import_normflows(), "__version__", "unknown")

@@ -1,0 +1,59 @@
+"""`python -m pipeline bench peer`: lipflow against normflows (a dev dependency) prints its JSON.
+
+A measurement, never a timed assertion: the test checks the shape and that every ratio is a
+positive number, through the real entry point, on the tiny --quick setting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from pipeline.bench import peer
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
+
+
+def test_bench_peer_quick_prints_every_arm_with_ratios_to_normflows():
+    pytest.importorskip("normflows", reason="a dev dependency: make setup installs it")
+    out = json.loads(run_pipeline("bench", "peer", "--quick", timeout=300).stdout)
+    assert out["normflows"] == "1.7.3"
+    (result,) = out["results"]
+    assert result["setting"]["name"] == "quick"
+    arms = result["arms"]
+    assert list(arms) == peer.DEFAULT_ARMS.split(",")
+    for name, arm in arms.items():
+        for key in ("ratio_to_normflows", "ratio_to_normflows_cpu", "images_per_s"):
+            assert isinstance(arm[key], float) and math.isfinite(arm[key]) and arm[key] > 0, name
+        assert 0 < arm["round_median_min_s"] <= arm["round_median_max_s"], name
+        assert arm["params"] > 0 and arm["timed_steps"] == 2
+    assert arms["normflows"]["ratio_to_normflows"] == 1.0
+    assert "model_keys" not in arms["normflows"]
+    # the default arm reports the ModelConfig defaults it ran with; presets override them
+    assert arms["default"]["model_keys"]["coupling"] == peer.ModelConfig().coupling
+    assert arms["glow"]["model_keys"]["coupling"] == "affine_exp"
+    assert arms["default:invertible"]["model_keys"]["memory"] == "invertible"
+    # matched architectures: the same blocks and subnets, priors differ (within 5%)
+    assert abs(arms["glow"]["params"] / arms["normflows"]["params"] - 1) < 0.05
+    assert all(v > 0 for v in result["goals"].values()) and len(result["goals"]) == 6
+
+
+def test_bench_peer_says_clearly_when_normflows_is_missing():
+    """Without normflows the command fails with one 'error:' line naming it and the fix."""
+    code = (
+        "import sys; sys.modules['normflows'] = None\n"  # import normflows now raises ImportError
+        "from pipeline.__main__ import main\n"
+        "sys.exit(main(['bench', 'peer', '--quick']))\n"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_for_subprocess(),
+    )
+    assert out.returncode != 0 and out.stdout == ""
+    assert "error: bench peer needs normflows" in out.stderr and "make setup" in out.stderr
