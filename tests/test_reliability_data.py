@@ -94,3 +94,25 @@ def test_no_intact_shard_left_is_a_clear_error(tmp_path):
     message = str(err.value)
     assert "train-000000.tar, train-000001.tar" in message and "sha256" in message
     assert "python -m pipeline shards" in message and "--force" in message
+
+
+def test_a_training_run_reports_a_damaged_shard(tmp_path):
+    """Through the real entry point: the run goes on without the shard, and says so in its
+    metrics (data/bad_samples), events (bad_shard, naming it) and summary."""
+    from pipeline.config import load_config
+    from pipeline.data import prepare_synthetic
+    from tests.conftest import run_pipeline
+
+    overrides = [f"run.root={tmp_path}/runs", f"data.cache={tmp_path}/data", "train.steps=4"]
+    folder = prepare_synthetic(load_config("configs/debug.yaml", overrides).data)
+    damage(folder / "train-000002.tar")
+    run_pipeline("train", "--config", "configs/debug.yaml", *overrides, "guard.battery_images=0")
+    run = tmp_path / "runs" / "debug"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["bad_shards"] == ["train-000002.tar"]
+    assert summary["bad_samples"]["bad_shard"] > 0
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["shard"]) for e in events] == [("bad_shard", "train-000002.tar")]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    counted = [r["data/bad_samples"] for r in rows if "data/bad_samples" in r]
+    assert counted[-1] >= summary["bad_samples"]["bad_shard"]

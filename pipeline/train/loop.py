@@ -60,6 +60,7 @@ class Run:
     sink: Any
     preemption: Preemption
     node_monitor: Any = None
+    reported_bad_shards: set = field(default_factory=set)
 
     @property
     def ckpt_root(self) -> Path:
@@ -97,6 +98,7 @@ def train(cfg: Config) -> dict:
             metrics.update(maybe_diagnose(run.model, cfg.guard, train_cfg.precision, state.step, x))
             metrics.update(optimum_gap(state, metrics))
             guard_step(run, metrics)
+            note_bad_shards(run)
             if every(state.step, train_cfg.log_every) or state.step == train_cfg.steps:
                 sink.log(state.step, {**metrics, **meter.read(state.step), **event_metrics(state)})
                 say(progress_line(state, train_cfg.steps, metrics))
@@ -276,6 +278,16 @@ def guard_step(run: Run, metrics: dict) -> None:
         raise DivergenceStop(str(stop), [e.to_dict() for e in events]) from None
 
 
+def note_bad_shards(run: Run) -> None:
+    """A `bad_shard` event (events.jsonl, MLflow tags) for each shard this rank's stream newly
+    skipped because its bytes no longer match the manifest's sha256."""
+    for shard in sorted(run.loader.bad_shards - run.reported_bad_shards):
+        run.reported_bad_shards.add(shard)
+        event = {"kind": "bad_shard", "step": run.state.step, "shard": shard, "rank": dist.rank()}
+        run.sink.log_event(event)
+        say(f"data: skipped {shard}: its sha256 does not match the manifest")
+
+
 def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     """The run's one outcome record, written on every way out as <run>/summary.json.
 
@@ -312,6 +324,9 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         "tracking_uri": run.sink.uri if run is not None else None,
         "mlflow_run_id": run.sink.run_id if run is not None else None,
         "checkpoint": str(latest.resolve()) if latest is not None else None,
+        # what the main rank's stream skipped (data/bad_samples in metrics.jsonl: all ranks)
+        "bad_samples": dict(run.loader.bad_samples) if run is not None else {},
+        "bad_shards": sorted(run.loader.bad_shards) if run is not None else [],
         "battery": battery,
     }
     if run is None:
@@ -400,9 +415,11 @@ def train_step(run: Run, batches) -> tuple[dict, bool, torch.Tensor]:
     sums, extremes, x = forward_backward(run, batches)
     lr = run.engine.get_lr()[0]  # the LR this step applies
     bounds = certified_range(run.model, x[0].numel())  # of the weights the batch went through
-    means, extremes, norms, skipped, preempted = skip_or_step(run, sums, extremes)
+    means, extremes, norms, skipped, counts = skip_or_step(run, sums, extremes)
     run.state.skipped_steps += int(skipped)
-    return step_metrics(means, extremes, norms, skipped, lr, bounds), preempted, x
+    metrics = step_metrics(means, extremes, norms, skipped, lr, bounds)
+    metrics["data/bad_samples"] = counts[1].item()  # skipped by the stream, all ranks so far
+    return metrics, bool(counts[0] > 0), x
 
 
 def forward_backward(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -431,15 +448,16 @@ def forward_backward(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, tor
 def skip_or_step(run: Run, sums: torch.Tensor, extremes: torch.Tensor):
     """The optimizer step, or a skip on every rank if anything is non-finite on any rank.
 
-    The loss terms (and the SIGTERM flag) are all-reduced after the last backward and before the
-    step, so every rank sees the same numbers and takes the same decision. A skip cancels the
-    optimizer's step (SkippableAdamW), which leaves weights and Adam moments untouched at every ZeRO
-    stage; at ZeRO 1/2 DeepSpeed's own overflow check also refuses non-finite gradients. Returns
-    (mean loss terms, extremes, gradient norms, skipped, SIGTERM seen on any rank).
+    The loss terms (with the SIGTERM flag and the stream's bad-sample count riding along) are
+    all-reduced after the last backward and before the step, so every rank sees the same numbers
+    and takes the same decision. A skip cancels the optimizer's step (SkippableAdamW), which leaves
+    weights and Adam moments untouched at every ZeRO stage; at ZeRO 1/2 DeepSpeed's own overflow
+    check also refuses non-finite gradients. Returns (mean loss terms, extremes, gradient norms,
+    skipped, [ranks that saw SIGTERM, bad samples of all ranks]).
     """
     engine, train_cfg = run.engine, run.cfg.train
-    local = torch.cat([sums, torch.tensor([float(run.preemption.requested)], dtype=torch.float64)])
-    reduced = dist.all_reduce(local)
+    flags = [float(run.preemption.requested), float(sum(run.loader.bad_samples.values()))]
+    reduced = dist.all_reduce(torch.cat([sums, torch.tensor(flags, dtype=torch.float64)]))
     means = reduced[:3] / (train_cfg.grad_accum * dist.world_size())
     extremes = dist.all_reduce(extremes, "max")
     norms = grad_norms(engine.module.named_parameters()) if train_cfg.zero_stage == 0 else {}
@@ -449,7 +467,7 @@ def skip_or_step(run: Run, sums: torch.Tensor, extremes: torch.Tensor):
     if train_cfg.zero_stage > 0:
         norms = {"global": float(engine.get_global_grad_norm() or math.nan)}
         skip = skip or not engine.was_step_applied()
-    return means, extremes, norms, skip, bool(reduced[3] > 0)
+    return means, extremes, norms, skip, reduced[3:]
 
 
 def step_metrics(means, extremes, norms: dict, skipped: bool, lr: float, bounds: dict) -> dict:
