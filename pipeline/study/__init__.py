@@ -1,7 +1,8 @@
 """Studies that reproduce the paper's claims with the real entry points (`python -m pipeline study`).
 
-    stability   unconstrained Glow vs the Lipschitz-bounded flow over learning rates x seeds, on the
-                same shards: divergence events, rollbacks, final bpd per arm (stability.py)
+    stability   Glow, the certified default and the old bounded preset across the learning-rate
+                transition with and without clipping and in bf16, on the same shards: divergence
+                rates, the exploding-inverse battery, final bpd per arm (stability.py)
     optimum     linear flows on Gaussian images of known covariance and on synthetic faces at two
                 resolutions against the closed-form optimum of DESIGN §3.2 (optimum.py)
     cost        FLOPs per training image of a config's model and the GPU-hours that implies, an

@@ -9,6 +9,10 @@ by this process that left none yet (a cluster job) is "incomplete".
 A finished or diverged run is not started again, so rerunning a study continues it; any other run,
 or a run folder left by an interrupted process, is started again and resumes from its last
 checkpoint (the loop's exact resume). Logs go to ``<out>/logs/<name>.log``.
+
+Runs are single processes, so ``run_all`` can keep ``jobs`` of them going at once (each with
+OMP_NUM_THREADS=1, a core each); every slot gets its own MASTER_PORT (the given one plus the slot:
+a plain process binds it for its group of one).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +103,9 @@ class Runner:
         for spec in specs:
             print(shlex.join(self.command(spec)))
 
-    def train(self, spec: RunSpec) -> tuple[dict, bool]:
-        """(the run's result, whether it was taken from an earlier invocation)."""
+    def train(self, spec: RunSpec, slot: int = 0) -> tuple[dict, bool]:
+        """(the run's result, whether it was taken from an earlier invocation); ``slot``: which of
+        ``run_all``'s concurrent processes this is (its MASTER_PORT offset)."""
         path = self.result_path(spec.name)
         if path.is_file():
             earlier = json.loads(path.read_text())
@@ -113,12 +121,57 @@ class Runner:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
             code = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(self.env)
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(self.slot_env(slot))
             ).returncode
         result = self.collect(spec, code, log.read_text(errors="replace"))
         result["wall_s"] = time.perf_counter() - start
-        write_json(path, result)
+        self.save(spec, result)
         return result, False
+
+    def pipeline(self, args: list[str], name: str) -> str:
+        """Another `python -m pipeline` command for run ``name`` (e.g. a probe of its checkpoint),
+        logged to the run's log; its stdout (RuntimeError if it fails)."""
+        return pipeline(args, self.log_path(name), self.env)
+
+    def save(self, spec: RunSpec, result: dict) -> None:
+        """(Re)write the run's result file (e.g. with what the study added after training)."""
+        write_json(self.result_path(spec.name), result)
+
+    def slot_env(self, slot: int) -> dict[str, str]:
+        """The extra environment of concurrent process ``slot``: MASTER_PORT shifted by the slot;
+        without a MASTER_PORT, each process picks a free port itself."""
+        env = dict(self.env)
+        port = env.get("MASTER_PORT") or os.environ.get("MASTER_PORT")
+        if port and slot:
+            env["MASTER_PORT"] = str(int(port) + slot)
+        return env
+
+    def run_all(
+        self, specs: list[RunSpec], work: Callable[[RunSpec, int], Any], jobs: int = 1
+    ) -> Iterator[tuple[int, Any]]:
+        """``work(spec, slot)`` for every spec, ``jobs`` at a time, each slot a distinct integer in
+        [0, jobs); yields (index into specs, what work returned) as runs end."""
+        if jobs <= 1:
+            for i, spec in enumerate(specs):
+                yield i, work(spec, 0)
+            return
+        free, lock = list(range(jobs)), threading.Lock()
+
+        def task(i: int) -> tuple[int, Any]:
+            with lock:
+                slot = free.pop()
+            try:
+                return i, work(specs[i], slot)
+            finally:
+                with lock:
+                    free.append(slot)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            pending: set[Future] = {pool.submit(task, i) for i in range(len(specs))}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
 
     def find(self, spec: RunSpec) -> dict:
         """What a run left, starting nothing: its result file, else what its folder and log say
@@ -162,7 +215,11 @@ def add_runner_arguments(p: argparse.ArgumentParser) -> None:
         help="command taking `pipeline train` arguments (default: this python -m pipeline train), "
         "e.g. launch/local.sh (ranks from NPROC) or 'sbatch --wait launch/slurm.sbatch'",
     )
-    p.add_argument("--master-port", type=int, help="MASTER_PORT for the training processes")
+    p.add_argument(
+        "--master-port",
+        type=int,
+        help="MASTER_PORT for the training processes (concurrent ones: this port + their slot)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
     p.add_argument(
         "--report-only",
