@@ -57,6 +57,9 @@ REJECTED = {  # error codes meaning the request itself is wrong: retrying cannot
     "INVALID_STATE",
 }
 MAX_WARNINGS = 5
+# MLflow 3 opens an experiment without a kind in its GenAI view (traces, prompts); this one trains
+# models, so it carries the kind that opens the model-training view (runs, models, datasets).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 @dataclass
@@ -267,7 +270,7 @@ class Delivery:
         if exp is None:
             try:
                 return self.client.create_experiment(
-                    name, artifact_location=local_artifact_root(self.uri)
+                    name, artifact_location=local_artifact_root(self.uri), tags=EXPERIMENT_KIND
                 )
             except MlflowException as e:  # another run created it meanwhile
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -275,6 +278,9 @@ class Delivery:
                 exp = self.client.get_experiment_by_name(name)
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():  # an experiment made before, or by others
+            if key not in exp.tags:  # a kind someone chose stays
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
 
     def delivered_steps(self) -> dict[str, int]:
