@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import deep_merge
+from pipeline.config import check_batch, deep_merge
 
 # DeepSpeed picks its accelerator at import time; without CUDA it must be told to use the CPU one.
 if not torch.cuda.is_available():
@@ -130,12 +130,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def deepspeed_config(train: Any, world: int) -> dict:
     """DeepSpeed's JSON, generated from our train section: the single source of truth."""
+    check_batch(train, world)  # a ConfigError naming the numbers
     global_batch = train.micro_batch * train.grad_accum * world
-    if train.global_batch and train.global_batch != global_batch:
-        raise ValueError(
-            f"train.global_batch={train.global_batch} but micro_batch {train.micro_batch} x grad_accum "
-            f"{train.grad_accum} x {world} ranks = {global_batch}; change one of them"
-        )
     cfg: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,

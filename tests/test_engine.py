@@ -30,7 +30,7 @@ def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():
     assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"] == {"stage": 2}
     assert ds["gradient_clipping"] == 0.5
     train.global_batch = 48
-    with pytest.raises(ValueError, match=r"global_batch=48 .* 8 x grad_accum 4 x 2 ranks = 64"):
+    with pytest.raises(ValueError, match=r"global_batch = 48 .* 8 × train.grad_accum 4 × 2 rank"):
         deepspeed_config(train, world=2)
 
 
