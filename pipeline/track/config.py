@@ -24,6 +24,11 @@ class TrackingConfig:
     retry_max_s: float = 30.0  # longest pause between attempts while the store is unreachable
     flush_timeout_s: float = 60.0  # close() waits this long for the backlog, then leaves it on disk
     http_timeout_s: int = 10  # per request; MLflow's default (120 s, 7 retries) stalls for minutes
+    # The final weights of a finished run as the MLflow model runs:/<run_id>/model (a pyfunc:
+    # images -> per-image bpd; pipeline/track/model.py); register_model: also a new version of
+    # this registered model. A failure is a warning and a reason in summary.json, never fatal.
+    log_model: bool = True
+    register_model: str = ""
 
     RANGES: ClassVar[dict[str, Range]] = {
         "system_metrics_interval_s": POSITIVE,

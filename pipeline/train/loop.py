@@ -334,6 +334,9 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
             summary_text = json.dumps(json_safe(summary), indent=1) + "\n"
             atomic_write_text(cfg.run.dir / "summary.json", summary_text)
         return summary
+    from pipeline.track.model import log_final_model  # the MLflow model of the final weights
+
+    summary.update(log_final_model(run.sink, cfg.tracking, status, latest))
     run.sink.log_artifact(cfg.run.dir / "config.yaml")
     run.sink.log_summary(summary)
     if run.node_monitor is not None:
