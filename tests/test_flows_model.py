@@ -19,7 +19,15 @@ D = 192
 N_BITS = 5
 TINY = dict(levels=2, steps=2, width=8)
 # the old default, before issue 14 (pipeline/flows/config.py)
-OLD_BOUNDED = dict(coupling="affine", conv="svd", spectral_norm=False, spectral_method="exact")
+OLD_BOUNDED = dict(
+    coupling="affine",
+    conv="svd",
+    spectral_norm=False,
+    subnet_coeff=1.0,
+    spectral_method="exact",
+    coupling_log_scale_bound=2.0,
+    affine_x_bound=8.0,
+)
 MODELS = {
     "default": ModelConfig(**TINY),
     "old_bounded": ModelConfig(**TINY, **OLD_BOUNDED),
@@ -371,9 +379,10 @@ def make_flow_from(cfg: ModelConfig, seed: int = 0, perturb: float = 0.05):
         del MODELS["_tmp"]
 
 
-# log10(certified / exact local σ at data points) the default preset reaches on the tiny model
-# (measured: see the test); the demo-shaped model's numbers are in the issue-14 note
-DEFAULT_TIGHTNESS = 7.0
+# log10(certified / exact local σ at data points) the default preset stays within on the tiny
+# model (measured: 1.9 at init, 3.7 / 4.4 for L / L_inv after 5 steps); on the 16² model of 12
+# steps trained for 300 it is ~19 (issue 14), far from the 3 aimed at
+DEFAULT_TIGHTNESS = 5.0
 
 
 def test_default_preset_bounds_are_finite_and_within_the_achieved_factor():
