@@ -102,8 +102,8 @@ class Split(nn.Module):
 
 class LevelOut(NamedTuple):
     """What one level hands on: `h` to the next level (z_top after the last), the factored-out `z`
-    and log p(z | h) (None at the top level, or `logp` when the prior is not asked for), and one
-    log-det [B] per block (empty when log-dets are not asked for)."""
+    and `logp` = log p(z | h) [B] (both None at the top level; `logp` None when the prior is not
+    asked for), and one log-det [B] per block (empty when log-dets are not asked for)."""
 
     h: torch.Tensor
     z: torch.Tensor | None
