@@ -8,6 +8,7 @@ flow's own forward, and log a second model with ``export --mlflow``.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import textwrap
@@ -173,3 +174,58 @@ def test_a_failed_model_log_is_a_reason_not_an_error(trained, caplog):
     assert "unreachable" in record["mlflow_model_reason"]
     assert log_final_model(sink, TrackingConfig(), "diverged", ckpt)["mlflow_model"] is None
     assert log_final_model(SimpleNamespace(is_main=False), TrackingConfig(), "finished", ckpt) == {}
+
+
+# ---- dataset lineage --------------------------------------------------------------------------
+
+
+def test_the_run_logs_its_train_and_val_shards_as_dataset_inputs(trained):
+    import hashlib
+
+    c = client(trained)
+    run = c.get_run(trained["summary"]["mlflow_run_id"])
+    by_context = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in run.inputs.dataset_inputs
+    }
+    assert set(by_context) == {"training", "validation"}
+    shards = trained["root"] / "data" / "synthetic-r16-n128-v32-s0" / "16"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split, context, images in (("train", "training", 128), ("val", "validation", 32)):
+        dataset = by_context[context]
+        assert dataset.name == f"synthetic-r16-n128-v32-s0-{split}"
+        lines = "\n".join(f"{r['name']} {r['sha256']}" for r in manifest["shards"][split])
+        assert dataset.digest == hashlib.sha256(lines.encode()).hexdigest()[:12]
+        assert dataset.source_type == "local"
+        assert json.loads(dataset.source) == {"uri": str(shards.resolve())}
+        profile = json.loads(dataset.profile)
+        assert profile["images"] == images and profile["resolution"] == 16
+        assert profile["shards"] == len(manifest["shards"][split])
+        assert '"shape": [-1, 16, 16, 3]' in dataset.schema
+
+
+def test_runs_on_other_data_are_told_apart_by_compare(trained, tmp_path):
+    from pipeline.__main__ import main
+    from pipeline.config import load_config, save_config
+    from pipeline.data import prepare_synthetic
+    from pipeline.track.sink import MetricsSink
+
+    runs = trained["root"] / "runs"
+    cfg = load_config(
+        trained["run_dir"] / "config.yaml", ["run.name=fewer", "data.synthetic_train=64"]
+    )
+    prepare_synthetic(cfg.data)
+    save_config(cfg, cfg.run.dir / "config.yaml")
+    for _ in range(2):  # a resume logs its inputs again: MLflow keeps one per dataset
+        sink = MetricsSink(cfg.run.dir, cfg.tracking, True, "fewer")
+        sink.log(1, {"train/bpd": 5.0})
+        sink.close()
+    assert len(client(trained).get_run(sink.run_id).inputs.dataset_inputs) == 2
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--run-root", str(runs), "--out", str(out)]) == 0
+    with open(out / "compare.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    tiny, fewer = rows["tiny"]["train data"], rows["fewer"]["train data"]
+    assert tiny.startswith("synthetic-r16-n128-v32-s0-train (")
+    assert fewer.startswith("synthetic-r16-n64-v32-s0-train (") and tiny[-14:] != fewer[-14:]

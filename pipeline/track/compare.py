@@ -1,8 +1,9 @@
 """Compare MLflow runs: a table and plots (the `compare` command, pipeline/commands/compare.py).
 
-One row per run: name, short id, status, the params that differ between the runs (equal ones are
-left out), steps, final train/bpd, best val/bpd, the optimum reference and the last gap to it, the
-divergence events by kind, guard rollbacks and skipped steps, and mean images/s; printed as Markdown and written to
+One row per run: name, short id, status, the train dataset (name and digest: runs on other data
+stand out), the params that differ between the runs (equal ones are left out), steps, final
+train/bpd, best val/bpd, the optimum reference and the last gap to it, the divergence events by
+kind, guard rollbacks and skipped steps, and mean images/s; printed as Markdown and written to
 compare.md and compare.csv. Plots (PNG): bpd.png (train and val, the optimum dotted), balance.png
 (log-det per level over time), grad_norms.png (global and per level), lipschitz.png (estimates
 against certified bounds); events are marked on every curve. A plot no selected run has metrics for
@@ -32,6 +33,7 @@ class Run:
     params: dict[str, str]
     tags: dict[str, str]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # by step
+    datasets: dict[str, str] = field(default_factory=dict)  # context -> "name (digest)"
 
     def last(self, key: str) -> float | None:
         points = self.history.get(key)
@@ -74,6 +76,7 @@ def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
             status=r.info.status,
             params=dict(r.data.params),
             tags=dict(r.data.tags),
+            datasets=dataset_labels(r),
         )
         for key in r.data.metrics:
             if key.startswith("system/"):  # the node monitors: not a training comparison
@@ -84,6 +87,18 @@ def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
             ]
         runs.append(run)
     return runs
+
+
+def dataset_labels(run: Any) -> dict[str, str]:
+    """Context ("training", "validation") -> "name (digest)" of the run's dataset inputs
+    (pipeline/track/lineage.py); several of one context (a resume on other data) joined by "+"."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    labels: dict[str, list[str]] = {}
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in item.tags if t.key == MLFLOW_DATASET_CONTEXT), "")
+        labels.setdefault(context, []).append(f"{item.dataset.name} ({item.dataset.digest})")
+    return {context: " + ".join(names) for context, names in labels.items()}
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -118,6 +133,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
         "run",
         "run_id",
         "status",
+        "train data",
         *params,
         "steps",
         "final train/bpd",
@@ -138,6 +154,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
             "run": run.name,
             "run_id": run.run_id[:8],
             "status": run.status,
+            "train data": run.datasets.get("training", ""),
             **{k: run.params.get(k, "") for k in params},
             "steps": max(steps, default=0),
             "final train/bpd": run.last("train/bpd"),

@@ -6,8 +6,8 @@ buffer: nothing waits in memory, an unreachable store costs training nothing, an
 with a backlog leaves it on disk for the next sink on the same folder (a resume) to send.
 
 Guarantees and their limits:
-- Order: rows go out in file order, outbox operations (params, tags, artifacts) before the metric
-  rows of the same pass.
+- Order: rows go out in file order, outbox operations (params, tags, artifacts, dataset inputs)
+  before the metric rows of the same pass.
 - At most once per (metric, step): the state keeps the last step delivered per metric and a row whose
   step is not above it is not sent: steps logged again by a run resumed from a checkpoint older than
   its last log stay in metrics.jsonl only (exact resume makes them equal anyway, timings aside), and
@@ -40,6 +40,7 @@ from pipeline.io import atomic_write_text
 from pipeline.track import system
 from pipeline.track.config import TrackingConfig
 from pipeline.track.journal import count_lines, file_size, open_journal, read_lines
+from pipeline.track.lineage import dataset_inputs
 from pipeline.track.store import local_artifact_root, open_client
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,8 @@ class Delivery:
                     )
             elif kind == "artifact":
                 self.upload(op)
+            elif kind == "inputs":  # MLflow keeps one input per run and dataset: resends are no-ops
+                self.client.log_inputs(self.run_id, datasets=dataset_inputs(op["datasets"]))
             else:
                 self.warn(f"unknown outbox operation skipped: {op}")
         except Exception as e:

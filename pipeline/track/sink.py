@@ -10,7 +10,7 @@ What the main rank writes in the run folder:
     events.jsonl           one row per ``log_event``; also an MLflow artifact
     summary.json           ``log_summary``'s dict; also an MLflow artifact
     tracking/state.json    which store and run the folder mirrors to, and how far delivery got
-    tracking/outbox.jsonl  params, tags and artifacts in the order they were logged
+    tracking/outbox.jsonl  params, tags, artifacts and dataset inputs in the order they were logged
     tracking/outbox/       artifact copies taken at call time, deleted once uploaded
 
 Every call returns after a local file append; a background thread delivers to MLflow and keeps
@@ -18,7 +18,8 @@ retrying while the store is unreachable (pipeline/track/delivery.py). One run fo
 run: the run id is saved in tracking/state.json as soon as the run exists and wins over the
 ``run_id`` argument (which comes from a checkpoint, and is None when the store was down until after
 the last save). A new sink on the folder, e.g. a resumed run, sends what an earlier one left behind;
-``MetricsSink(run_dir, cfg, True, name).close()`` does only that.
+``MetricsSink(run_dir, cfg, True, name).close()`` does only that. A folder holding the run's
+config.yaml also gets its shard set's train and val splits as dataset inputs (lineage.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 from pipeline.io import atomic_write_text, json_safe
 from pipeline.track.config import TrackingConfig
 from pipeline.track.journal import open_journal
+from pipeline.track.lineage import run_datasets
 
 EVENT_KIND = re.compile(r"[A-Za-z0-9_.\-]+")  # becomes part of a metric name and a tag key
 
@@ -72,6 +74,7 @@ class MetricsSink:
             from pipeline.track.delivery import Delivery
 
             self._delivery = Delivery(self.run_dir, self.uri, cfg, run_name, run_id)
+            self.log_inputs(run_datasets(self.run_dir))
 
     @property
     def run_id(self) -> str | None:
@@ -85,6 +88,11 @@ class MetricsSink:
         if self._delivery is not None:
             fresh = {str(k): str(v)[:PARAM_CHARS] for k, v in params.items()}
             self._delivery.enqueue({"op": "params", "params": fresh})
+
+    def log_inputs(self, datasets: list[dict[str, str]]) -> None:
+        """Dataset inputs of the run (pipeline/track/lineage.py: the shard set's splits)."""
+        if self._delivery is not None and datasets:
+            self._delivery.enqueue({"op": "inputs", "datasets": datasets})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._jsonl is None:
