@@ -1,2 +1,3 @@
 """Tracking: metrics.jsonl always, mirrored to MLflow from the main rank (sink.py, delivery.py), MLflow
-system metrics per node (system.py), and `python -m pipeline compare` (compare.py)."""
+system metrics per node (system.py), the shard set as dataset inputs (lineage.py), the final weights
+as an MLflow pyfunc model (model.py, pyfunc.py), and `python -m pipeline compare` (compare.py)."""
