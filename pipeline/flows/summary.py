@@ -65,6 +65,14 @@ def summary(flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | No
         )
     else:
         last = f"coupling={cfg.coupling} spectral_norm={cfg.spectral_norm}"
+        if cfg.spectral_norm:
+            last += (
+                f"({cfg.spectral_method}, subnet_coeff={cfg.subnet_coeff}, "
+                f"scale_coeff={cfg.scale_coeff})"
+            )
+        if cfg.coupling in ("affine", "affine_box"):
+            last += f" coupling_log_scale_bound={cfg.coupling_log_scale_bound}"
+            last += f" affine_x_bound={cfg.affine_x_bound}"
     lines = [
         f"MultiScaleFlow: image {c}x{h}x{w} (D = {flow.dims}), {flow.n_bits}-bit, "
         f"{cfg.levels} levels x {cfg.steps} steps, block={cfg.block}, width={cfg.width}",
