@@ -86,6 +86,19 @@ def battery_lines(b: dict) -> list[str]:
     ]
 
 
+def model_lines(s: dict) -> list[str]:
+    """Where the final model went in MLflow (or why it did not), and its registry version."""
+    if not s.get("mlflow_model") and not s.get("mlflow_model_reason"):
+        return []
+    model = s.get("mlflow_model") or f"not logged: {s.get('mlflow_model_reason')}"
+    lines = [f"MLflow model              : {model}"]
+    if s.get("mlflow_model"):
+        lines[0] += "  (mlflow.pyfunc.load_model; predict(images) -> bpd, log_likelihood)"
+    if s.get("registered_model"):
+        lines.append(f"registered model          : {s['registered_model']}")
+    return lines
+
+
 def print_summary(s: dict) -> None:
     uri = s["tracking_uri"]
     print(
@@ -97,9 +110,10 @@ def print_summary(s: dict) -> None:
                 *battery_lines(s.get("battery") or {}),
                 f"run folder                : {s['run_dir']}",
                 f"samples                   : {s['samples'] or 'none'}",
-                f"data, reconstructions, samples: {s.get('panel') or 'none'}",
+                f"panel (data, recon, T)    : {s.get('panel') or 'none'}",
                 f"last checkpoint           : {s['checkpoint'] or 'none'}",
                 f"MLflow store              : {uri}  (run {s['mlflow_run_id']})",
+                *model_lines(s),
                 f"open the MLflow UI        : {mlflow_command()} ui --backend-store-uri {uri} --port 5000",
                 "=" * 72,
             ]
