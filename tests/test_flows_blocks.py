@@ -312,3 +312,21 @@ def test_conv_certificates_bound_the_operator(kernel, coeff, method):
     box[:32] = beta * torch.sign(box[:32])
     with torch.no_grad():
         assert net(box).abs().max().item() <= sup
+
+
+def test_fourier_normalisation_falls_back_to_the_gram_bound_where_it_would_cost_too_much(
+    monkeypatch,
+):
+    """Above FOURIER_MAX_WORK (large images × wide layers: thousands of big eigensolves per
+    forward) the "fourier" method normalises like "exact": sqrt(k_h·k_w)·‖W‖ ≤ coeff, still
+    certified."""
+    from pipeline.flows import lipschitz
+    from pipeline.flows.lipschitz import LipschitzConv2d, top_gram_eigenvalue
+
+    monkeypatch.setattr(lipschitz, "FOURIER_MAX_WORK", 1.0)
+    torch.manual_seed(0)
+    conv = LipschitzConv2d(3, 5, 3, coeff=0.8, method="fourier", spatial=(5, 5)).double()
+    with torch.no_grad():
+        conv.weight.mul_(4.0)
+    gram = 3 * top_gram_eigenvalue(conv.effective_weight().flatten(1).detach()).sqrt().item()
+    assert gram == pytest.approx(0.8, rel=1e-6) and conv.operator_bound() <= 0.8 * (1 + 1e-6)

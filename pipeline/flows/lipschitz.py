@@ -181,10 +181,14 @@ class LipschitzConv2d(nn.Conv2d):
         # the normalising scale is computed in (at least) fp32 even under autocast
         with torch.autocast(self.weight.device.type, enabled=False):
             w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
-            overlap = self.overlap
-            if self.method == "exact":
+            overlap, method = self.overlap, self.method
+            if method == "fourier" and fourier_work(self.weight, self.spatial) > FOURIER_MAX_WORK:
+                # too many frequencies × too wide (e.g. 256² images, width 512): every forward
+                # would run thousands of large eigensolves; the sqrt(k_h·k_w)·‖W‖ bound is certified
+                method = "exact"
+            if method == "exact":
                 sigma_sq = top_gram_eigenvalue(w_mat)
-            elif self.method == "fourier":
+            elif method == "fourier":
                 sigma_sq = fourier_norm_sq(self.weight.to(w_mat.dtype), self.spatial)
                 overlap = 1.0  # the norm itself, not a bound on it
             else:
