@@ -107,3 +107,22 @@ def test_two_cpu_ranks_under_the_deepspeed_launcher(tmp_path):
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "mp_rank_00_model_states.pt").is_file()
     assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
+
+
+def test_first_images_takes_a_whole_pass_when_the_current_one_is_spent():
+    """train.val_batches can leave the val loader's current pass empty (its iter() finishes the
+    pass it is in): the end-of-run battery and panel then read the next, whole pass."""
+    import torch
+
+    from pipeline.train.loop import first_images
+
+    class SpentValLoader:
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(
+                [] if self.passes == 1 else [torch.ones(4, 3, 2, 2), torch.zeros(4, 3, 2, 2)]
+            )
+
+    assert first_images(SpentValLoader(), 6).shape == (6, 3, 2, 2)

@@ -359,11 +359,17 @@ def maybe_battery(model, val_loader, n_images: int) -> dict:
 
 
 def first_images(loader, n: int) -> torch.Tensor:
-    """The first ``n`` images of a finite loader (fewer if it holds fewer), on this rank's device."""
+    """The first ``n`` images of a finite loader (fewer if it holds fewer), on this rank's device.
+
+    A val loader's ``iter()`` finishes its current pass, which a validation cut short by
+    train.val_batches may have left with nothing; the second pass is then a whole one."""
     batches = []
-    for x in loader:
-        batches.append(x)
-        if sum(len(b) for b in batches) >= n:
+    for _ in range(2):
+        for x in loader:
+            batches.append(x)
+            if sum(len(b) for b in batches) >= n:
+                return torch.cat(batches)[:n].to(dist.device())
+        if batches:
             break
     return torch.cat(batches)[:n].to(dist.device())
 
