@@ -77,6 +77,8 @@ def test_wilson_interval_known_values(k, n, lo, hi):
 
 def test_wilson_interval_is_all_of_0_1_without_runs_and_narrows_with_more():
     assert stability.wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 40):  # exactly 0 and 1 at the ends, never a rounding past the rate
+        assert stability.wilson(0, n)[0] == 0.0 and stability.wilson(n, n)[1] == 1.0
     widths = [hi - lo for lo, hi in (stability.wilson(n // 2, n) for n in (4, 16, 64))]
     assert widths == sorted(widths, reverse=True)
 
@@ -272,6 +274,17 @@ def test_aggregate_battery_per_arm_and_kind_of_checkpoint():
     assert glow["median max abs x T2"] == pytest.approx(1e300)
     assert glow["max grad rel err"] == pytest.approx(1e-2)
     assert rows[2]["runs probed"] == 1 and rows[2]["runs with non-finite OOD bpd"] == 0
+
+
+def test_aggregate_battery_reads_non_finite_values_as_a_result_file_holds_them():
+    """write_json stores NaN and inf as strings; read back, they count as NaN and inf."""
+    stored = {
+        **battery(),
+        "battery/noise_3x/recon_error": "nan",
+        "battery/sample_T2/max_abs": "inf",
+    }
+    (row,) = stability.aggregate_battery([result("glow", 0.1, 0, "finished", 2.0, battery=stored)])
+    assert row["median recon err noise 3x"] is None and row["median max abs x T2"] == math.inf
 
 
 def make_checkpoint(root: Path, step: int, suspect=False, complete=True) -> Path:

@@ -479,6 +479,7 @@ def battery_headline(b: dict | None) -> dict:
     ]
     if not b:
         return dict.fromkeys(names)
+    b = {k: as_float(v) for k, v in b.items()}  # a result file holds non-finite values as strings
     finite = {f: b.get(f"battery/{f}/finite_frac", math.nan) for f in OOD}
     return {
         "OOD finite bpd frac": statistics.fmean(finite.values()),
@@ -506,7 +507,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # k = 0 and k = n touch 0 and 1 exactly (rounding would leave 1 - 1e-16: a negative error bar)
+    return (0.0 if k == 0 else center - half), (1.0 if k == n else center + half)
 
 
 def first_event_step(r: dict) -> int | None:
@@ -844,8 +846,8 @@ def plot_stability(rows: list[dict], results: list[dict], path: Path) -> bool:
                 x = [r["lr"] * shift * (1.04 if precision == "bf16" else 1.0) for r in mine]
                 y = [r["divergence rate"] for r in mine]
                 err = [
-                    [r["divergence rate"] - r["rate lo"] for r in mine],
-                    [r["rate hi"] - r["divergence rate"] for r in mine],
+                    [max(0.0, r["divergence rate"] - r["rate lo"]) for r in mine],
+                    [max(0.0, r["rate hi"] - r["divergence rate"]) for r in mine],
                 ]
                 top.errorbar(
                     x,
