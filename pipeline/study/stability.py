@@ -128,13 +128,14 @@ class Setting:
 
 # CPU-feasible (2 shared cores, about an hour): demo.yaml's 3-level flow on 16x16 faces, narrower
 # and with smaller batches; checkpoints every 25 steps are the guard's rollback targets and the last
-# good checkpoints the battery probes. The learning rates straddle each sweep's divergence
-# transition, placed by a 1-seed screening (docs/studies.md §1).
+# good checkpoints the battery probes. Learning rates: 1e-2, where no arm needs the guard (the bpd
+# reference), then each sweep straddles the divergence transition, placed by a 1-seed screening
+# (docs/studies.md §1).
 CPU = Setting(
     config="configs/demo.yaml",
     steps=200,
     resolution=16,
-    clip_lrs=(1e-1, 2e-1, 4e-1),
+    clip_lrs=(1e-2, 1e-1, 2e-1, 4e-1),
     noclip_lrs=(5e-2, 1e-1, 2e-1),
     bf16_lrs=(1e-1,),
     seeds=(0, 1, 2),
