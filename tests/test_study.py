@@ -47,7 +47,7 @@ def result(
     precision="fp32",
     battery=None,
 ):
-    cell = stability.Cell(lr, clip, precision)
+    cell = stability.Cell(lr, clip, None if precision == "fp32" else precision)
     return {
         "name": f"{arm}-{cell.tag}-seed{seed}",
         "study": {"arm": arm, "lr": lr, "clip": clip, "precision": precision, "seed": seed},
@@ -100,7 +100,9 @@ def test_plan_one_run_per_cell_seed_and_arm_with_its_overrides(tmp_path):
     noclip = by_name["glow-lr0.003-noclip-seed1"].overrides
     bf16 = by_name["bounded-lr0.05-clip-bf16-seed0"].overrides
     assert "train.grad_clip=0" not in clip and "train.grad_clip=0" in noclip
-    assert "train.precision=bf16" in bf16 and "train.precision=fp32" in clip + noclip
+    # bf16 cells set the precision; the others keep the config's (debug.yaml: fp32)
+    assert "train.precision=bf16" in bf16 and not [o for o in clip + noclip if "precision" in o]
+    assert by_name["certified-lr0.01-clip-seed0"].meta["precision"] == "fp32"
     # The certified arm is the model defaults: no model override at all.
     assert not [o for o in clip if o.startswith("model.")]
     assert set(stability.GLOW) <= set(noclip) and set(stability.OLD_BOUNDED) <= set(bf16)

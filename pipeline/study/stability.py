@@ -9,8 +9,8 @@ Three arms on the same shards (one ``data.cache``, one ``data.seed``) and the sa
     bounded    the bounded preset that was the default before issue 14 (pinned to its values)
 
 in cells of a grid (``Cell``): a learning-rate sweep across the divergence transition with gradient
-clipping (``train.grad_clip`` at the config's value) and one without it (``train.grad_clip=0``), and
-bf16 autocast cells (``train.precision=bf16``, with clipping). Everything else (size, optimiser,
+clipping (``train.grad_clip`` at the config's value) and one without it (``train.grad_clip=0``), both
+in the config's precision, and bf16 autocast cells (``train.precision=bf16``, with clipping). Everything else (size, optimiser,
 warm-up, the divergence guard and its policy) comes from the same config, so the arms differ by
 their blocks only. Every run is a `python -m pipeline train` process logging to one MLflow
 experiment; a run the guard stops is "diverged", and its ``steps`` are the steps to divergence.
@@ -81,12 +81,12 @@ class Cell:
 
     lr: float
     clip: bool  # gradient clipping at the config's train.grad_clip, else train.grad_clip=0
-    precision: str = "fp32"  # fp32 | bf16 (autocast subnets; train.precision)
+    precision: str | None = None  # train.precision (bf16: autocast subnets); None: the config's
 
     @property
     def tag(self) -> str:
         return f"lr{self.lr:g}-{'clip' if self.clip else 'noclip'}" + (
-            "" if self.precision == "fp32" else f"-{self.precision}"
+            f"-{self.precision}" if self.precision else ""
         )
 
     @property
@@ -94,12 +94,13 @@ class Cell:
         return [
             f"train.lr={self.lr!r}",
             *([] if self.clip else ["train.grad_clip=0"]),
-            f"train.precision={self.precision}",
+            *([f"train.precision={self.precision}"] if self.precision else []),
         ]
 
 
 def cells(clip_lrs=(), noclip_lrs=(), bf16_lrs=()) -> tuple[Cell, ...]:
-    """The grid: a sweep with clipping, one without, bf16 (with clipping) cells."""
+    """The grid: a sweep with clipping, one without (both in the config's precision), bf16 cells
+    (with clipping)."""
     return (
         *(Cell(lr, True) for lr in clip_lrs),
         *(Cell(lr, False) for lr in noclip_lrs),
@@ -177,13 +178,14 @@ QUICK = Setting(
     probe=("--images", "4", "--samples", "8", "--grad-images", "4"),  # as guard.battery_images=4
 )
 # --config X: the config's own size, steps and data; the study adds arms, cells and seeds.
+# Learning rates have no default that fits every config: give --lrs (and --noclip-lrs, --bf16-lrs).
 FULL = Setting(
     config="",
     steps=None,
     resolution=None,
     clip_lrs=CPU.clip_lrs,
-    noclip_lrs=CPU.noclip_lrs,
-    bf16_lrs=CPU.bf16_lrs,
+    noclip_lrs=(),
+    bf16_lrs=(),
     seeds=CPU.seeds,
 )
 TABULATED = ("finished", "diverged", "failed", "crashed")
@@ -319,7 +321,11 @@ def resolve_setting(args: argparse.Namespace) -> Setting:
 def plan(
     setting: Setting, arms: list[str], out: Path, experiment: str, extra: list[str]
 ) -> list[RunSpec]:
-    """One run per cell x seed x arm; arms alternate, so a partial study stays paired."""
+    """One run per cell x seed x arm; arms alternate, so a partial study stays paired. A run's
+    ``precision`` (meta) is its cell's, else the config's."""
+    from pipeline.config import load_config
+    from pipeline.study.runner import shipped
+
     common = [
         f"data.cache={(out / 'data').resolve()}",
         f"tracking.experiment={experiment}",
@@ -327,6 +333,8 @@ def plan(
         *([f"train.steps={setting.steps}"] if setting.steps else []),
         *setting.overrides,
     ]
+    config = shipped(setting.config) if setting.config else None
+    base_precision = load_config(config, [*common, *extra]).train.precision
     specs = []
     for cell in setting.cells:
         for seed in setting.seeds:
@@ -345,7 +353,7 @@ def plan(
                             "arm": arm,
                             "lr": cell.lr,
                             "clip": cell.clip,
-                            "precision": cell.precision,
+                            "precision": cell.precision or base_precision,
                             "seed": seed,
                         },
                     )
@@ -999,7 +1007,7 @@ def plot_curves(results: list[dict], path: Path) -> bool:
             if r["status"] != "finished":
                 ax.plot(points[-1][0], min(points[-1][1], high), "x", color=c, ms=9, mew=2)
         lr, clip, precision = key
-        ax.set_title(Cell(lr, clip, precision).tag, fontsize=9)
+        ax.set_title(f"lr {lr:g}, {'clip' if clip else 'no clip'}, {precision}", fontsize=9)
         ax.set_ylim(low, high)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("train bpd", fontsize=8)
