@@ -19,7 +19,8 @@ where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with 
   spectral_method=exact subnet_coeff=1 coupling_log_scale_bound=2 affine_x_bound=8 (actnorm and
   log_scale_bound as here): its coupling bounds assume |x|_∞ ≤ 8 at coupling inputs (trained
   models can exceed it: 10-13 measured with an LU conv) and are loose (~10^40 after training);
-- unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded;
+- unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded
+  spectral_norm=false;
 - linear flow (closed-form optimum, DESIGN §3.2): coupling=none levels=1 split_prior=standard;
 - i-ResNet / Residual Flow: block=residual (the coupling key is then unused).
 """
