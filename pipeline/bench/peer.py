@@ -12,7 +12,7 @@ Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = eve
                 spectral_norm=false (matched to normflows' GlowBlock block for block)
     default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
     bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
-                spectral_norm=false spectral_method=exact
+                spectral_norm=false (and the other keys it had then; see PRESETS)
 and memory modes store (if none is named), checkpoint, invertible. Architectures match normflows 1.7.3
 (pinned dev dependency, imported only here): L levels x K steps of actnorm, 1x1 conv, affine coupling
 whose subnet is conv3x3 - ReLU - conv1x1 - ReLU - conv3x3 with `width` hidden channels; lipflow's
@@ -55,12 +55,16 @@ PRESETS: dict[str, dict] = {
         "spectral_norm": False,
     },
     "default": {},
-    "bounded": {
+    "bounded": {  # every key of the pre-issue-14 defaults, as the stability study pins them
         "coupling": "affine",
         "conv": "svd",
         "actnorm": "bounded",
         "spectral_norm": False,
+        "subnet_coeff": 1.0,
         "spectral_method": "exact",
+        "log_scale_bound": 2.0,
+        "coupling_log_scale_bound": 2.0,
+        "affine_x_bound": 8.0,
     },
 }
 MODES = ("store", "checkpoint", "invertible")
