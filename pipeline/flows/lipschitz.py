@@ -59,11 +59,11 @@ def fourier_norm_sq(weight: torch.Tensor, spatial: tuple[int, int]) -> torch.Ten
     with torch.no_grad():
         # a real kernel has K̂(-ω) = conj(K̂(ω)), with the same singular values: half the spectrum
         k_hat = torch.fft.rfft2(weight.detach(), s=(n_h, n_w)).permute(2, 3, 0, 1)
-        values, vectors = torch.linalg.eigh(gram(k_hat))  # [n_h, n_w//2+1, m], [.., m, m]
-        top = values[..., -1]
+        grams = gram(k_hat)  # [n_h, n_w//2+1, m, m]
+        top = torch.linalg.eigvalsh(grams)[..., -1]  # eigenvalues only: the vectors of one suffice
         index = int(top.flatten().argmax())
         u, v = divmod(index, top.shape[1])
-        e = vectors[u, v, :, -1]
+        e = torch.linalg.eigh(grams[u, v])[1][:, -1]
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return top.max().clamp_min(0.0)
     taps_h = torch.arange(k_h, device=weight.device, dtype=weight.dtype)
@@ -182,7 +182,9 @@ class LipschitzConv2d(nn.Conv2d):
         with torch.autocast(self.weight.device.type, enabled=False):
             w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
             overlap, method = self.overlap, self.method
-            if method == "fourier" and fourier_work(self.weight, self.spatial) > FOURIER_MAX_WORK:
+            if method == "fourier" and self.kernel_size == (1, 1):
+                method = "exact"  # a 1×1 kernel is the same matrix at every frequency: ‖W‖ exactly
+            elif method == "fourier" and fourier_work(self.weight, self.spatial) > FOURIER_MAX_WORK:
                 # too many frequencies × too wide (e.g. 256² images, width 512): every forward
                 # would run thousands of large eigensolves; the sqrt(k_h·k_w)·‖W‖ bound is certified
                 method = "exact"
