@@ -218,8 +218,10 @@ def test_certified_bounds_hold_against_estimates_on_the_real_flows():
             for p in flow.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         d = flow_diagnostics(flow, x, power_iters=20)
-        assert d["lipschitz/forward_bound"] >= d["lipschitz/forward_est"] > 0
-        assert d["lipschitz/inverse_bound"] >= d["lipschitz/inverse_est"] > 0
+        # the linear flow's bound is exact (each actnorm → 1×1 conv pair certified as one matrix),
+        # so the power-iteration estimate meets it up to rounding
+        assert d["lipschitz/forward_bound"] * (1 + 1e-12) >= d["lipschitz/forward_est"] > 0
+        assert d["lipschitz/inverse_bound"] * (1 + 1e-12) >= d["lipschitz/inverse_est"] > 0
         # the range can be attained (actnorm data-initialised onto its scale bound): allow rounding
         assert d["diagnostics/logdet_lower"] - 1e-12 <= d["diagnostics/logdet_min_per_dim"]
         assert d["diagnostics/logdet_max_per_dim"] <= d["diagnostics/logdet_upper"] + 1e-12
