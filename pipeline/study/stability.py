@@ -195,6 +195,15 @@ PROBED = ("finished", "diverged")  # a battery on the final or on the last good 
 OOD = ("negative", "noise_1x", "noise_3x", "noise_10x", "normal", "constant")
 SAMPLE_T = ("1.5", "2")
 
+# the battery's numbers per run that the tables show (battery_headline)
+BATTERY_HEADLINE = [
+    "OOD finite bpd frac",
+    "recon err noise 3x",
+    "nonfinite samples T1.5",
+    "nonfinite samples T2",
+    "max abs x T2",
+    "grad rel err",
+]
 RUN_COLUMNS = [
     "run",
     "arm",
@@ -210,12 +219,7 @@ RUN_COLUMNS = [
     "skipped steps",
     "final val bpd",
     "battery step",
-    "OOD finite bpd frac",
-    "recon err noise 3x",
-    "nonfinite samples T1.5",
-    "nonfinite samples T2",
-    "max abs x T2",
-    "grad rel err",
+    *BATTERY_HEADLINE,
     "wall s",
 ]
 TABLE_COLUMNS = [
@@ -477,15 +481,7 @@ def as_float(v) -> float:
 
 def battery_headline(b: dict | None) -> dict:
     """One run's battery, in the numbers the tables show (None where it has no battery)."""
-    names = [
-        "OOD finite bpd frac",
-        "recon err noise 3x",
-        "nonfinite samples T1.5",
-        "nonfinite samples T2",
-        "max abs x T2",
-        "grad rel err",
-        *(f"finite bpd {family}" for family in OOD),
-    ]
+    names = [*BATTERY_HEADLINE, *(f"finite bpd {family}" for family in OOD)]
     if not b:
         return dict.fromkeys(names)
     b = {k: as_float(v) for k, v in b.items()}  # a result file holds non-finite values as strings
