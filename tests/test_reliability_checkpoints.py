@@ -327,3 +327,15 @@ def test_a_full_disk_stops_the_run_cleanly_and_the_same_command_resumes(trained,
     assert f"resumed from {latest} " in out.stdout
     summary = json.loads((runs / name / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 5
+
+
+def test_a_damaged_step_folder_given_to_a_command_is_refused(tmp_path):
+    """sample/evaluate/export/probe verify a step folder given directly (a run folder's newest
+    intact checkpoint is found by find_latest)."""
+    from pipeline.train.inference import resolve_checkpoint
+
+    good = fake_checkpoint(tmp_path, 4)
+    assert resolve_checkpoint(good) == good
+    (good / "trainstate.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="trainstate.json: 2 bytes"):
+        resolve_checkpoint(good)
