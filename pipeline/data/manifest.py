@@ -7,7 +7,6 @@ shard it lists is complete; readers trust nothing else in the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import webdataset as wds
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, sha256_file
 
 FORMAT = "lipflow-shards/1"
 MANIFEST = "manifest.json"
@@ -25,14 +24,6 @@ SPLITS = ("train", "val")
 
 class ShardError(PipelineError, ValueError):
     """A shard set that cannot be used as asked; the message names the path and what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class SplitWriter:

@@ -15,7 +15,6 @@ COMPLETE written before manifests existed is empty: its checkpoint is accepted u
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import random
 import shutil
@@ -28,7 +27,7 @@ import torch
 from pipeline import distributed as dist
 from pipeline.config import Config, save_config
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, sha256_file
 from pipeline.train.state import TrainState
 
 COMPLETE = "COMPLETE"
@@ -75,7 +74,7 @@ def write_manifest(folder: Path) -> dict:
         rel = path.relative_to(folder).as_posix()
         if rel in (COMPLETE, SUSPECT) or path.name.startswith("."):  # markers, temporaries
             continue
-        files[rel] = {"size": path.stat().st_size, "sha256": sha256(path)}
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"version": MANIFEST_VERSION, "files": files}
     atomic_write_text(folder / COMPLETE, json.dumps(manifest, indent=1))
     return manifest
@@ -109,14 +108,9 @@ def verify(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{rel}: {size} bytes, the manifest says {expected['size']}"
-        if sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             return f"{rel}: sha256 differs from the manifest's"
     return None
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def describe_check(folder: Path, seconds: float) -> str:
