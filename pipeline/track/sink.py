@@ -160,8 +160,7 @@ class MetricsSink:
         """Write summary.json in the run folder, upload it, and tag the run with its scalars."""
         if not self.is_main:
             return None
-        path = self.run_dir / "summary.json"
-        atomic_write_text(path, json.dumps(json_safe(summary), indent=1) + "\n")
+        path = write_summary(self.run_dir, summary)
         self.log_artifact(path)
         scalars = {
             f"summary.{k}": v
@@ -190,6 +189,13 @@ class MetricsSink:
             self.undelivered = self._delivery.stop(status, self.cfg.flush_timeout_s)
             self._run_id = self._delivery.run_id
             self._delivery = None
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """<run_dir>/summary.json as strict JSON, atomically (also where no sink could be built)."""
+    path = Path(run_dir) / "summary.json"
+    atomic_write_text(path, json.dumps(json_safe(summary), indent=1) + "\n")
+    return path
 
 
 def count_events(path: Path) -> Counter[str]:

@@ -7,7 +7,6 @@ bottom.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import signal
@@ -22,10 +21,10 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
-from pipeline.io import atomic_write_text, json_safe
 from pipeline.theory.battery import exploding_inverse_battery
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
+from pipeline.track.sink import write_summary
 from pipeline.train import checkpoint, compat, faults
 from pipeline.train.build import (
     Data,
@@ -331,8 +330,7 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     }
     if run is None:
         if dist.is_main():  # nothing to track with yet: the file alone
-            summary_text = json.dumps(json_safe(summary), indent=1) + "\n"
-            atomic_write_text(cfg.run.dir / "summary.json", summary_text)
+            write_summary(cfg.run.dir, summary)
         return summary
     from pipeline.track.model import log_final_model  # the MLflow model of the final weights
 
