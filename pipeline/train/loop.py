@@ -301,10 +301,13 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     battery = {}
     if status == "finished":
         val_bpd = validate(run.engine, run.val_loader, cfg.train)
-        battery = maybe_battery(run.model, run.val_loader, cfg.guard.battery_images)
+        n_battery = cfg.guard.battery_images
+        # one read of val images (main rank) for both the battery and the panel
+        x = first_images(run.val_loader, max(n_battery, PANEL_IMAGES)) if dist.is_main() else None
+        battery = maybe_battery(run.model, x, n_battery)
         run.sink.log(state.step, {"val/bpd": val_bpd, **battery})
         sample_grid(run, cfg.run.dir / "samples.png")
-        save_run_panel(run, cfg.run.dir / "panel.png")
+        save_run_panel(run, x, cfg.run.dir / "panel.png")
     latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
     samples, panel = cfg.run.dir / "samples.png", cfg.run.dir / "panel.png"
     summary = {
@@ -345,14 +348,14 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     return summary
 
 
-def maybe_battery(model, val_loader, n_images: int) -> dict:
-    """The exploding-inverse battery on the final model (main rank; no collectives): reconstruction
-    and bpd finiteness on val and off-data inputs, samples at T 0.7-2, invertible-mode gradients."""
-    if not n_images or not dist.is_main():
+def maybe_battery(model, x: torch.Tensor | None, n_images: int) -> dict:
+    """The exploding-inverse battery on the final model (main rank, which holds the val images
+    ``x``; no collectives): reconstruction and bpd finiteness on val and off-data inputs, samples
+    at T 0.7-2, invertible-mode gradients."""
+    if not n_images or x is None:
         return {}
-    x = first_images(val_loader, n_images)
     return exploding_inverse_battery(
-        model, x, n_images=n_images, n_samples=2 * n_images, n_grad=min(8, n_images)
+        model, x[:n_images], n_images=n_images, n_samples=2 * n_images, n_grad=min(8, n_images)
     )
 
 
@@ -372,19 +375,20 @@ def first_images(loader, n: int) -> torch.Tensor:
     return torch.cat(batches)[:n].to(dist.device())
 
 
-PANEL_TEMPERATURES = (0.5, 0.7, 1.0)
+PANEL_TEMPERATURES, PANEL_IMAGES = (0.5, 0.7, 1.0), 8
 
 
-def save_run_panel(run: Run, path: Path, n: int = 8) -> None:
-    """The end-of-run picture (main rank), logged as an artifact: validation images, their exact
-    reconstructions x -> z -> x (proof of invertibility at a glance), and samples at 0.5, 0.7, 1.0."""
-    if not dist.is_main():
+def save_run_panel(run: Run, x: torch.Tensor | None, path: Path) -> None:
+    """The end-of-run picture (main rank, which holds the val images ``x``), logged as an artifact:
+    validation images, their exact reconstructions x -> z -> x (proof of invertibility at a
+    glance), and samples at 0.5, 0.7, 1.0."""
+    if x is None:
         return
     model, was_training = run.model, run.model.training
+    x, n = x[:PANEL_IMAGES], min(PANEL_IMAGES, len(x))
     model.eval()
     try:
         with torch.no_grad():
-            x = first_images(run.val_loader, n)
             x_hat = model.reconstruct(x)
             error = (x_hat - x).abs().max().item()
             generator = torch.Generator(device=x.device).manual_seed(0)
