@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if summary["status"] == "diverged":
         print(
             f"error: {summary['reason']}; the last events are in {written}. Lower train.lr, "
-            "raise train.warmup_steps, or use bounded blocks (model.*)",
+            "raise train.warmup_steps, or keep the certified default blocks (no model.* preset)",
             file=sys.stderr,
         )
         return 3
