@@ -25,7 +25,9 @@ so a layer's certified norm is its true norm and its whole budget c is usable.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -34,46 +36,91 @@ from torch import nn
 
 from pipeline.flows.base import NoGradCache, compute_dtype, frozen, in_reuse_scope
 
-# frequencies × (smaller Gram side)² × (larger side) above which the Fourier norm is skipped in
-# certificates (the sqrt(k_h·k_w) bound stays valid): ~1 s of float64 eigensolves on a CPU core
+# fourier_work above which the Fourier norm is skipped, in the normalisation and in certificates
+# (the sqrt(k_h·k_w) bound stays valid); see fourier_work
 FOURIER_MAX_WORK = 2e8
 
 
-def fourier_norm_sq(weight: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
-    """max_ω σ_max(K̂(ω))² of a [c_out, c_in, k_h, k_w] kernel on the torus that holds the zero-padded
-    conv on `spatial` = (H, W) as a submatrix (see the module docstring).
+def fourier_top(weight: torch.Tensor, spatial: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """The top of the spectrum of a [c_out, c_in, k_h, k_w] kernel's zero-padded conv on `spatial`
+    = (H, W), computed without autograd: (λ, z, e) with λ = max_ω σ_max(K̂(ω))² over the torus that
+    holds the conv (see the module docstring), z the maximising frequency's phase e^{-i⟨ω*, t⟩}
+    per tap t, e the top eigenvector there (of the Gram on the smaller side).
 
-    Differentiable at the cost of one frequency: the eigensolves run without autograd, and the
-    value is re-formed as e*·G(ω*)·e at the maximising frequency ω* with its top eigenvector e
-    fixed, whose gradient is the top eigenvalue's (Hellmann-Feynman). Squared, so that a
-    zero-initialised kernel has no sqrt of 0 in the backward pass."""
-    k_h, k_w = weight.shape[2:]
-    # any torus of ≥ H + k_h//2 rows holds the conv; ≥ k_h rows so that no tap is cut off
+    K̂(ω) = Σ_t K_t·z_t(ω) has only k_h·k_w taps, so its Gram K̂K̂ᴴ = Σ_{a,b} K_a·K_bᵀ·e^{-i⟨ω, a-b⟩}
+    is a DFT of the taps' pairwise products: one [T·m, n] matmul for the products, one [m², T²]
+    by [T², frequencies] matmul for all the Grams (no FFT of a zero-padded kernel, no complex
+    batched matmul), then eigenvalues only, batched; the eigenvector at ω* alone."""
+    c_out, c_in, k_h, k_w = weight.shape
     n_h, n_w = max(spatial[0] + k_h // 2, k_h), max(spatial[1] + k_w // 2, k_w)
-    wide = weight.shape[0] <= weight.shape[1]  # Gram on the smaller side
-
-    def gram(k_hat: torch.Tensor) -> torch.Tensor:
-        k_hat_h = k_hat.conj().transpose(-2, -1)
-        return k_hat @ k_hat_h if wide else k_hat_h @ k_hat
-
     with torch.no_grad():
-        # a real kernel has K̂(-ω) = conj(K̂(ω)), with the same singular values: half the spectrum
-        k_hat = torch.fft.rfft2(weight.detach(), s=(n_h, n_w)).permute(2, 3, 0, 1)
-        grams = gram(k_hat)  # [n_h, n_w//2+1, m, m]
-        top = torch.linalg.eigvalsh(grams)[..., -1]  # eigenvalues only: the vectors of one suffice
-        index = int(top.flatten().argmax())
-        u, v = divmod(index, top.shape[1])
-        e = torch.linalg.eigh(grams[u, v])[1][:, -1]
+        taps = weight.detach().flatten(2).permute(2, 0, 1)  # [T, c_out, c_in]
+        if c_out > c_in:  # Gram on the smaller side: Kᴴ·K's conjugate, with the same spectrum
+            taps = taps.transpose(1, 2)
+        n_taps, m, n = taps.shape
+        flat = taps.reshape(n_taps * m, n)
+        products = (flat @ flat.t()).reshape(n_taps, m, n_taps, m)  # [a, :, b, :] = M_a·M_bᵀ
+        products = products.permute(1, 3, 0, 2).reshape(m * m, n_taps * n_taps)
+        dft = _gram_dft(k_h, k_w, n_h, n_w, weight.dtype, weight.device)
+        # [m², frequencies, (re, im)] -> [frequencies, m, m] complex
+        grams = (products @ dft).view(m, m, -1, 2).permute(2, 0, 1, 3).contiguous()
+        grams = torch.view_as_complex(grams)  # Hermitian
+        top = torch.linalg.eigvalsh(grams)[:, -1]
+        index = int(top.argmax())
+        u, v = divmod(index, n_w // 2 + 1)
+        e = torch.linalg.eigh(grams[index])[1][:, -1]
+        tap_h, tap_w = _taps(k_h, k_w, weight)
+        phase = -2 * math.pi * (tap_h * u / n_h + tap_w * v / n_w)
+        z = torch.polar(torch.ones_like(phase), phase)
+    return top[index].clamp_min(0.0), z, e
+
+
+def _taps(k_h: int, k_w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column offset of each tap t in weight.flatten(2)'s order."""
+    rows = torch.arange(k_h, dtype=like.dtype, device=like.device).repeat_interleave(k_w)
+    return rows, torch.arange(k_w, dtype=like.dtype, device=like.device).repeat(k_h)
+
+
+@functools.lru_cache(maxsize=64)
+def _gram_dft(
+    k_h: int, k_w: int, n_h: int, n_w: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """[T², frequencies·2]: column pair (cos, sin) of -⟨ω, a - b⟩ for each ordered tap pair (a, b)
+    and each frequency ω of the n_h × n_w torus's half spectrum (a real kernel has
+    K̂(-ω) = conj(K̂(ω)), with the same singular values)."""
+    like = torch.empty(0, dtype=dtype, device=device)
+    tap_h, tap_w = _taps(k_h, k_w, like)
+    freq_h = torch.arange(n_h, dtype=dtype, device=device) / n_h
+    freq_w = torch.arange(n_w // 2 + 1, dtype=dtype, device=device) / n_w
+    diff_h = (tap_h[:, None] - tap_h[None, :]).reshape(-1, 1, 1)
+    diff_w = (tap_w[:, None] - tap_w[None, :]).reshape(-1, 1, 1)
+    angle = (-2 * math.pi * (diff_h * freq_h[:, None] + diff_w * freq_w[None, :])).flatten(1)
+    return torch.stack((torch.cos(angle), torch.sin(angle)), -1).flatten(1)
+
+
+def fourier_rayleigh(weight: torch.Tensor, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """eᴴ·G(ω*)·e with the frequency's phases z and the eigenvector e held fixed (fourier_top):
+    the top eigenvalue's value and, where it is simple, its gradient (Hellmann-Feynman), at the
+    cost of one frequency. Squared, so that a zero kernel has no sqrt of 0 in the backward pass."""
+    k_star = (weight.flatten(2) * z).sum(-1)  # K̂(ω*), [c_out, c_in]
+    if weight.shape[0] > weight.shape[1]:
+        k_star = k_star.t()
+    return (e.conj() @ k_star).abs().square().sum()
+
+
+def fourier_norm_sq(weight: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
+    """max_ω σ_max(K̂(ω))² of the zero-padded conv on `spatial` (see fourier_top); differentiable
+    where autograd asks for it (fourier_rayleigh)."""
+    top, z, e = fourier_top(weight, spatial)
     if not (torch.is_grad_enabled() and weight.requires_grad):
-        return top.max().clamp_min(0.0)
-    taps_h = torch.arange(k_h, device=weight.device, dtype=weight.dtype)
-    taps_w = torch.arange(k_w, device=weight.device, dtype=weight.dtype)
-    angle = -2 * math.pi * (taps_h[:, None] * u / n_h + taps_w[None, :] * v / n_w)
-    k_star = (weight * torch.polar(torch.ones_like(angle), angle)).sum((-2, -1))
-    return (e.conj() @ gram(k_star) @ e).real.clamp_min(0.0)
+        return top
+    return fourier_rayleigh(weight, z, e)
 
 
 def fourier_work(weight: torch.Tensor, spatial: tuple[int, int]) -> float:
+    """Frequencies × (smaller Gram side)² × (larger side): the cost measure FOURIER_MAX_WORK caps.
+    It decides which layers a model normalises by the Fourier norm, so it stays as it was when
+    models were trained with it (fourier_top is now ~5-10× cheaper than this measure assumed)."""
     c_out, c_in, k_h, k_w = weight.shape
     small, large = sorted((c_out, c_in))
     return max(spatial[0] + k_h // 2, k_h) * max(spatial[1] + k_w // 2, k_w) * small * small * large
@@ -83,6 +130,21 @@ def top_gram_eigenvalue(w_mat: torch.Tensor) -> torch.Tensor:
     """λ_max(W·Wᵀ) = ‖W‖₂², from the smaller of the two Gram matrices (differentiable)."""
     gram = w_mat @ w_mat.t() if w_mat.shape[0] <= w_mat.shape[1] else w_mat.t() @ w_mat
     return torch.linalg.eigvalsh(gram)[-1]
+
+
+def top_gram_vector(w_mat: torch.Tensor) -> torch.Tensor:
+    """The top eigenvector of W's smaller Gram matrix, without autograd (see gram_rayleigh)."""
+    with torch.no_grad():
+        w_mat = w_mat.detach()
+        gram = w_mat @ w_mat.t() if w_mat.shape[0] <= w_mat.shape[1] else w_mat.t() @ w_mat
+        return torch.linalg.eigh(gram)[1][:, -1]
+
+
+def gram_rayleigh(w_mat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """‖W‖₂² as eᵀ·Gram·e with the top eigenvector e fixed (top_gram_vector): the value, and the
+    gradient of the top eigenvalue (Hellmann-Feynman), from two matrix-vector products."""
+    side = e @ w_mat if w_mat.shape[0] <= w_mat.shape[1] else w_mat @ e
+    return side.square().sum()
 
 
 class LipSwish(nn.Module):
@@ -189,9 +251,12 @@ class LipschitzConv2d(nn.Conv2d):
                 # would run thousands of large eigensolves; the sqrt(k_h·k_w)·‖W‖ bound is certified
                 method = "exact"
             if method == "exact":
-                sigma_sq = top_gram_eigenvalue(w_mat)
+                e = self._top("matrix", lambda: top_gram_vector(w_mat))
+                sigma_sq = gram_rayleigh(w_mat, e)
             elif method == "fourier":
-                sigma_sq = fourier_norm_sq(self.weight.to(w_mat.dtype), self.spatial)
+                kernel = self.weight.to(w_mat.dtype)
+                _, z, e = self._top("fourier", lambda: fourier_top(kernel, self.spatial))
+                sigma_sq = fourier_rayleigh(kernel, z, e)
                 overlap = 1.0  # the norm itself, not a bound on it
             else:
                 if self.training if update is None else update:
@@ -201,6 +266,13 @@ class LipschitzConv2d(nn.Conv2d):
             bound_sq = torch.maximum(overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
             scale = self.coeff / torch.sqrt(bound_sq)
             return self.weight * scale.to(self.weight.dtype)
+
+    def _top(self, name: str, compute: Callable[[], object]):
+        """The eigen-part of the normalisation (which direction is the top one), without autograd:
+        once per `reuse_weights` scope, so an invertible run's re-runs and a fixed-point solve's
+        iterations only redo the cheap differentiable Rayleigh quotient."""
+        with torch.no_grad():
+            return self._cache.get(name, [self.weight], compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
