@@ -69,16 +69,19 @@ def fourier_top(weight: torch.Tensor, spatial: tuple[int, int]) -> tuple[torch.T
         index = int(top.argmax())
         u, v = divmod(index, n_w // 2 + 1)
         e = torch.linalg.eigh(grams[index])[1][:, -1]
-        tap_h, tap_w = _taps(k_h, k_w, weight)
+        tap_h, tap_w = _taps(k_h, k_w, weight.dtype, weight.device)
         phase = -2 * math.pi * (tap_h * u / n_h + tap_w * v / n_w)
         z = torch.polar(torch.ones_like(phase), phase)
     return top[index].clamp_min(0.0), z, e
 
 
-def _taps(k_h: int, k_w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _taps(
+    k_h: int, k_w: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column offset of each tap t in weight.flatten(2)'s order."""
-    rows = torch.arange(k_h, dtype=like.dtype, device=like.device).repeat_interleave(k_w)
-    return rows, torch.arange(k_w, dtype=like.dtype, device=like.device).repeat(k_h)
+    rows = torch.arange(k_h, dtype=dtype, device=device).repeat_interleave(k_w)
+    return rows, torch.arange(k_w, dtype=dtype, device=device).repeat(k_h)
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,8 +91,7 @@ def _gram_dft(
     """[T², frequencies·2]: column pair (cos, sin) of -⟨ω, a - b⟩ for each ordered tap pair (a, b)
     and each frequency ω of the n_h × n_w torus's half spectrum (a real kernel has
     K̂(-ω) = conj(K̂(ω)), with the same singular values)."""
-    like = torch.empty(0, dtype=dtype, device=device)
-    tap_h, tap_w = _taps(k_h, k_w, like)
+    tap_h, tap_w = _taps(k_h, k_w, dtype, device)
     freq_h = torch.arange(n_h, dtype=dtype, device=device) / n_h
     freq_w = torch.arange(n_w // 2 + 1, dtype=dtype, device=device) / n_w
     diff_h = (tap_h[:, None] - tap_h[None, :]).reshape(-1, 1, 1)
