@@ -16,9 +16,13 @@ from pipeline.bench import peer
 from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
 
 
-def test_bench_peer_quick_prints_every_arm_with_ratios_to_normflows():
+def test_bench_peer_quick_prints_every_arm_with_ratios_to_normflows(tmp_path):
     pytest.importorskip("normflows", reason="a dev dependency: make setup installs it")
-    out = json.loads(run_pipeline("bench", "peer", "--quick", timeout=300).stdout)
+    saved = tmp_path / "peer.json"
+    out = json.loads(
+        run_pipeline("bench", "peer", "--quick", "--out", str(saved), timeout=300).stdout
+    )
+    assert json.loads(saved.read_text()) == out  # --out: the same results, kept as they come
     assert out["normflows"] == "1.7.3"
     (result,) = out["results"]
     assert result["setting"]["name"] == "quick"

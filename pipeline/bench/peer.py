@@ -27,12 +27,14 @@ runs torch.profiler over a few steps of each named arm at each setting and lists
 
     python -m pipeline bench peer                                    # BENCHMARKS.md §6
     python -m pipeline bench peer --settings 32 --arms default --profile default,glow
+    python -m pipeline bench peer --out peer.json     # peer.json rewritten after each setting
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -44,6 +46,7 @@ import torch
 from pipeline.bench.common import emit, machine
 from pipeline.errors import PipelineError
 from pipeline.flows import ModelConfig, build_flow
+from pipeline.io import atomic_write_text
 
 N_BITS = 8
 NORMFLOWS = "normflows"
@@ -113,6 +116,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny setting, 2 rounds of 1 step")
     p.add_argument("--profile", help="arms to profile (torch.profiler) instead of timing")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument(
+        "--out", help="also write the JSON here, rewritten after each setting (partial results)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.settings, args.rounds, args.steps, args.warmup = "quick", 2, 1, 1
@@ -339,22 +345,34 @@ def main(argv: list[str] | None = None) -> int:
     if NORMFLOWS in names:
         import_normflows()  # say so before building anything
     if args.profile:
-        emit({"profile": [profile(v, names, args) for v in settings]})
+        out = {"profile": []}
+        for setting in settings:
+            out["profile"].append(profile(setting, names, args))
+            save(out, args.out)
+        emit(out)
         return 0
-    emit(
-        {
-            "method": (
-                "fp32 CPU, forward + backward + AdamW on one fixed batch; interleaved rounds in "
-                "one process (order rotating), median step time over all timed steps"
-            ),
-            "rounds": args.rounds,
-            "steps_per_round": args.steps,
-            "warmup": args.warmup,
-            "normflows": normflows_version() if NORMFLOWS in names else None,
-            "results": [compare(v, names, args) for v in settings],
-        }
-    )
+    out = {
+        "method": (
+            "fp32 CPU, forward + backward + AdamW on one fixed batch; interleaved rounds in "
+            "one process (order rotating), median step time over all timed steps"
+        ),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "warmup": args.warmup,
+        "normflows": normflows_version() if NORMFLOWS in names else None,
+        "results": [],
+    }
+    for setting in settings:
+        out["results"].append(compare(setting, names, args))
+        save(out, args.out)
+    emit(out)
     return 0
+
+
+def save(out: dict, path: str | None) -> None:
+    """The results so far, so that a run of hours that is stopped keeps its finished settings."""
+    if path:
+        atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
 def normflows_version() -> str:
