@@ -8,10 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.flows import ModelConfig, build_flow
-from pipeline.flows import lipschitz
+from pipeline.flows import ModelConfig, build_flow, lipschitz
 from pipeline.flows.lipschitz import (
+    CHOLESKY_SLACK,
     LipschitzConv2d,
+    certified_top,
+    fourier_bound,
+    fourier_grams,
     fourier_norm_sq,
     fourier_rayleigh,
     fourier_top,
@@ -51,6 +54,34 @@ def test_fourier_top_is_the_maximum_over_the_torus(shape, spatial):
 
 
 @pytest.mark.parametrize("shape, spatial", SHAPES)
+def test_fourier_bound_is_certified_within_its_slack(shape, spatial):
+    """What the normalisation divides by: ≥ the top over the torus, ≤ (1 + slack)·top, with the
+    phases and eigenvector of a frequency whose top eigenvalue is within the slack of it."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        weight = torch.randn(shape, dtype=torch.float64)
+        reference = fft_reference(weight, spatial).item()
+        bound, z, e = fourier_bound(weight, spatial)
+        assert reference <= bound.item() <= reference * (1 + CHOLESKY_SLACK) * (1 + 1e-12)
+        at = fourier_rayleigh(weight, z, e).item()
+        assert reference / (1 + CHOLESKY_SLACK) <= at <= reference * (1 + 1e-12)
+
+
+def test_certified_top_finds_the_top_from_the_worst_candidate():
+    """A candidate frequency with the smallest top eigenvalue: the Cholesky test fails elsewhere,
+    those frequencies' eigenvalues are computed, and the largest one is returned."""
+    torch.manual_seed(0)
+    grams = fourier_grams(torch.randn(6, 16, 3, 3, dtype=torch.float64), (8, 8))
+    tops = torch.linalg.eigvalsh(grams)[:, -1]
+    worst, best = int(tops.argmin()), int(tops.argmax())
+    index, top, e = certified_top(grams, worst, CHOLESKY_SLACK)
+    assert index == best and top.item() == pytest.approx(tops[best].item(), rel=1e-12)
+    assert (e.conj() @ grams[best] @ e).real.item() == pytest.approx(top.item(), rel=1e-12)
+    zero = torch.zeros_like(grams)
+    assert certified_top(zero, 0, CHOLESKY_SLACK)[1].item() == 0.0
+
+
+@pytest.mark.parametrize("shape, spatial", SHAPES)
 def test_rayleigh_gradient_is_the_top_eigenvalues(shape, spatial):
     """With ω* and e held fixed, the gradient is that of the (simple) top eigenvalue: the same as
     autograd through the singular values of the definition."""
@@ -81,10 +112,10 @@ def test_a_zero_kernel_is_normalised_without_nan():
 
 def test_invertible_rerun_reuses_the_eigensolves(monkeypatch):
     """memory=invertible re-runs every block in the backward pass with autograd; the eigen-part of
-    each spectral-normalised conv (fourier_top, top_gram_vector) runs once per training step, as
+    each spectral-normalised conv (fourier_bound, top_gram_vector) runs once per training step, as
     in store mode, and the gradients agree with store mode."""
     calls = {"fourier": 0, "matrix": 0}
-    fourier, matrix = lipschitz.fourier_top, lipschitz.top_gram_vector
+    fourier, matrix = lipschitz.fourier_bound, lipschitz.top_gram_vector
 
     def counted_fourier(*args):
         calls["fourier"] += 1
@@ -94,7 +125,7 @@ def test_invertible_rerun_reuses_the_eigensolves(monkeypatch):
         calls["matrix"] += 1
         return matrix(*args)
 
-    monkeypatch.setattr(lipschitz, "fourier_top", counted_fourier)
+    monkeypatch.setattr(lipschitz, "fourier_bound", counted_fourier)
     monkeypatch.setattr(lipschitz, "top_gram_vector", counted_matrix)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
     grads, counts = {}, {}
