@@ -84,8 +84,9 @@ def certified_top(
     frequency's where that one is larger, such that every frequency's λ_max < λ·(1 + slack)."""
     values, vectors = torch.linalg.eigh(grams[index])
     top = values[-1].clamp_min(0.0)
-    eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
-    fails = torch.linalg.cholesky_ex(top * (1 + slack) * eye - grams).info != 0
+    shifted = -grams  # μI - G(ω) for every frequency
+    shifted.diagonal(dim1=-2, dim2=-1).add_(top * (1 + slack))
+    fails = torch.linalg.cholesky_ex(shifted).info != 0
     if bool(fails.any()) and bool(grams.any()):  # (a zero kernel fails everywhere, at λ = 0)
         rest = fails.nonzero().flatten()
         tops = torch.linalg.eigvalsh(grams[rest])[:, -1]
