@@ -12,7 +12,10 @@
                 parameters, log-det included (the reversible backprop of RevNet, Gomez et al.
                 2017, used by Glow). Activation memory no longer grows with depth; the price is
                 one inverse and one extra forward per block in the backward pass, and gradients
-                that agree with `store` to the rounding error of the reconstruction.
+                that agree with `store` to the rounding error of the reconstruction. A block with
+                the generic re-run (inverse, then forward) joins the re-run of the block before
+                it, up to a flow step's worth of blocks: one graph and one backward call instead
+                of one each (Glow's actnorm and 1×1 conv re-run on their coupling's output).
 
 Residual steps have an iterative inverse (a fixed point to a tolerance, whose error the chain of
 reconstructions would amplify by up to 1/(1 - c) per block) and a random Hutchinson log-det, so
@@ -34,7 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.flows.base import FlowBlock, frozen, reuse_weights
+from pipeline.flows.base import FlowBlock, Rerun, frozen, reuse_weights
 
 MemoryMode = Literal["store", "checkpoint", "invertible"]
 Step = Sequence[FlowBlock]
@@ -54,14 +57,17 @@ def run_steps(
     # step without (residual) ends the run and is checkpointed
     logdets: list[torch.Tensor] = []
     run: list[FlowBlock] = []
+    segment_size = max(map(len, steps), default=1)
     for step in [*steps, None]:
         if step is not None and all(block.exact_inverse for block in step):
             run += step
             continue
-        for blocks, method in ((run, _invertible), (step, _checkpointed)):
-            if blocks:
-                h, block_logdets = method(blocks, h)
-                logdets += block_logdets
+        if run:
+            h, block_logdets = _invertible(run, h, segment_size)
+            logdets += block_logdets
+        if step:
+            h, block_logdets = _checkpointed(step, h)
+            logdets += block_logdets
         run = []
     return h, logdets
 
@@ -115,21 +121,45 @@ def _checkpointed(step: Step, h: torch.Tensor) -> tuple[torch.Tensor, list[torch
     return y, list(logdets.unbind(0))
 
 
-def _invertible(blocks: Sequence[FlowBlock], h: torch.Tensor):
-    params = [p for block in blocks for p in block.parameters()]
-    y, logdets = _InvertibleRun.apply(h, tuple(blocks), *params)
+def _invertible(blocks: Sequence[FlowBlock], h: torch.Tensor, segment_size: int):
+    params = [list(block.parameters()) for block in blocks]
+    segments = _segments(blocks, segment_size)
+    flat = [p for block_params in params for p in block_params]
+    y, logdets = _InvertibleRun.apply(h, tuple(blocks), params, segments, *flat)
     return y, list(logdets.unbind(0))
 
 
+def _segments(blocks: Sequence[FlowBlock], size: int) -> list[range]:
+    """The backward pass re-runs `blocks` in segments, one graph each: a block that overrides
+    `rerun` starts one (its re-run shares work with its inverse), a block with the generic re-run
+    joins the segment before it, up to `size` blocks, so that a segment's graph is at most a flow
+    step's: activation memory stays constant in depth."""
+    starts = [
+        k for k, block in enumerate(blocks) if k == 0 or type(block).rerun is not FlowBlock.rerun
+    ]
+    segments = []
+    for first, end in zip(starts, [*starts[1:], len(blocks)], strict=True):
+        segments += [range(k, min(k + size, end)) for k in range(first, end, size)]
+    return segments
+
+
 class _InvertibleRun(torch.autograd.Function):
-    """(x, blocks, *their parameters) -> (y, log-dets [n_blocks, B]), saving only y (see the
-    module docstring). Parameters are explicit inputs so that their gradients reach them through
-    autograd (and DeepSpeed's gradient hooks) like any other."""
+    """(x, blocks, their parameters per block, segments, *the parameters) -> (y, log-dets
+    [n_blocks, B]), saving only y (see the module docstring). Parameters are explicit inputs so
+    that their gradients reach them through autograd (and DeepSpeed's gradient hooks) like any
+    other."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, blocks: tuple[FlowBlock, ...], *params: torch.Tensor):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        blocks: tuple[FlowBlock, ...],
+        params: list[list[torch.Tensor]],
+        segments: list[range],
+        *flat_params: torch.Tensor,
+    ):
         device = x.device.type
-        ctx.blocks = blocks
+        ctx.blocks, ctx.params, ctx.segments = blocks, params, segments
         ctx.autocast = (
             device,
             torch.is_autocast_enabled(device),
@@ -149,47 +179,69 @@ class _InvertibleRun(torch.autograd.Function):
         y = ctx.saved_tensors[0].detach()
         blocks = ctx.blocks
         device, enabled, dtype, cache = ctx.autocast
-        param_grads: list[list[torch.Tensor | None]] = []
+        param_grads: list[Sequence[torch.Tensor | None]] = []
         with (
             torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache),
             _frozen_all(blocks),
             reuse_weights(ctx.scope),
         ):
-            for k in reversed(range(len(blocks))):
-                block = blocks[k]
-                wants_x = k > 0 or ctx.needs_input_grad[0]
-                rerun = block.rerun(y, input_grad=wants_x)
-                params = list(block.parameters())
-                trainable = [p for p in params if p.requires_grad]
-                pairs = [
-                    (out, cot)
-                    for out, cot in ((rerun.y, grad_y), (rerun.logdet, grad_logdets[k]))
-                    if out.requires_grad
-                ]
+            for segment in reversed(ctx.segments):
+                wants_x = segment.start > 0 or ctx.needs_input_grad[0]
+                rerun, outputs = _rerun_segment(blocks[segment.start : segment.stop], y, wants_x)
+                cotangents = [grad_y, *grad_logdets[segment.start : segment.stop]]
+                params = [p for k in segment for p in ctx.params[k]]
                 leaves = rerun.leaves if wants_x else []
-                inputs = leaves + trainable
-                grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
-                if pairs and inputs:
-                    grads = torch.autograd.grad(
-                        [out for out, _ in pairs],
-                        inputs,
-                        [cot for _, cot in pairs],
-                        allow_unused=True,
-                    )
+                leaf_grads, grads = _vjp(outputs, cotangents, leaves, params)
                 if wants_x:
-                    grad_y = rerun.join(
-                        *(
-                            torch.zeros_like(leaf) if grad is None else grad
-                            for leaf, grad in zip(leaves, grads, strict=False)
-                        )
-                    )
-                    grads = grads[len(leaves) :]
-                by_param = dict(zip(map(id, trainable), grads, strict=True))
-                param_grads.append([by_param.get(id(p)) for p in params])
+                    grad_y = rerun.join(*leaf_grads)
+                param_grads.append(grads)
                 y = rerun.x
         grad_x = grad_y if ctx.needs_input_grad[0] else None
-        flat = [g for block_grads in reversed(param_grads) for g in block_grads]
-        return (grad_x, None, *flat)
+        flat = [g for segment_grads in reversed(param_grads) for g in segment_grads]
+        return (grad_x, None, None, None, *flat)
+
+
+def _rerun_segment(
+    blocks: Sequence[FlowBlock], y: torch.Tensor, input_grad: bool
+) -> tuple[Rerun, list[torch.Tensor]]:
+    """A segment re-run from its output y: the tail's inverses without autograd, the head's
+    `rerun`, then the tail's forward with autograd on the head's re-run output -> (the head's
+    Rerun, [the segment's re-run output, one log-det per block])."""
+    head, tail = blocks[0], blocks[1:]
+    with torch.no_grad():
+        for block in reversed(tail):
+            y = block.inverse(y)
+    rerun = head.rerun(y, input_grad=input_grad)
+    h, logdets = rerun.y, [rerun.logdet]
+    with torch.enable_grad():
+        for block in tail:
+            h, logdet = block(h)
+            logdets.append(logdet)
+    return rerun, [h, *logdets]
+
+
+def _vjp(
+    outputs: list[torch.Tensor],
+    cotangents: list[torch.Tensor],
+    leaves: list[torch.Tensor],
+    params: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """One backward call: (∂/∂leaves, ∂/∂params) of Σ <cotangent, output>; zeros for a leaf the
+    outputs do not depend on, None for a frozen or unused parameter."""
+    pairs = [(out, cot) for out, cot in zip(outputs, cotangents, strict=True) if out.requires_grad]
+    trainable = [p for p in params if p.requires_grad]
+    inputs = leaves + trainable
+    grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
+    if pairs and inputs:
+        grads = torch.autograd.grad(
+            [out for out, _ in pairs], inputs, [cot for _, cot in pairs], allow_unused=True
+        )
+    leaf_grads = [
+        torch.zeros_like(leaf) if grad is None else grad
+        for leaf, grad in zip(leaves, grads, strict=False)
+    ]
+    by_param = dict(zip(map(id, trainable), grads[len(leaves) :], strict=True))
+    return leaf_grads, [by_param.get(id(p)) for p in params]
 
 
 @contextmanager
