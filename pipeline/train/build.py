@@ -43,8 +43,13 @@ def build_data(cfg: Config) -> Data:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
+    """The flow on this rank's device; with ``train.compile``, its forward compiled in place
+    (``Module.compile``: parameter names, and so checkpoints, stay those of the eager model)."""
     r = cfg.data.resolution
-    return build_flow(cfg.model, (3, r, r), cfg.data.n_bits).to(dist.device())
+    model = build_flow(cfg.model, (3, r, r), cfg.data.n_bits).to(dist.device())
+    if cfg.train.compile:
+        model.compile(dynamic=False)  # one image shape per run: no dynamic-shape guards
+    return model
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ config it was trained with (config.yaml). The two are compared key by key before
   reported ("resuming with changed keys: ...").
 - OVERRIDABLE: keys the checkpoint loads under unchanged but that change the optimisation or the
   numerics the run was trained with (weight decay, clipping, precision, how activations are kept,
-  DeepSpeed's own knobs), or name a path whose content the data loader checks itself
-  (data.shards). Refused, unless the command names them in ``train.allow_changed=key1,key2``: a
-  deliberate override.
+  compiled kernels, DeepSpeed's own knobs), or name a path whose content the data loader checks
+  itself (data.shards). Refused, unless the command names them in
+  ``train.allow_changed=key1,key2``: a deliberate override.
 - everything else: keys that change what the checkpoint holds or what the data stream yields next
   (model shapes and blocks, data.*, train.micro_batch, grad_accum, global_batch, seed,
   zero_stage), keys this module has not heard of, and the number of ranks. Refused; the way on is
@@ -62,6 +62,7 @@ OVERRIDABLE: dict[str, str] = {
     "train.grad_clip": "the optimisation (the optimizer state loads unchanged)",
     "train.precision": "the numerics of the subnets (master weights are fp32 either way)",
     "model.memory": "how activations are kept for backward (same weights, other rounding)",
+    "train.compile": "the kernels the steps run (Inductor-fused: same weights, other rounding)",
     "model.residual_tol": "the accuracy of the residual blocks' inverse",
     "model.residual_max_iter": "the accuracy of the residual blocks' inverse",
     "data.shards": "the shard folder's path (the loader checks that the content is the same)",

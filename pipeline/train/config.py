@@ -24,6 +24,10 @@ class TrainConfig:
     # bf16 = subnets under torch.autocast with fp32 master weights; log-dets, prior and loss stay fp32
     # (DESIGN.md §3.5 (6)), so DeepSpeed itself runs fp32.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the whole model (Inductor, static shapes) for its training and validation
+    # forward passes; the first step of each compiles (0.5-2 min on a CPU core). Off by default: it
+    # pays only where the forward has few graph breaks (README, "Configs")
+    compile: bool = False
     seed: int = 0
     init_batches: int = 1  # batches for the ActNorm data-dependent init
     log_every: int = 1
