@@ -110,8 +110,8 @@ def test_a_zero_kernel_is_normalised_without_nan():
     assert torch.isfinite(conv.weight.grad).all()
 
 
-def test_invertible_rerun_reuses_the_eigensolves(monkeypatch):
-    """memory=invertible re-runs every block in the backward pass with autograd; the eigen-part of
+def test_rerun_modes_reuse_the_eigensolves(monkeypatch):
+    """memory=invertible and checkpoint re-run every block in the backward pass; the eigen-part of
     each spectral-normalised conv (fourier_bound, top_gram_vector) runs once per training step, as
     in store mode, and the gradients agree with store mode."""
     calls = {"fourier": 0, "matrix": 0}
@@ -129,7 +129,7 @@ def test_invertible_rerun_reuses_the_eigensolves(monkeypatch):
     monkeypatch.setattr(lipschitz, "top_gram_vector", counted_matrix)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
     grads, counts = {}, {}
-    for memory in ("store", "invertible"):
+    for memory in ("store", "invertible", "checkpoint"):
         torch.manual_seed(3)
         model = build_flow(ModelConfig(levels=2, steps=2, width=8, memory=memory), (3, 8, 8), 8)
         model = model.double()
@@ -142,6 +142,7 @@ def test_invertible_rerun_reuses_the_eigensolves(monkeypatch):
     convs = [m for m in model.modules() if isinstance(m, LipschitzConv2d)]
     three = sum(m.kernel_size == (3, 3) for m in convs)
     assert counts["store"] == {"fourier": three, "matrix": len(convs) - three}
-    assert counts["invertible"] == counts["store"]
-    for a, b in zip(grads["store"], grads["invertible"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert counts["invertible"] == counts["store"] == counts["checkpoint"]
+    for memory in ("invertible", "checkpoint"):
+        for a, b in zip(grads["store"], grads[memory], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

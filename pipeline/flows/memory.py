@@ -106,13 +106,16 @@ def _frozen_all(blocks: Sequence[FlowBlock]) -> Iterator[None]:
 
 
 def _checkpointed(step: Step, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    calls = 0
+    calls, scope = 0, None
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal calls
+        nonlocal calls, scope
         with ExitStack() as stack:
             if calls:  # the backward pass's re-run: no second power-iteration update
                 stack.enter_context(_frozen_all(step))
+            # the re-run reopens the forward's scope: what was derived from the weights without
+            # autograd (a spectral norm's eigensolves) is reused, not computed again
+            scope = stack.enter_context(reuse_weights(scope))
             calls += 1
             y, logdets = _run_blocks(step, x)
         return y, torch.stack(logdets)
