@@ -100,8 +100,10 @@ class NoGradCache:
         self._entries: dict[str, tuple] = {}
 
     def get(self, name: str, tensors: Sequence[torch.Tensor], compute: Callable[[], object]):
+        if torch.is_grad_enabled():  # first: torch.compile traces through it without a break
+            return compute()
         scope = _REUSE_SCOPE.get()
-        if scope is None or torch.is_grad_enabled():
+        if scope is None:
             return compute()
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         entry = self._entries.get(name)
