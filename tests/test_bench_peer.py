@@ -61,3 +61,11 @@ def test_bench_peer_says_clearly_when_normflows_is_missing():
     )
     assert out.returncode != 0 and out.stdout == ""
     assert "error: bench peer needs normflows" in out.stderr and "make setup" in out.stderr
+
+
+def test_arm_names_take_a_memory_mode_and_a_compile_suffix():
+    assert peer.parse_arm("glow") == ("glow", "store", False)
+    assert peer.parse_arm("default:invertible+compile") == ("default", "invertible", True)
+    assert peer.arm_names("normflows,glow+compile") == ["normflows", "glow+compile"]
+    with pytest.raises(peer.PipelineError, match="unknown arm 'glow:fast'"):
+        peer.arm_names("glow:fast")

@@ -13,7 +13,8 @@ Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = eve
     default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
     bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
                 spectral_norm=false (and the other keys it had then; see PRESETS)
-and memory modes store (if none is named), checkpoint, invertible. Architectures match normflows 1.7.3
+and memory modes store (if none is named), checkpoint, invertible; a `+compile` suffix
+(`glow+compile`) compiles the model as train.compile does (give --warmup ≥ 2: the first steps compile). Architectures match normflows 1.7.3
 (pinned dev dependency, imported only here): L levels x K steps of actnorm, 1x1 conv, affine coupling
 whose subnet is conv3x3 - ReLU - conv1x1 - ReLU - conv3x3 with `width` hidden channels; lipflow's
 split priors are learned and conditional, normflows' bases are unconditional (parameters reported).
@@ -101,6 +102,7 @@ class Arm:
     times: list[float] = dataclasses.field(default_factory=list)
     cpu_times: list[float] = dataclasses.field(default_factory=list)
     round_medians: list[float] = dataclasses.field(default_factory=list)
+    warmup_s: float = 0.0  # wall time of the warm-up steps (a +compile arm compiles in them)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -130,13 +132,20 @@ def arm_names(text: str) -> list[str]:
         return [NORMFLOWS] + [f"{p}:{m}" if m != "store" else p for p in PRESETS for m in MODES]
     names = [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
-        preset, _, mode = name.partition(":")
-        if name != NORMFLOWS and (preset not in PRESETS or mode not in ("", *MODES)):
+        preset, mode, _ = parse_arm(name)
+        if name != NORMFLOWS and (preset not in PRESETS or mode not in MODES):
             raise PipelineError(
-                f"unknown arm {name!r}: use normflows or preset[:memory] with preset in "
+                f"unknown arm {name!r}: use normflows or preset[:memory][+compile] with preset in "
                 f"{', '.join(PRESETS)} and memory in {', '.join(MODES)}"
             )
     return names
+
+
+def parse_arm(name: str) -> tuple[str, str, bool]:
+    """'glow:invertible+compile' -> ('glow', 'invertible', True); memory defaults to store."""
+    name, plus, rest = name.partition("+")
+    preset, _, mode = name.partition(":")
+    return preset, mode or "store", bool(plus) and rest == "compile"
 
 
 # ----- the two libraries' models -----------------------------------------------------------------
@@ -182,14 +191,8 @@ def normflows_glow(s: Setting) -> torch.nn.Module:
 
 
 def lipflow_model(name: str, s: Setting) -> tuple[torch.nn.Module, ModelConfig]:
-    preset, _, mode = name.partition(":")
-    cfg = ModelConfig(
-        levels=s.levels,
-        steps=s.steps,
-        width=s.width,
-        memory=mode or "store",
-        **PRESETS[preset],
-    )
+    preset, mode, _ = parse_arm(name)
+    cfg = ModelConfig(levels=s.levels, steps=s.steps, width=s.width, memory=mode, **PRESETS[preset])
     return build_flow(cfg, (3, s.resolution, s.resolution), N_BITS), cfg
 
 
@@ -207,6 +210,8 @@ def build_arm(name: str, s: Setting, x: torch.Tensor) -> Arm:
     else:
         model, cfg = lipflow_model(name, s)
         model.data_init(x)
+        if parse_arm(name)[2]:
+            model.compile(dynamic=False)  # as train.compile does; the warm-up steps compile
 
         def loss() -> torch.Tensor:
             return model(x)["bpd"].mean()
@@ -241,8 +246,10 @@ def compare(setting: str, names: list[str], args: argparse.Namespace) -> dict:
     x = batch(s)
     arms = [build_arm(name, s, x) for name in names]
     for arm in arms:
+        start = time.perf_counter()
         for _ in range(args.warmup):
             arm.step()
+        arm.warmup_s = time.perf_counter() - start
     load_before = machine(threads)["load_avg_1_5_15"]
     for r in range(args.rounds):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
@@ -274,6 +281,7 @@ def row(arm: Arm, batch_size: int) -> dict:
         "round_median_max_s": round(max(arm.round_medians), 5),
         "step_cpu_s_median": round(statistics.median(arm.cpu_times), 5),
         "timed_steps": len(arm.times),
+        "warmup_s": round(arm.warmup_s, 2),
         "params": arm.params,
     }
     if arm.model_keys is not None:
@@ -287,6 +295,7 @@ def goals(rows: dict, time_key: str) -> dict:
     pairs = {
         "default_vs_normflows (goal >= 1.3)": ("default", NORMFLOWS),
         "glow_vs_normflows (goal >= 1.5)": ("glow", NORMFLOWS),
+        "glow_compiled_vs_normflows": ("glow+compile", NORMFLOWS),
         "default_vs_glow (goal >= 0.9: certified within 10% of uncertified)": ("default", "glow"),
         "default_vs_bounded": ("default", "bounded"),
         "invertible_vs_store (goal >= 0.8)": ("default:invertible", "default"),
