@@ -20,12 +20,12 @@ def test_bench_peer_quick_prints_every_arm_with_ratios_to_normflows(tmp_path):
     pytest.importorskip("normflows", reason="a dev dependency: make setup installs it")
     saved = tmp_path / "peer.json"
     out = json.loads(
-        run_pipeline("bench", "peer", "--quick", "--out", str(saved), timeout=300).stdout
+        run_pipeline("bench", "peer", "--quick", "--batch", "3", "--out", str(saved)).stdout
     )
     assert json.loads(saved.read_text()) == out  # --out: the same results, kept as they come
     assert out["normflows"] == "1.7.3"
     (result,) = out["results"]
-    assert result["setting"]["name"] == "quick"
+    assert result["setting"]["name"] == "quick" and result["setting"]["batch"] == 3  # --batch
     arms = result["arms"]
     assert list(arms) == peer.DEFAULT_ARMS.split(",")
     for name, arm in arms.items():

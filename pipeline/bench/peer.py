@@ -115,6 +115,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
     p.add_argument("--threads", type=int, help="override every setting's torch threads")
+    p.add_argument("--batch", type=int, help="override every setting's batch size")
     p.add_argument("--quick", action="store_true", help="the tiny setting, 2 rounds of 1 step")
     p.add_argument("--profile", help="arms to profile (torch.profiler) instead of timing")
     p.add_argument("--profile-steps", type=int, default=3)
@@ -240,7 +241,7 @@ def timed(arm: Arm, steps: int) -> None:
 
 
 def compare(setting: str, names: list[str], args: argparse.Namespace) -> dict:
-    s = SETTINGS[setting]
+    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
     threads = args.threads or s.threads
     torch.set_num_threads(threads)
     x = batch(s)
@@ -313,7 +314,7 @@ def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
-    s = SETTINGS[setting]
+    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
     threads = args.threads or s.threads
     torch.set_num_threads(threads)
     x = batch(s)
