@@ -19,8 +19,9 @@ matrices K̂(ω) = Σ_taps K_tap·e^{-i⟨ω, tap⟩} at the torus's frequencies
 
     ‖conv‖₂ ≤ max_ω σ_max(K̂(ω))        (certified, ≤ the sqrt(k_h·k_w) bound, often ~3× below)
 
-`operator_bound` certifies with the smaller of the two; method "fourier" also normalises with it,
-so a layer's certified norm is its true norm and its whole budget c is usable.
+`operator_bound` certifies with the smaller of the two; method "fourier" also normalises with it
+(to within a factor 1 + CHOLESKY_SLACK, see fourier_bound), so a layer's certified norm is its
+true norm and its whole budget c is usable.
 """
 
 from __future__ import annotations
@@ -229,9 +230,10 @@ class LipschitzConv2d(nn.Conv2d):
     """A 'same' conv2d that reports a certified bound on its operator norm; spectral-normalised to
     ‖conv‖₂ ≤ coeff when coeff is given (see the module docstring).
 
-    method "fourier": σ = the exact operator norm on `spatial` (max over the torus frequencies,
-    differentiable), so ‖conv‖₂ = coeff whenever the layer would exceed it: the layer may use all
-    of its certified budget, where "exact" leaves it between coeff/sqrt(k_h·k_w) and coeff.
+    method "fourier": σ = the operator norm on `spatial` (max over the torus frequencies,
+    differentiable), certified from above to within a factor sqrt(1 + CHOLESKY_SLACK), so
+    ‖conv‖₂ ≈ coeff whenever the layer would exceed it: the layer may use all of its certified
+    budget, where "exact" leaves it between coeff/sqrt(k_h·k_w) and coeff.
 
     method "exact": σ = sqrt(λ_max(W_mat·W_matᵀ)) by an eigensolve of the smaller Gram matrix at
     every training forward (differentiable), so the bound holds by construction. method "power": σ̂
