@@ -167,12 +167,21 @@ def _weights_only_checkpoint_engine(engine):
     """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``.
 
     DeepSpeed unpickles its checkpoint files with ``weights_only=False``, i.e. it would run code
-    found in a checkpoint; resuming from a folder someone else wrote must never do that.
+    found in a checkpoint; resuming from a folder someone else wrote must never do that. The ZeRO
+    1/2 optimizer states hold DeepSpeed's loss scaler objects (plain attribute holders, also with
+    fp32 and bf16), its ZeRO-stage enum and its parameter-fragment addresses (two integers), which
+    are allowed by name; nothing else is.
     """
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
 
     return WeightsOnlyCheckpointEngine(engine._config)

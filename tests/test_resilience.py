@@ -185,6 +185,24 @@ def test_exact_resume_after_sigkill_two_ranks(tmp_path):
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # same batches, same order
 
 
+@pytest.mark.slow
+def test_exact_resume_under_zero_2_and_bf16(tmp_path):
+    """The celebahq configs' ZeRO 1/2 optimizer states hold DeepSpeed objects (its loss scaler,
+    ZeRO-stage enum, fragment addresses) that a weights-only load refuses unless allowed by name:
+    without that, such runs could not resume at all. Resumed = uninterrupted, bitwise."""
+    common = ("train.steps=6", "train.save_every=4", "train.zero_stage=2", "train.precision=bf16")
+    launch(tmp_path, "straight", *common, port=29645)
+    crashed = launch(tmp_path, "resumed", *common, "faults.sigkill_step=4", port=29645, check=False)
+    assert crashed.returncode != 0
+    out = launch(tmp_path, "resumed", *common, port=29645)
+    assert "resumed from" in out.stdout and "step00000004" in out.stdout
+    straight, resumed = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    a, b = bpd_by_step(tmp_path, "straight"), bpd_by_step(tmp_path, "resumed")
+    assert [a[s] for s in (5, 6)] == [b[s] for s in (5, 6)]
+
+
 def test_step_of_inverts_tag_for(tmp_path):
     for step in (0, 7, 123456):
         assert checkpoint.step_of(tmp_path / checkpoint.tag_for(step)) == step
