@@ -69,3 +69,12 @@ def test_arm_names_take_a_memory_mode_and_a_compile_suffix():
     assert peer.arm_names("normflows,glow+compile") == ["normflows", "glow+compile"]
     with pytest.raises(peer.PipelineError, match="unknown arm 'glow:fast'"):
         peer.arm_names("glow:fast")
+
+
+def test_bench_peer_split_prints_the_normalisations_parts():
+    out = json.loads(run_pipeline("bench", "peer", "--split", "--quick").stdout)
+    (split,) = out["split"]
+    assert split["convs"] == 12 and 0 <= split["failed_frequencies"] < split["frequencies"]
+    parts = split["cpu_ms"]
+    assert set(parts) >= {"grams", "cholesky", "conv1x1_eigh", "all_forward_backward"}
+    assert all(math.isfinite(v) and v >= 0 for v in parts.values())

@@ -29,6 +29,7 @@ runs torch.profiler over a few steps of each named arm at each setting and lists
     python -m pipeline bench peer                                    # BENCHMARKS.md §6
     python -m pipeline bench peer --settings 32 --arms default --profile default,glow
     python -m pipeline bench peer --out peer.json     # peer.json rewritten after each setting
+    python -m pipeline bench peer --split --settings 32,64,128   # the normalisation's parts
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="override every setting's batch size")
     p.add_argument("--quick", action="store_true", help="the tiny setting, 2 rounds of 1 step")
     p.add_argument("--profile", help="arms to profile (torch.profiler) instead of timing")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="instead of timing arms: the certified default's normalisation, part by part",
+    )
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument(
         "--out", help="also write the JSON here, rewritten after each setting (partial results)"
@@ -310,6 +316,77 @@ def goals(rows: dict, time_key: str) -> dict:
 
 
 # ----- where the time goes -----------------------------------------------------------------------
+def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
+    """The spectral normalisation of every subnet conv of the default arm (untrained), part by part,
+    CPU ms per step (median of --rounds): the Fourier Grams, the candidate frequency's eigensolve,
+    the Cholesky test at every frequency, eigenvalues where it failed (how many), the 1×1 convs'
+    eigensolves, the differentiable rest (Rayleigh quotient, scale, backward) with the eigen-part
+    cached, and the whole normalisation forward and backward."""
+    from pipeline.flows import lipschitz
+    from pipeline.flows.base import reuse_weights
+
+    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
+    torch.set_num_threads(args.threads or 1)
+    torch.manual_seed(0)
+    model, _ = lipflow_model("default", s)
+    convs = [m for m in model.modules() if isinstance(m, lipschitz.LipschitzConv2d)]
+    grads = [torch.randn_like(conv.weight) for conv in convs]
+    parts = ("grams", "candidate_eigh", "cholesky", "failed_eigvalsh", "conv1x1_eigh")
+
+    def eigen_parts(times: dict, failed: list) -> None:
+        for conv in convs:
+            w = conv.weight.detach()
+            start = time.process_time()
+            if conv.kernel_size == (1, 1):
+                lipschitz.top_gram_vector(w.flatten(1))
+                times["conv1x1_eigh"] += time.process_time() - start
+                continue
+            grams = lipschitz.fourier_grams(w, conv.spatial)
+            times["grams"] += (lap := time.process_time()) - start
+            index = int(torch.view_as_real(grams).square().sum((-3, -2, -1)).argmax())
+            top = torch.linalg.eigh(grams[index])[0][-1]
+            times["candidate_eigh"] += (start := time.process_time()) - lap
+            shifted = -grams
+            shifted.diagonal(dim1=-2, dim2=-1).add_(top * (1 + lipschitz.CHOLESKY_SLACK))
+            fails = torch.linalg.cholesky_ex(shifted).info != 0
+            times["cholesky"] += (lap := time.process_time()) - start
+            if bool(fails.any()) and bool(grams.any()):
+                torch.linalg.eigvalsh(grams[fails])
+            times["failed_eigvalsh"] += time.process_time() - lap
+            failed[0] += int(fails.sum()) if bool(grams.any()) else 0
+            failed[1] += grams.shape[0]
+
+    def normalise() -> None:
+        weights = [conv._normalised_weight(None) for conv in convs]
+        torch.autograd.backward(weights, grads)
+
+    def cpu_ms(f) -> float:
+        start = time.process_time()
+        f()
+        return (time.process_time() - start) * 1e3
+
+    normalise()  # warm-up: the first backward pass sets up the autograd engine
+    runs = []
+    for _ in range(max(args.rounds, 1)):
+        times, failed = dict.fromkeys(parts, 0.0), [0, 0]
+        eigen_parts(times, failed)
+        with reuse_weights():
+            with torch.no_grad():
+                for conv in convs:
+                    conv._normalised_weight(None)  # the eigen-part, cached for the next line
+            times["rayleigh_scale_backward"] = cpu_ms(normalise) / 1e3
+        times["all_forward_backward"] = cpu_ms(normalise) / 1e3
+        runs.append((times, failed))
+    median = {k: round(statistics.median(t[k] for t, _ in runs) * 1e3, 1) for k in runs[0][0]}
+    return {
+        "setting": {"name": setting, **dataclasses.asdict(s)},
+        "convs": len(convs),
+        "cpu_ms": median,
+        "failed_frequencies": runs[0][1][0],
+        "frequencies": runs[0][1][1],
+    }
+
+
 def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
@@ -354,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     names = arm_names(args.profile or args.arms)
     if NORMFLOWS in names:
         import_normflows()  # say so before building anything
+    if args.split:
+        out = {"split": []}
+        for setting in settings:
+            out["split"].append(normalisation_split(setting, args))
+            save(out, args.out)
+        emit(out)
+        return 0
     if args.profile:
         out = {"profile": []}
         for setting in settings:
