@@ -11,6 +11,8 @@ Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = eve
     glow        the unconstrained Glow preset: coupling=affine_exp conv=lu actnorm=unbounded
                 spectral_norm=false (matched to normflows' GlowBlock block for block)
     default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
+    sqrtk       the default with spectral_method=exact: each conv normalised by the cheaper
+                certified bound sqrt(k_h·k_w)·‖W_mat‖₂ instead of its Fourier norm
     bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
                 spectral_norm=false (and the other keys it had then; see PRESETS)
 and memory modes store (if none is named), checkpoint, invertible; a `+compile` suffix
@@ -60,6 +62,7 @@ PRESETS: dict[str, dict] = {
         "spectral_norm": False,
     },
     "default": {},
+    "sqrtk": {"spectral_method": "exact"},  # the default, normalised by sqrt(k_h·k_w)·‖W_mat‖₂
     "bounded": {  # every key of the pre-issue-14 defaults, as the stability study pins them
         "coupling": "affine",
         "conv": "svd",
