@@ -146,3 +146,14 @@ def test_rerun_modes_reuse_the_eigensolves(monkeypatch):
     for memory in ("invertible", "checkpoint"):
         for a, b in zip(grads["store"], grads[memory], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel, method", [(3, "fourier"), (1, "fourier"), (3, "exact")])
+def test_non_finite_weights_give_a_nan_layer_not_a_crash(kernel, method):
+    """The eigensolvers fail on NaN; the layer then outputs NaN, which the training guard handles
+    (skip, rollback), instead of raising out of the step."""
+    conv = LipschitzConv2d(6, 16, kernel, coeff=1.5, method=method, spatial=(8, 8))
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    y = conv(torch.randn(2, 6, 8, 8))
+    assert y.shape == (2, 16, 8, 8) and torch.isnan(y).all()

@@ -338,9 +338,30 @@ class LipschitzConv2d(nn.Conv2d):
     def _top(self, name: str, compute: Callable[[], object]):
         """The eigen-part of the normalisation (which direction is the top one), without autograd:
         once per `reuse_weights` scope, so an invertible run's re-runs and a fixed-point solve's
-        iterations only redo the cheap differentiable Rayleigh quotient."""
+        iterations only redo the cheap differentiable Rayleigh quotient.
+
+        Non-finite weights make the eigensolvers fail; the direction is then NaN, so the layer's
+        output, and the loss, are NaN and the training guard skips or rolls back (not a crash)."""
+
+        def guarded():
+            try:
+                return compute()
+            except torch.linalg.LinAlgError:
+                dtype, device = compute_dtype(self.weight), self.weight.device
+                if name == "matrix":  # top_gram_vector: the smaller side of the flattened kernel
+                    return torch.full(
+                        (min(self.weight.flatten(1).shape),), math.nan, dtype=dtype, device=device
+                    )
+                nan = torch.full(
+                    (min(self.weight.shape[:2]),), math.nan, dtype=dtype, device=device
+                )
+                phases = torch.polar(
+                    torch.ones_like(nan[:1]).expand(self.weight[0, 0].numel()), nan[:1]
+                )
+                return nan[0], phases, nan.to(phases.dtype)
+
         with torch.no_grad():
-            return self._cache.get(name, [self.weight], compute)
+            return self._cache.get(name, [self.weight], guarded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
