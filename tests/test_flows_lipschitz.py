@@ -54,6 +54,19 @@ def test_fourier_top_is_the_maximum_over_the_torus(shape, spatial):
 
 
 @pytest.mark.parametrize("shape, spatial", SHAPES)
+def test_both_routes_give_the_grams_of_the_definition(shape, spatial):
+    """All pairwise products in one matmul, or grouped by tap offset over a half plane: the same
+    Grams, whose top eigenvalue over the frequencies is the definition's."""
+    torch.manual_seed(4)
+    weight = torch.randn(shape, dtype=torch.float64)
+    products = fourier_grams(weight, spatial, route="products")
+    offsets = fourier_grams(weight, spatial, route="offsets")
+    torch.testing.assert_close(offsets, products, rtol=1e-12, atol=1e-12 * products.abs().max())
+    top = torch.linalg.eigvalsh(offsets)[:, -1].max().item()
+    assert top == pytest.approx(fft_reference(weight, spatial).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape, spatial", SHAPES)
 def test_fourier_bound_is_certified_within_its_slack(shape, spatial):
     """What the normalisation divides by: ≥ the top over the torus, ≤ (1 + slack)·top, with the
     phases and eigenvector of a frequency whose top eigenvalue is within the slack of it."""
