@@ -159,9 +159,11 @@ def _grams_by_offset(taps: torch.Tensor, k_h: int, k_w: int, n_h: int, n_w: int)
         ]
     )  # [offsets, m, m], the zero offset first
     rest, rest_t = blocks[1:], blocks[1:].transpose(-2, -1)
-    real = blocks[0].reshape(-1, 1) + (rest + rest_t).flatten(1).t() @ cos  # [m², frequencies]
-    imag = (rest_t - rest).flatten(1).t() @ sin
-    return torch.complex(real.t().reshape(-1, m, m), imag.t().reshape(-1, m, m))
+    # [frequencies, m²], contiguous: the batched eigensolvers and factorisations are several times
+    # slower on a strided batch
+    real = blocks[0].reshape(1, -1) + cos.t() @ (rest + rest_t).flatten(1)
+    imag = sin.t() @ (rest_t - rest).flatten(1)
+    return torch.complex(real.reshape(-1, m, m), imag.reshape(-1, m, m))
 
 
 @functools.lru_cache(maxsize=64)
