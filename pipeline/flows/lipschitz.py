@@ -378,58 +378,47 @@ class LipschitzConv2d(nn.Conv2d):
         # the normalising scale is computed in (at least) fp32 even under autocast
         with torch.autocast(self.weight.device.type, enabled=False):
             w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
-            overlap, method = self.overlap, self.method
+            method = self.method
             if method == "fourier" and self.kernel_size == (1, 1):
                 method = "exact"  # a 1×1 kernel is the same matrix at every frequency: ‖W‖ exactly
             elif method == "fourier" and fourier_work(self.weight, self.spatial) > FOURIER_MAX_WORK:
                 # too many frequencies × too wide (e.g. 256² images, width 512): every forward
                 # would run thousands of large eigensolves; the sqrt(k_h·k_w)·‖W‖ bound is certified
                 method = "exact"
-            if method == "exact":
-                e = self._top("matrix", lambda: top_gram_vector(w_mat))
-                sigma_sq = gram_rayleigh(w_mat, e)
-            elif method == "fourier":
-                kernel = self.weight.to(w_mat.dtype)
-                _, z, e = self._top("fourier", lambda: fourier_bound(kernel, self.spatial))
-                # λ at the certified frequency, times the certificate's margin: ≥ every frequency's
-                sigma_sq = fourier_rayleigh(kernel, z, e) * (1 + CHOLESKY_SLACK)
-                overlap = 1.0  # the norm itself (to the margin), not a bound on it
-            else:
-                if self.training if update is None else update:
-                    self._power_iteration(w_mat.detach().to(self.u.dtype))
-                sigma_sq = torch.dot(self.u.to(w_mat.dtype), w_mat @ self.v.to(w_mat.dtype)) ** 2
+            try:
+                sigma_sq, overlap = self._sigma_sq(method, w_mat, update)
+            except torch.linalg.LinAlgError:
+                # non-finite weights make the eigensolvers fail: a NaN layer, so that the loss is
+                # NaN and the training guard skips or rolls back, instead of a crash
+                return torch.full_like(self.weight, math.nan)
             # compare squares: no sqrt of 0 (a zero-initialised kernel) in the backward pass
             bound_sq = torch.maximum(overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
             scale = self.coeff / torch.sqrt(bound_sq)
             return self.weight * scale.to(self.weight.dtype)
 
+    def _sigma_sq(
+        self, method: str, w_mat: torch.Tensor, update: bool | None
+    ) -> tuple[torch.Tensor, float]:
+        """(σ², overlap): the normaliser by `method` and the factor it is taken with."""
+        if method == "exact":
+            e = self._top("matrix", lambda: top_gram_vector(w_mat))
+            return gram_rayleigh(w_mat, e), self.overlap
+        if method == "fourier":
+            kernel = self.weight.to(w_mat.dtype)
+            _, z, e = self._top("fourier", lambda: fourier_bound(kernel, self.spatial))
+            # λ at the certified frequency, times the certificate's margin: ≥ every frequency's;
+            # overlap 1: the norm itself (to the margin), not a bound on it
+            return fourier_rayleigh(kernel, z, e) * (1 + CHOLESKY_SLACK), 1.0
+        if self.training if update is None else update:
+            self._power_iteration(w_mat.detach().to(self.u.dtype))
+        return torch.dot(self.u.to(w_mat.dtype), w_mat @ self.v.to(w_mat.dtype)) ** 2, self.overlap
+
     def _top(self, name: str, compute: Callable[[], object]):
         """The eigen-part of the normalisation (which direction is the top one), without autograd:
         once per `reuse_weights` scope, so an invertible run's re-runs and a fixed-point solve's
-        iterations only redo the cheap differentiable Rayleigh quotient.
-
-        Non-finite weights make the eigensolvers fail; the direction is then NaN, so the layer's
-        output, and the loss, are NaN and the training guard skips or rolls back (not a crash)."""
-
-        def guarded():
-            try:
-                return compute()
-            except torch.linalg.LinAlgError:
-                dtype, device = compute_dtype(self.weight), self.weight.device
-                if name == "matrix":  # top_gram_vector: the smaller side of the flattened kernel
-                    return torch.full(
-                        (min(self.weight.flatten(1).shape),), math.nan, dtype=dtype, device=device
-                    )
-                nan = torch.full(
-                    (min(self.weight.shape[:2]),), math.nan, dtype=dtype, device=device
-                )
-                phases = torch.polar(
-                    torch.ones_like(nan[:1]).expand(self.weight[0, 0].numel()), nan[:1]
-                )
-                return nan[0], phases, nan.to(phases.dtype)
-
+        iterations only redo the cheap differentiable Rayleigh quotient."""
         with torch.no_grad():
-            return self._cache.get(name, [self.weight], guarded)
+            return self._cache.get(name, [self.weight], compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
