@@ -158,6 +158,15 @@ def parse_arm(name: str) -> tuple[str, str, bool]:
     return preset, mode or "store", bool(plus) and rest == "compile"
 
 
+def resolve(setting: str, args: argparse.Namespace, threads: int | None = None):
+    """The named setting with --batch applied, and the torch threads it runs on (set here):
+    --threads, else `threads`, else the setting's."""
+    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
+    threads = args.threads or threads or s.threads
+    torch.set_num_threads(threads)
+    return s, threads
+
+
 # ----- the two libraries' models -----------------------------------------------------------------
 def batch(s: Setting) -> torch.Tensor:
     """Dequantised n-bit images in lipflow's domain [-1/2, 1/2); both libraries get the same one."""
@@ -250,9 +259,7 @@ def timed(arm: Arm, steps: int) -> None:
 
 
 def compare(setting: str, names: list[str], args: argparse.Namespace) -> dict:
-    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
-    threads = args.threads or s.threads
-    torch.set_num_threads(threads)
+    s, threads = resolve(setting, args)
     x = batch(s)
     arms = [build_arm(name, s, x) for name in names]
     for arm in arms:
@@ -328,8 +335,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
     from pipeline.flows import lipschitz
     from pipeline.flows.base import reuse_weights
 
-    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
-    torch.set_num_threads(args.threads or 1)
+    s, _ = resolve(setting, args, threads=1)
     torch.manual_seed(0)
     model, _ = lipflow_model("default", s)
     convs = [m for m in model.modules() if isinstance(m, lipschitz.LipschitzConv2d)]
@@ -394,9 +400,7 @@ def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
-    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
-    threads = args.threads or s.threads
-    torch.set_num_threads(threads)
+    s, threads = resolve(setting, args)
     x = batch(s)
     out = {}
     for name in names:
