@@ -262,12 +262,12 @@ def test_spectral_normalisation_under_expansion_pressure(method):
     else:
         # the overshoot is of the sqrt(k_h·k_w)·‖W_mat‖₂ bound the normalisation targets (the
         # certificate may still stay below c where the layer's Fourier norm is smaller)
-        from pipeline.flows.lipschitz import LipschitzConv2d, top_gram_eigenvalue
+        from pipeline.flows.lipschitz import LipschitzConv2d
 
         convs = [m for m in block.g.layers if isinstance(m, LipschitzConv2d)]
         weights = [m.effective_weight(update=False).flatten(1).detach() for m in convs]
         bound = math.prod(
-            m.overlap * top_gram_eigenvalue(w).sqrt().item() for m, w in zip(convs, weights)
+            m.overlap * torch.linalg.matrix_norm(w, ord=2).item() for m, w in zip(convs, weights)
         )
         assert bound > 0.9 * 1.01
 
@@ -281,7 +281,7 @@ def test_conv_certificates_bound_the_operator(kernel, coeff, method):
     3×3 ones, below the sqrt(k_h·k_w) bound), spectral normalisation reaches ≤ coeff (the Fourier
     method: the whole coeff), and sup_bound bounds |NN(x)| on the box |x|_∞ ≤ β (checked at random
     points and corners)."""
-    from pipeline.flows.lipschitz import ConvNet, LipschitzConv2d, top_gram_eigenvalue
+    from pipeline.flows.lipschitz import ConvNet, LipschitzConv2d
 
     torch.manual_seed(0)
     conv = LipschitzConv2d(3, 5, kernel, coeff=coeff, method=method, spatial=(5, 5)).double()
@@ -297,10 +297,11 @@ def test_conv_certificates_bound_the_operator(kernel, coeff, method):
     if kernel == 1:
         assert norm == pytest.approx(bound, rel=1e-9)
     else:
-        gram = 3 * top_gram_eigenvalue(conv.effective_weight().flatten(1).detach()).sqrt().item()
+        gram = 3 * torch.linalg.matrix_norm(conv.effective_weight().flatten(1), ord=2).item()
         assert bound < gram / 1.2  # measured ~1.6x below here
         if coeff is not None and method == "exact":
-            assert gram == pytest.approx(coeff, rel=1e-6)  # what "exact" normalises
+            # what "exact" normalises, to the certificate's margin (spectral.certify)
+            assert coeff / (1 + 2e-4) <= gram <= coeff * (1 + 1e-9)
     if coeff is not None:
         assert bound <= coeff * (1 + 1e-6)
     if method == "fourier":
@@ -314,19 +315,3 @@ def test_conv_certificates_bound_the_operator(kernel, coeff, method):
         assert net(box).abs().max().item() <= sup
 
 
-def test_fourier_normalisation_falls_back_to_the_gram_bound_where_it_would_cost_too_much(
-    monkeypatch,
-):
-    """Above FOURIER_MAX_WORK (large images × wide layers: thousands of big eigensolves per
-    forward) the "fourier" method normalises like "exact": sqrt(k_h·k_w)·‖W‖ ≤ coeff, still
-    certified."""
-    from pipeline.flows import lipschitz
-    from pipeline.flows.lipschitz import LipschitzConv2d, top_gram_eigenvalue
-
-    monkeypatch.setattr(lipschitz, "FOURIER_MAX_WORK", 1.0)
-    torch.manual_seed(0)
-    conv = LipschitzConv2d(3, 5, 3, coeff=0.8, method="fourier", spatial=(5, 5)).double()
-    with torch.no_grad():
-        conv.weight.mul_(4.0)
-    gram = 3 * top_gram_eigenvalue(conv.effective_weight().flatten(1).detach()).sqrt().item()
-    assert gram == pytest.approx(0.8, rel=1e-6) and conv.operator_bound() <= 0.8 * (1 + 1e-6)

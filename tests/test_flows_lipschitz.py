@@ -1,27 +1,16 @@
-"""The spectral normalisation's eigen-part (pipeline/flows/lipschitz.py), float64: the Fourier norm
-from the taps' pairwise products against the definition (FFT of the zero-padded kernel, all
-frequencies, full eigendecomposition), its Rayleigh-quotient gradient against autograd through
-the eigenvalues, and that an invertible run's re-runs do not repeat the eigensolves."""
+"""The spectral normalisers (pipeline/flows/lipschitz.py on spectral.py), float64: the symbol's
+Grams from the taps' pairwise products against the definition (FFT of the zero-padded kernel,
+all frequencies, full eigendecomposition), the certified normaliser within its slack, its
+Rayleigh-quotient gradient against autograd through the eigenvalues, batching by level, and
+that an invertible run's re-runs do not repeat the autograd-free part."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.flows import ModelConfig, build_flow, lipschitz
-from pipeline.flows.lipschitz import (
-    CHOLESKY_SLACK,
-    LipschitzConv2d,
-    certified_top,
-    fourier_bound,
-    fourier_grams,
-    fourier_norm_sq,
-    fourier_rayleigh,
-    fourier_top,
-    gram_rayleigh,
-    top_gram_eigenvalue,
-    top_gram_vector,
-)
+from pipeline.flows import ModelConfig, build_flow, lipschitz, spectral
+from pipeline.flows.lipschitz import FourierNormaliser, LipschitzConv2d
 
 SHAPES = [  # [c_out, c_in, k_h, k_w], (H, W): wide, tall, square, non-square kernels and images
     ((7, 5, 3, 3), (5, 5)),
@@ -42,15 +31,18 @@ def fft_reference(weight: torch.Tensor, spatial: tuple[int, int]) -> torch.Tenso
     return torch.linalg.matrix_norm(k_hat, ord=2).square().max()
 
 
+def torus(shape: tuple[int, ...], spatial: tuple[int, int]) -> spectral.Frequencies:
+    freq = spectral.frequencies(shape[2:], spatial)
+    assert freq.route == "torus"  # these layers are small: the exact torus, no grid
+    return freq
+
+
 @pytest.mark.parametrize("shape, spatial", SHAPES)
-def test_fourier_top_is_the_maximum_over_the_torus(shape, spatial):
+def test_symbol_top_is_the_maximum_over_the_torus(shape, spatial):
     torch.manual_seed(0)
     weight = torch.randn(shape, dtype=torch.float64)
-    top, z, e = fourier_top(weight, spatial)
-    reference = fft_reference(weight, spatial).item()
-    assert top.item() == pytest.approx(reference, rel=1e-12)
-    assert fourier_rayleigh(weight, z, e).item() == pytest.approx(reference, rel=1e-12)
-    assert fourier_norm_sq(weight, spatial).item() == pytest.approx(reference, rel=1e-12)
+    top = spectral.symbol_top(weight, torus(shape, spatial)).item()
+    assert top == pytest.approx(fft_reference(weight, spatial).item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("shape, spatial", SHAPES)
@@ -59,39 +51,33 @@ def test_both_routes_give_the_grams_of_the_definition(shape, spatial):
     Grams, whose top eigenvalue over the frequencies is the definition's."""
     torch.manual_seed(4)
     weight = torch.randn(shape, dtype=torch.float64)
-    products = fourier_grams(weight, spatial, route="products")
-    offsets = fourier_grams(weight, spatial, route="offsets")
+    freq = torus(shape, spatial)
+    products = spectral.symbol_grams(weight, freq, route="products")
+    offsets = spectral.symbol_grams(weight, freq, route="offsets")
     torch.testing.assert_close(offsets, products, rtol=1e-12, atol=1e-12 * products.abs().max())
     top = torch.linalg.eigvalsh(offsets)[:, -1].max().item()
     assert top == pytest.approx(fft_reference(weight, spatial).item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("shape, spatial", SHAPES)
-def test_fourier_bound_is_certified_within_its_slack(shape, spatial):
-    """What the normalisation divides by: ≥ the top over the torus, ≤ (1 + slack)·top, with the
-    phases and eigenvector of a frequency whose top eigenvalue is within the slack of it."""
+def test_the_normaliser_is_certified_within_its_slack(shape, spatial):
+    """What the normalisation divides by: ≥ the top over the torus, ≤ (1 + slack)·top once the
+    warm-start vectors are warm; the Rayleigh quotient at the kept phases and eigenvector is the
+    top to within the slack, so its gradient is the top eigenvalue's."""
+    normaliser = FourierNormaliser(shape, spatial)
+    slack = (1 + spectral.SLACKS[0]) * (1 + 4 * min(shape[:2]) * 2.0**-23) * (1 + 1e-12)
     for seed in range(5):
         torch.manual_seed(seed)
-        weight = torch.randn(shape, dtype=torch.float64)
-        reference = fft_reference(weight, spatial).item()
-        bound, z, e = fourier_bound(weight, spatial)
-        assert reference <= bound.item() <= reference * (1 + CHOLESKY_SLACK) * (1 + 1e-12)
-        at = fourier_rayleigh(weight, z, e).item()
-        assert reference / (1 + CHOLESKY_SLACK) <= at <= reference * (1 + 1e-12)
-
-
-def test_certified_top_finds_the_top_from_the_worst_candidate():
-    """A candidate frequency with the smallest top eigenvalue: the Cholesky test fails elsewhere,
-    those frequencies' eigenvalues are computed, and the largest one is returned."""
-    torch.manual_seed(0)
-    grams = fourier_grams(torch.randn(6, 16, 3, 3, dtype=torch.float64), (8, 8))
-    tops = torch.linalg.eigvalsh(grams)[:, -1]
-    worst, best = int(tops.argmin()), int(tops.argmax())
-    index, top, e = certified_top(grams, worst, CHOLESKY_SLACK)
-    assert index == best and top.item() == pytest.approx(tops[best].item(), rel=1e-12)
-    assert (e.conj() @ grams[best] @ e).real.item() == pytest.approx(top.item(), rel=1e-12)
-    zero = torch.zeros_like(grams)
-    assert certified_top(zero, 0, CHOLESKY_SLACK)[1].item() == 0.0
+        weight = torch.randn(shape, dtype=torch.float64)[None]
+        reference = fft_reference(weight[0], spatial).item()
+        cold = torch.zeros(1, *normaliser.state_shape, dtype=torch.float64)
+        top, vectors = normaliser.top(weight, cold, warmup=True, update=True)
+        bound = normaliser.sigma_sq(weight, top).item()
+        assert reference <= bound <= reference * slack
+        at = spectral.rayleigh(spectral.symbol(weight, top.z), top.e).item()
+        assert reference / slack <= at <= reference * (1 + 1e-12)
+        warm, _ = normaliser.top(weight, vectors, warmup=False, update=False)  # the next step
+        assert reference <= normaliser.sigma_sq(weight, warm).item() <= reference * slack
 
 
 @pytest.mark.parametrize("shape, spatial", SHAPES)
@@ -101,7 +87,11 @@ def test_rayleigh_gradient_is_the_top_eigenvalues(shape, spatial):
     torch.manual_seed(1)
     weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     (expected,) = torch.autograd.grad(fft_reference(weight, spatial), weight)
-    (got,) = torch.autograd.grad(fourier_norm_sq(weight, spatial), weight)
+    normaliser = FourierNormaliser(shape, spatial)
+    cold = torch.zeros(1, *normaliser.state_shape, dtype=torch.float64)
+    top, _ = normaliser.top(weight.detach()[None], cold, warmup=True, update=False)
+    value = spectral.rayleigh(spectral.symbol(weight[None], top.z), top.e)
+    (got,) = torch.autograd.grad(value.sum(), weight)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -109,10 +99,11 @@ def test_rayleigh_gradient_is_the_top_eigenvalues(shape, spatial):
 def test_matrix_rayleigh_matches_the_eigenvalue_and_its_gradient(shape):
     torch.manual_seed(2)
     w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    value = gram_rayleigh(w, top_gram_vector(w))
+    e = torch.linalg.eigh(spectral.matrix_gram(w.detach()))[1][:, -1]
+    value = spectral.rayleigh(spectral.matrix_side(w), e)
     assert value.item() == pytest.approx(torch.linalg.matrix_norm(w, ord=2).item() ** 2, rel=1e-12)
     (got,) = torch.autograd.grad(value, w)
-    (expected,) = torch.autograd.grad(top_gram_eigenvalue(w), w)
+    (expected,) = torch.autograd.grad(torch.linalg.matrix_norm(w, ord=2) ** 2, w)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -123,23 +114,19 @@ def test_a_zero_kernel_is_normalised_without_nan():
     assert torch.isfinite(conv.weight.grad).all()
 
 
-def test_rerun_modes_reuse_the_eigensolves(monkeypatch):
-    """memory=invertible and checkpoint re-run every block in the backward pass; the eigen-part of
-    each spectral-normalised conv (fourier_bound, top_gram_vector) runs once per training step, as
-    in store mode, and the gradients agree with store mode."""
-    calls = {"fourier": 0, "matrix": 0}
-    fourier, matrix = lipschitz.fourier_bound, lipschitz.top_gram_vector
+def test_levels_normalise_in_batches_and_rerun_modes_reuse_the_eigen_part(monkeypatch):
+    """store mode: each level normalises each conv position of its couplings in one batch (one
+    group_top per group per step); invertible and checkpoint re-run every block in the backward
+    pass, where each conv normalises itself with its autograd-free part once per step, not once
+    per re-run; the gradients agree with store mode."""
+    calls = [0]
+    group_top = lipschitz.group_top
 
-    def counted_fourier(*args):
-        calls["fourier"] += 1
-        return fourier(*args)
+    def counted(convs, update):
+        calls[0] += 1
+        return group_top(convs, update)
 
-    def counted_matrix(*args):
-        calls["matrix"] += 1
-        return matrix(*args)
-
-    monkeypatch.setattr(lipschitz, "fourier_bound", counted_fourier)
-    monkeypatch.setattr(lipschitz, "top_gram_vector", counted_matrix)
+    monkeypatch.setattr(lipschitz, "group_top", counted)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
     grads, counts = {}, {}
     for memory in ("store", "invertible", "checkpoint"):
@@ -147,15 +134,14 @@ def test_rerun_modes_reuse_the_eigensolves(monkeypatch):
         model = build_flow(ModelConfig(levels=2, steps=2, width=8, memory=memory), (3, 8, 8), 8)
         model = model.double()
         model.data_init(x)
-        for key in calls:
-            calls[key] = 0
+        calls[0] = 0
         model(x)["bpd"].mean().backward()
-        counts[memory] = dict(calls)
+        counts[memory] = calls[0]
         grads[memory] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     convs = [m for m in model.modules() if isinstance(m, LipschitzConv2d)]
-    three = sum(m.kernel_size == (3, 3) for m in convs)
-    assert counts["store"] == {"fourier": three, "matrix": len(convs) - three}
-    assert counts["invertible"] == counts["store"] == counts["checkpoint"]
+    groups = sum(len(level.spectral_groups) for level in model.levels)
+    assert groups == 3 * len(model.levels) and len(convs) == 2 * groups
+    assert counts == {"store": groups, "invertible": len(convs), "checkpoint": len(convs)}
     for memory in ("invertible", "checkpoint"):
         for a, b in zip(grads["store"], grads[memory], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

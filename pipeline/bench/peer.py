@@ -11,8 +11,8 @@ Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = eve
     glow        the unconstrained Glow preset: coupling=affine_exp conv=lu actnorm=unbounded
                 spectral_norm=false (matched to normflows' GlowBlock block for block)
     default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
-    sqrtk       the default with spectral_method=exact: each conv normalised by the cheaper
-                certified bound sqrt(k_h·k_w)·‖W_mat‖₂ instead of its Fourier norm
+    sqrtk       the default with spectral_method=exact: each conv normalised by the looser
+                certified bound sqrt(k_h·k_w)·‖W_mat‖₂ instead of its symbol's norm
     bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
                 spectral_norm=false (and the other keys it had then; see PRESETS)
 and memory modes store (if none is named), checkpoint, invertible; a `+compile` suffix
@@ -327,72 +327,97 @@ def goals(rows: dict, time_key: str) -> dict:
 
 # ----- where the time goes -----------------------------------------------------------------------
 def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
-    """The spectral normalisation of every subnet conv of the default arm (untrained), part by part,
-    CPU ms per step (median of --rounds): the Fourier Grams, the candidate frequency's eigensolve,
-    the Cholesky test at every frequency, eigenvalues where it failed (how many), the 1×1 convs'
-    eigensolves, the differentiable rest (Rayleigh quotient, scale, backward) with the eigen-part
-    cached, and the whole normalisation forward and backward."""
-    from pipeline.flows import lipschitz
-    from pipeline.flows.base import reuse_weights
+    """The certified default's normalisation of every subnet conv (untrained model, training
+    mode), CPU ms per step (median of --rounds), by the normalisers' own stages (the timings hook
+    lipschitz.timed_stages): Grams, power step, Cholesky certificate, differentiable scales; the
+    backward pass of the scales; the whole, forward and backward, level by level as training
+    runs it. Beside it, Gram iteration (spectral.gram_iteration_norm, 6 iterations) on the same
+    frequencies, timed forward and backward, and both certificates' tightness against the exact
+    top (all eigenvalues) on the same frequencies."""
+    from pipeline.flows import lipschitz, spectral
 
     s, _ = resolve(setting, args, threads=1)
     torch.manual_seed(0)
     model, _ = lipflow_model("default", s)
-    convs = [m for m in model.modules() if isinstance(m, lipschitz.LipschitzConv2d)]
-    grads = [torch.randn_like(conv.weight) for conv in convs]
-    parts = ("grams", "candidate_eigh", "cholesky", "failed_eigvalsh", "conv1x1_eigh")
+    model.train()
+    groups = [g for level in model.levels for g in level.spectral_groups]
 
-    def eigen_parts(times: dict, failed: list) -> None:
-        for conv in convs:
-            w = conv.weight.detach()
+    def normalise() -> dict[str, float]:
+        with lipschitz.timed_stages() as stages:
+            scales = []
+            for level in model.levels:
+                lipschitz.normalise_groups(level.spectral_groups)
+                scales += [c._prepared for g in level.spectral_groups for c in g]
+                lipschitz.release_groups(level.spectral_groups)
             start = time.process_time()
-            if conv.kernel_size == (1, 1):
-                lipschitz.top_gram_vector(w.flatten(1))
-                times["conv1x1_eigh"] += time.process_time() - start
-                continue
-            grams = lipschitz.fourier_grams(w, conv.spatial)
-            times["grams"] += (lap := time.process_time()) - start
-            index = int(torch.view_as_real(grams).square().sum((-3, -2, -1)).argmax())
-            top = torch.linalg.eigh(grams[index])[0][-1]
-            times["candidate_eigh"] += (start := time.process_time()) - lap
-            shifted = -grams
-            shifted.diagonal(dim1=-2, dim2=-1).add_(top * (1 + lipschitz.CHOLESKY_SLACK))
-            fails = torch.linalg.cholesky_ex(shifted).info != 0
-            times["cholesky"] += (lap := time.process_time()) - start
-            if bool(fails.any()) and bool(grams.any()):
-                torch.linalg.eigvalsh(grams[fails])
-            times["failed_eigvalsh"] += time.process_time() - lap
-            failed[0] += int(fails.sum()) if bool(grams.any()) else 0
-            failed[1] += grams.shape[0]
+            torch.autograd.backward(torch.stack(scales).sum())
+            stages["backward"] = time.process_time() - start
+        return stages
 
-    def normalise() -> None:
-        weights = [conv._normalised_weight(None) for conv in convs]
-        torch.autograd.backward(weights, grads)
-
-    def cpu_ms(f) -> float:
+    def gram_iteration() -> float:
         start = time.process_time()
-        f()
-        return (time.process_time() - start) * 1e3
+        for convs in groups:
+            normaliser = convs[0].normaliser
+            weights = torch.stack([c.weight for c in convs])
+            if isinstance(normaliser, lipschitz.FourierNormaliser):
+                phases = spectral.tap_phases(
+                    normaliser.kernel_size, normaliser.freq, weights.dtype, weights.device
+                )
+                a = spectral.symbol(weights[:, None], phases[None])
+            else:
+                a = spectral.matrix_side(weights.flatten(-3))
+            spectral.gram_iteration_norm(a, 6).sum().backward()
+        return time.process_time() - start
+
+    def tightness() -> dict:
+        """max over convs of certified/exact - 1 (on σ²), by route."""
+        worst = {"cholesky": 0.0, "gram_iteration": 0.0}
+        with torch.no_grad():
+            for convs in groups:
+                normaliser = convs[0].normaliser
+                weights = torch.stack([c.weight for c in convs])
+                grams = normaliser.grams(weights)
+                exact = torch.linalg.eigvalsh(grams)[..., -1].amax(-1)
+                top = lipschitz.group_top(convs, update=False)
+                certified = normaliser.sigma_sq(weights, top) / normaliser.inflation
+                if isinstance(normaliser, lipschitz.FourierNormaliser):
+                    phases = spectral.tap_phases(
+                        normaliser.kernel_size, normaliser.freq, weights.dtype, weights.device
+                    )
+                    a = spectral.symbol(weights[:, None], phases[None])
+                    iterated = spectral.gram_iteration_norm(a, 6).amax(-1) ** 2
+                else:
+                    iterated = spectral.gram_iteration_norm(
+                        spectral.matrix_side(weights.flatten(-3)), 6
+                    ) ** 2
+                keep = exact > 0
+                for name, value in (("cholesky", certified), ("gram_iteration", iterated)):
+                    if keep.any():
+                        ratio = (value[keep] / exact[keep]).max().item() - 1
+                        worst[name] = max(worst[name], ratio)
+        return {k: f"{v:.2e}" for k, v in worst.items()}
 
     normalise()  # warm-up: the first backward pass sets up the autograd engine
     runs = []
     for _ in range(max(args.rounds, 1)):
-        times, failed = dict.fromkeys(parts, 0.0), [0, 0]
-        eigen_parts(times, failed)
-        with reuse_weights():
-            with torch.no_grad():
-                for conv in convs:
-                    conv._normalised_weight(None)  # the eigen-part, cached for the next line
-            times["rayleigh_scale_backward"] = cpu_ms(normalise) / 1e3
-        times["all_forward_backward"] = cpu_ms(normalise) / 1e3
-        runs.append((times, failed))
-    median = {k: round(statistics.median(t[k] for t, _ in runs) * 1e3, 1) for k in runs[0][0]}
+        model.zero_grad(set_to_none=True)
+        start = time.process_time()
+        stages = normalise()
+        stages["all_forward_backward"] = time.process_time() - start
+        stages["gram_iteration_forward_backward"] = gram_iteration()
+        runs.append(stages)
+    median = {k: round(statistics.median(r[k] for r in runs) * 1e3, 1) for k in runs[0]}
+    routes = [g[0].normaliser for g in groups]
     return {
         "setting": {"name": setting, **dataclasses.asdict(s)},
-        "convs": len(convs),
+        "convs": sum(len(g) for g in groups),
+        "groups": len(groups),
+        "fourier_routes": {
+            r: sum(isinstance(n, lipschitz.FourierNormaliser) and n.freq.route == r for n in routes)
+            for r in ("torus", "grid")
+        },
         "cpu_ms": median,
-        "failed_frequencies": runs[0][1][0],
-        "frequencies": runs[0][1][1],
+        "excess_over_exact_top": tightness(),
     }
 
 

@@ -1,284 +1,191 @@
-"""Convolutions with a certified operator-norm bound, optional spectral normalisation, and subnets.
+"""Convolutions with a certified operator-norm bound, spectral normalisation, and subnets.
 
-For a k_h×k_w convolution with zero padding and stride 1, each input pixel enters at most k_h·k_w
-output patches, so with W_mat the [C_out, C_in·k_h·k_w] reshaped kernel
+A spectral-normalised conv uses the kernel W·c/max(c, σ̂), σ̂ a certified upper bound on the
+conv's operator norm recomputed from W at every training forward, so ‖conv‖₂ ≤ c holds by
+construction (Miyato et al. 2018; as i-ResNet, Behrmann et al. 2019). The normalisers
+(`Normaliser`; their linear algebra, and the derivations, in spectral.py):
 
-    ‖conv‖₂ ≤ sqrt(k_h·k_w) · ‖W_mat‖₂                                            (certified)
+- `FourierNormaliser` (spectral_method=fourier, k×k kernels): σ̂ = the norm of the conv's symbol
+  on the torus of the layer's H×W (exact) or, where that has more frequencies, on a fixed 32×32
+  grid times a proven inflation (≤ 2% on σ for 3×3): the cost no longer grows with the image. The
+  layer may use all of its budget c, to within that margin;
+- `MatrixNormaliser` (1×1 kernels; spectral_method=exact for k×k): σ̂ = sqrt(k_h·k_w)·‖W_mat‖₂,
+  W_mat the [c_out, c_in·k_h·k_w] reshaped kernel (each input pixel enters k_h·k_w patches), exact
+  for 1×1 kernels; for a 3×3 layer it leaves the true norm anywhere between c/3 and c;
+- power (spectral_method=power): persistent power iteration on W_mat (Miyato et al.), cheap but
+  not certified per step (σ̂ ≤ σ; measured 10-25% over c after 100 Adam steps).
 
-Spectral normalisation (Miyato et al. 2018; as used by i-ResNet, Behrmann et al. 2019) rescales the
-kernel by c / max(c, sqrt(k_h·k_w)·σ), σ = ‖W_mat‖₂ exactly or estimated by power iteration (see
-LipschitzConv2d). The certified bound is always recomputed exactly from the rescaled kernel (float64
-eigensolve of its Gram matrix). The sqrt(k_h·k_w) factor is what certification costs: a 3×3 layer
-normalised this way has a true operator norm between c/3 and c, depending on how its taps align.
-
-The exact norm, when the layer knows the H×W it acts on (`spatial`): a zero-padded conv on H×W
-(padding p = k//2) is a submatrix of the circular conv on an N_h×N_w torus, N ≥ H + p (the input
-embedded in zeros, the output restricted), whose singular values are those of the c_out×c_in
-matrices K̂(ω) = Σ_taps K_tap·e^{-i⟨ω, tap⟩} at the torus's frequencies (Sedghi et al. 2019,
-"The singular values of convolutional layers"). So
-
-    ‖conv‖₂ ≤ max_ω σ_max(K̂(ω))        (certified, ≤ the sqrt(k_h·k_w) bound, often ~3× below)
-
-`operator_bound` certifies with the smaller of the two; method "fourier" also normalises with it
-(to within a factor 1 + CHOLESKY_SLACK, see fourier_bound), so a layer's certified norm is its
-true norm and its whole budget c is usable.
+Both certified normalisers keep warm-start vectors as buffers (saved with checkpoints, so a
+resume is exact), take one power step per training forward, and certify with one batched
+Cholesky test (spectral.certify): no host synchronisation, no data-dependent Python branch. The
+subnets of all couplings of a level have the same shapes: `normalise_groups` normalises each
+conv position of a level in one batched computation (`spectral_groups`), once per walk.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Literal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.flows import spectral
 from pipeline.flows.base import NoGradCache, compute_dtype, frozen, in_reuse_scope
 
-# fourier_work above which the Fourier norm is skipped, in the normalisation and in certificates
-# (the sqrt(k_h·k_w) bound stays valid); see fourier_work
-FOURIER_MAX_WORK = 2e8
-# multiply-adds fourier_grams' "offsets" route must save to pay for its ~25 extra small operations
-# (~0.25 ms on a CPU core): below that, the single-matmul "products" route is faster (measured)
-OFFSETS_MIN_SAVING = 7.5e6
+# stage name -> seconds, while `timed_stages` is active (bench peer --split); None otherwise
+_STAGE_TIMES: dict[str, float] | None = None
 
 
-# relative margin of fourier_bound's certificate: far above fp32 rounding in a Cholesky
-# factorisation (~m·2⁻²⁴), far below anything training notices (a layer gives up 0.005% of c)
-CHOLESKY_SLACK = 1e-4
+@contextmanager
+def timed_stages() -> Iterator[dict[str, float]]:
+    """Accumulate the wall time of the normalisers' stages (grams, power, certify, scales) into
+    the yielded dict: the timings hook of `bench peer --split`. Stages synchronise the device
+    while it is on, so use it for measuring only."""
+    global _STAGE_TIMES
+    previous, _STAGE_TIMES = _STAGE_TIMES, {}
+    try:
+        yield _STAGE_TIMES
+    finally:
+        _STAGE_TIMES = previous
 
 
-def fourier_top(weight: torch.Tensor, spatial: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """The top of the spectrum of a [c_out, c_in, k_h, k_w] kernel's zero-padded conv on `spatial`
-    = (H, W), computed without autograd: (λ, z, e) with λ = max_ω σ_max(K̂(ω))² over the torus that
-    holds the conv (see the module docstring), z the maximising frequency's phase e^{-i⟨ω*, t⟩}
-    per tap t, e the top eigenvector there (of the Gram on the smaller side). Exact: every
-    frequency's eigenvalues (the certificates use it; the normalisation uses fourier_bound)."""
-    with torch.no_grad():
-        grams = fourier_grams(weight, spatial)
-        index = int(torch.linalg.eigvalsh(grams)[:, -1].argmax())
-        values, vectors = torch.linalg.eigh(grams[index])
-    return values[-1].clamp_min(0.0), tap_phases(weight, spatial, index), vectors[:, -1]
+def _tick(marker: torch.Tensor) -> float | None:
+    if _STAGE_TIMES is None:
+        return None
+    if marker.is_cuda:
+        torch.cuda.synchronize(marker.device)
+    return time.perf_counter()
 
 
-def fourier_bound(
-    weight: torch.Tensor, spatial: tuple[int, int], slack: float = CHOLESKY_SLACK
-) -> tuple[torch.Tensor, ...]:
-    """fourier_top's (λ, z, e) with λ a certified upper bound within a factor 1 + slack of the top
-    instead of the top itself, at a fraction of the cost: no eigensolve at every frequency.
-
-    A candidate frequency (the Gram with the largest Frobenius norm) gets the one exact eigensolve,
-    λ_c; then μ = λ_c·(1 + slack) and a Cholesky factorisation of μI - G(ω) succeeds exactly where
-    λ_max(G(ω)) < μ, for all frequencies at once (batched, ~1/5 of an eigensolve each). The few
-    where it fails (measured: 5-6% on untrained models, 1-24% along a training run) get their
-    eigenvalues, and a larger one found there becomes λ_c. Deterministic: the result is a
-    function of the weights alone."""
-    with torch.no_grad():
-        grams = fourier_grams(weight, spatial)
-        index = int(torch.view_as_real(grams).square().sum((-3, -2, -1)).argmax())
-        index, top, e = certified_top(grams, index, slack)
-    return top * (1 + slack), tap_phases(weight, spatial, index), e
+def _tock(name: str, start: float | None, marker: torch.Tensor) -> None:
+    if start is not None and _STAGE_TIMES is not None:
+        if marker.is_cuda:
+            torch.cuda.synchronize(marker.device)
+        _STAGE_TIMES[name] = _STAGE_TIMES.get(name, 0.0) + time.perf_counter() - start
 
 
-def certified_top(
-    grams: torch.Tensor, index: int, slack: float
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(index, λ, e): the exact top eigenpair of grams[index], the candidate, replaced by another
-    frequency's where that one is larger, such that every frequency's λ_max < λ·(1 + slack)."""
-    values, vectors = torch.linalg.eigh(grams[index])
-    top = values[-1].clamp_min(0.0)
-    shifted = -grams  # μI - G(ω) for every frequency
-    shifted.diagonal(dim1=-2, dim2=-1).add_(top * (1 + slack))
-    fails = torch.linalg.cholesky_ex(shifted).info != 0
-    if bool(fails.any()) and bool(grams.any()):  # (a zero kernel fails everywhere, at λ = 0)
-        rest = fails.nonzero().flatten()
-        tops = torch.linalg.eigvalsh(grams[rest])[:, -1]
-        best = int(tops.argmax())
-        if tops[best] > top:  # the others are certified below top·(1 + slack) already
-            index = int(rest[best])
-            values, vectors = torch.linalg.eigh(grams[index])
-            top = values[-1]
-    return index, top, vectors[:, -1]
+class Top(NamedTuple):
+    """The autograd-free part of a batch of normalisations: the direction the differentiable
+    Rayleigh quotient is taken at (phases z [B, T] of the best frequency, None for a matrix;
+    vector e [B, m]) and factor [B] = certified λ / the quotient there, so that quotient × factor
+    is the certified σ̂² with the top eigenvalue's gradient."""
+
+    z: torch.Tensor | None
+    e: torch.Tensor
+    factor: torch.Tensor
 
 
-def fourier_grams(
-    weight: torch.Tensor, spatial: tuple[int, int], route: str | None = None
-) -> torch.Tensor:
-    """[frequencies, m, m]: the Hermitian Grams H(ω) = A(ω)A(ω)ᴴ, A(ω) = Σ_t M_t·e^{-i⟨ω, t⟩}
-    with M_t the kernel's taps K_t (m = c_out ≤ c_in) or their transposes (m = c_in: the
-    conjugate of K̂ᴴK̂, with the same spectrum), on the half spectrum of the torus that holds the
-    conv. Without autograd. With only T = k_h·k_w taps,
+class Normaliser:
+    """Computes σ̂² for a batch of same-shaped kernels: `top` without autograd (advancing the
+    warm-start vectors), then `sigma_sq` differentiably. `overlap` multiplies σ̂ in the scale."""
 
-        H(ω) = Σ_{a,b} M_a·M_bᵀ·e^{-i⟨ω, a-b⟩}
+    overlap = 1.0
+    state_shape: tuple[int, ...] = ()
+    name = ""
 
-    a DFT of the taps' pairwise products, by one of two routes to the same matrices, the cheaper
-    for the layer's shape (`route` forces one; no FFT of a zero-padded kernel, no complex batched
-    matmul in either):
+    def grams(self, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    "products": all T² products in one [T·m, n] matmul, then one [m², T²] by [T², frequencies]
-    matmul. Few operations: cheapest for small layers.
-    "offsets": the products grouped by their offset d = a - b, D_d = Σ_a M_a·M_{a-d}ᵀ, one matmul
-    per offset in a half plane (D_{-d} = D_dᵀ): (T² + T)/2 products instead of T², and a DFT over
-    the offsets. About half the multiply-adds, for ~25 more operations: cheapest where m is large
-    or the frequencies many (deep levels, large images)."""
-    c_out, c_in, k_h, k_w = weight.shape
-    n_h, n_w = torus(weight, spatial)
-    n_taps, (m, n) = k_h * k_w, sorted((c_out, c_in))
-    if route is None:
-        frequencies = n_h * (n_w // 2 + 1)
-        offsets = (2 * k_h - 1) * (2 * k_w - 1)
-        # products: T²·m²·n + 2T²·m²·F; offsets: (T² + T)/2·m²·n + (offsets - 1)·m²·F
-        saved = m * m * (n * (n_taps**2 - n_taps) / 2 + frequencies * (2 * n_taps**2 - offsets + 1))
-        route = "offsets" if saved > OFFSETS_MIN_SAVING else "products"
-    with torch.no_grad():
-        taps = weight.detach().flatten(2).permute(2, 0, 1)  # [T, c_out, c_in]
-        if c_out > c_in:
-            taps = taps.transpose(1, 2)  # M_t = K_tᵀ
-        if route == "offsets":
-            return _grams_by_offset(taps, k_h, k_w, n_h, n_w)
-        flat = taps.reshape(n_taps * m, n)
-        products = (flat @ flat.t()).reshape(n_taps, m, n_taps, m)  # [a, :, b, :] = M_a·M_bᵀ
-        products = products.permute(1, 3, 0, 2).reshape(m * m, n_taps * n_taps)
-        dft = _gram_dft(k_h, k_w, n_h, n_w, weight.dtype, weight.device)
-        # [m², frequencies, (re, im)] -> [frequencies, m, m] complex
-        grams = (products @ dft).view(m, m, -1, 2).permute(2, 0, 1, 3).contiguous()
-        return torch.view_as_complex(grams)
+    def sigma_sq(self, weights: torch.Tensor, top: Top) -> torch.Tensor:
+        raise NotImplementedError
 
+    def _phases(self, best: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        return None
 
-def _grams_by_offset(taps: torch.Tensor, k_h: int, k_w: int, n_h: int, n_w: int) -> torch.Tensor:
-    """fourier_grams' "offsets" route: H(ω) = D_0 + Σ_{d in a half plane, d ≠ 0} (D_d + D_dᵀ)·cos θ_d
-    - i·(D_d - D_dᵀ)·sin θ_d with θ_d = ⟨ω, d⟩, D_d = Σ_a M_a·M_{a-d}ᵀ ([T, m, n] taps in)."""
-    m = taps.shape[1]
-    pairs, cos, sin = _offsets(k_h, k_w, n_h, n_w, taps.dtype, taps.device)
-    blocks = torch.stack(
-        [
-            taps[a].transpose(0, 1).reshape(m, -1) @ taps[b].transpose(0, 1).reshape(m, -1).t()
-            for a, b in pairs
-        ]
-    )  # [offsets, m, m], the zero offset first
-    rest, rest_t = blocks[1:], blocks[1:].transpose(-2, -1)
-    # [frequencies, m²], contiguous: the batched eigensolvers and factorisations are several times
-    # slower on a strided batch
-    real = blocks[0].reshape(1, -1) + cos.t() @ (rest + rest_t).flatten(1)
-    imag = sin.t() @ (rest_t - rest).flatten(1)
-    return torch.complex(real.reshape(-1, m, m), imag.reshape(-1, m, m))
+    def top(
+        self, weights: torch.Tensor, vectors: torch.Tensor, warmup: bool, update: bool
+    ) -> tuple[Top, torch.Tensor]:
+        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, ..., m(, 2)] vectors:
+        warm (if cold), take the Rayleigh quotients at the vectors, certify the best, then
+        advance the vectors one power step for the next call (if `update`)."""
+        start = _tick(weights)
+        grams = self.grams(weights)  # [B, F, m, m]
+        _tock("grams", start, weights)
+        start = _tick(weights)
+        v = vectors.to(grams.real.dtype)
+        if v.shape[-1] == 2 and grams.is_complex():
+            v = torch.view_as_complex(v.contiguous())
+        if warmup:  # exact top eigenvectors, once (of finite Grams: NaN weights give a NaN layer)
+            finite = torch.where(torch.isfinite(grams), grams, torch.zeros_like(grams))
+            v = torch.linalg.eigh(finite)[1][..., -1]
+        quotients = spectral.rayleigh_quotients(grams, v)  # [B, F]
+        best = quotients.argmax(-1)
+        lower = quotients.gather(-1, best[:, None])[:, 0]
+        e = v.gather(1, best[:, None, None].expand(-1, 1, v.shape[-1]))[:, 0]
+        kept = spectral.power_iterate(grams, v, 1) if update else v
+        _tock("power", start, weights)
+        start = _tick(weights)
+        bound = spectral.certify(grams, lower) * self.inflation
+        # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
+        factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
+        _tock("certify", start, weights)
+        if kept.is_complex():
+            kept = torch.view_as_real(kept)
+        return Top(self._phases(best, weights), e, factor), kept
+
+    inflation = 1.0
 
 
-@functools.lru_cache(maxsize=64)
-def _offsets(
-    k_h: int, k_w: int, n_h: int, n_w: int, dtype: torch.dtype, device: torch.device
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """The tap offsets d = (d_h, d_w) of a half plane (d_h > 0, or d_h = 0 and d_w ≥ 0; zero
-    first), each with its pairs' tap indices (a, b = a - d), and cos, sin of ⟨ω, d⟩ for the
-    nonzero ones ([offsets - 1, frequencies], the half spectrum of the n_h × n_w torus)."""
-    pairs, nonzero = [], []
-    for d_h in range(k_h):
-        for d_w in range(-(k_w - 1) if d_h else 0, k_w):
-            a = [
-                row * k_w + col
-                for row in range(d_h, k_h)
-                for col in range(max(d_w, 0), k_w + min(d_w, 0))
-            ]
-            b = [t - d_h * k_w - d_w for t in a]
-            pairs.append((torch.tensor(a, device=device), torch.tensor(b, device=device)))
-            if d_h or d_w:
-                nonzero.append((d_h, d_w))
-    d = torch.tensor(nonzero, dtype=dtype, device=device).reshape(-1, 2)
-    freq_h = torch.arange(n_h, dtype=dtype, device=device) / n_h
-    freq_w = torch.arange(n_w // 2 + 1, dtype=dtype, device=device) / n_w
-    theta = 2 * math.pi * (d[:, 0, None, None] * freq_h[:, None] + d[:, 1, None, None] * freq_w)
-    return pairs, torch.cos(theta.flatten(1)), torch.sin(theta.flatten(1))
+class FourierNormaliser(Normaliser):
+    """σ̂² = the certified top of the kernel's symbol on spectral.frequencies(kernel, spatial)."""
+
+    name = "fourier"
+
+    def __init__(self, shape: tuple[int, int, int, int], spatial: tuple[int, int]):
+        c_out, c_in, k_h, k_w = shape
+        self.kernel_size = (k_h, k_w)
+        self.freq = spectral.frequencies(self.kernel_size, spatial)
+        self.inflation = self.freq.inflation
+        self.state_shape = (self.freq.count, min(c_out, c_in), 2)
+
+    def grams(self, weights: torch.Tensor) -> torch.Tensor:
+        return spectral.symbol_grams(weights, self.freq)
+
+    def _phases(self, best: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        phases = spectral.tap_phases(self.kernel_size, self.freq, weights.dtype, weights.device)
+        return phases[best]
+
+    def sigma_sq(self, weights: torch.Tensor, top: Top) -> torch.Tensor:
+        return spectral.rayleigh(spectral.symbol(weights, top.z), top.e) * top.factor
+
+    def certificate_sq(self, kernel: torch.Tensor) -> float:
+        return spectral.symbol_top(kernel, self.freq).item()
 
 
-def torus(weight: torch.Tensor, spatial: tuple[int, int]) -> tuple[int, int]:
-    """Any torus of ≥ H + k_h//2 rows holds the conv; ≥ k_h rows so that no tap is cut off."""
-    k_h, k_w = weight.shape[2:]
-    return max(spatial[0] + k_h // 2, k_h), max(spatial[1] + k_w // 2, k_w)
+class MatrixNormaliser(Normaliser):
+    """σ̂² = ‖W_mat‖₂², W_mat = [c_out, c_in·k_h·k_w], with `overlap` = sqrt(k_h·k_w)."""
+
+    name = "matrix"
+
+    def __init__(self, shape: tuple[int, int, int, int]):
+        c_out, c_in, k_h, k_w = shape
+        self.overlap = math.sqrt(k_h * k_w)
+        self.state_shape = (1, min(c_out, c_in * k_h * k_w))  # one "frequency"
+
+    def grams(self, weights: torch.Tensor) -> torch.Tensor:
+        return spectral.matrix_gram(weights.flatten(-3))[:, None]  # one "frequency"
+
+    def sigma_sq(self, weights: torch.Tensor, top: Top) -> torch.Tensor:
+        return spectral.rayleigh(spectral.matrix_side(weights.flatten(-3)), top.e) * top.factor
+
+    def certificate_sq(self, kernel: torch.Tensor) -> float:
+        w_mat = kernel.flatten(-3)
+        return torch.linalg.eigvalsh(spectral.matrix_gram(w_mat))[-1].clamp_min(0.0).item()
 
 
-def tap_phases(weight: torch.Tensor, spatial: tuple[int, int], index: int) -> torch.Tensor:
-    """z_t = e^{-i⟨ω, t⟩} per tap t at the half spectrum's frequency number `index`."""
-    n_h, n_w = torus(weight, spatial)
-    u, v = divmod(index, n_w // 2 + 1)
-    tap_h, tap_w = _taps(*weight.shape[2:], weight.dtype, weight.device)
-    phase = -2 * math.pi * (tap_h * u / n_h + tap_w * v / n_w)
-    return torch.polar(torch.ones_like(phase), phase)
-
-
-@functools.lru_cache(maxsize=64)
-def _taps(
-    k_h: int, k_w: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column offset of each tap t in weight.flatten(2)'s order."""
-    rows = torch.arange(k_h, dtype=dtype, device=device).repeat_interleave(k_w)
-    return rows, torch.arange(k_w, dtype=dtype, device=device).repeat(k_h)
-
-
-@functools.lru_cache(maxsize=64)
-def _gram_dft(
-    k_h: int, k_w: int, n_h: int, n_w: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """[T², frequencies·2]: column pair (cos, sin) of -⟨ω, a - b⟩ for each ordered tap pair (a, b)
-    and each frequency ω of the n_h × n_w torus's half spectrum (a real kernel has
-    K̂(-ω) = conj(K̂(ω)), with the same singular values)."""
-    tap_h, tap_w = _taps(k_h, k_w, dtype, device)
-    freq_h = torch.arange(n_h, dtype=dtype, device=device) / n_h
-    freq_w = torch.arange(n_w // 2 + 1, dtype=dtype, device=device) / n_w
-    diff_h = (tap_h[:, None] - tap_h[None, :]).reshape(-1, 1, 1)
-    diff_w = (tap_w[:, None] - tap_w[None, :]).reshape(-1, 1, 1)
-    angle = (-2 * math.pi * (diff_h * freq_h[:, None] + diff_w * freq_w[None, :])).flatten(1)
-    return torch.stack((torch.cos(angle), torch.sin(angle)), -1).flatten(1)
-
-
-def fourier_rayleigh(weight: torch.Tensor, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """eᴴ·G(ω*)·e with the frequency's phases z and the eigenvector e held fixed (fourier_top):
-    the top eigenvalue's value and, where it is simple, its gradient (Hellmann-Feynman), at the
-    cost of one frequency. Squared, so that a zero kernel has no sqrt of 0 in the backward pass."""
-    k_star = (weight.flatten(2) * z).sum(-1)  # K̂(ω*), [c_out, c_in]
-    if weight.shape[0] > weight.shape[1]:
-        k_star = k_star.t()
-    return (e.conj() @ k_star).abs().square().sum()
-
-
-def fourier_norm_sq(weight: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
-    """max_ω σ_max(K̂(ω))² of the zero-padded conv on `spatial` (see fourier_top); differentiable
-    where autograd asks for it (fourier_rayleigh)."""
-    top, z, e = fourier_top(weight, spatial)
-    if not (torch.is_grad_enabled() and weight.requires_grad):
-        return top
-    return fourier_rayleigh(weight, z, e)
-
-
-def fourier_work(weight: torch.Tensor, spatial: tuple[int, int]) -> float:
-    """Frequencies × (smaller Gram side)² × (larger side): the cost measure FOURIER_MAX_WORK caps.
-    It decides which layers a model normalises by the Fourier norm, so it stays as it was when
-    models were trained with it (fourier_top is now ~5-10× cheaper than this measure assumed)."""
-    n_h, n_w = torus(weight, spatial)
-    small, large = sorted(weight.shape[:2])
-    return n_h * n_w * small * small * large
-
-
-def top_gram_eigenvalue(w_mat: torch.Tensor) -> torch.Tensor:
-    """λ_max(W·Wᵀ) = ‖W‖₂², from the smaller of the two Gram matrices (differentiable)."""
-    gram = w_mat @ w_mat.t() if w_mat.shape[0] <= w_mat.shape[1] else w_mat.t() @ w_mat
-    return torch.linalg.eigvalsh(gram)[-1]
-
-
-def top_gram_vector(w_mat: torch.Tensor) -> torch.Tensor:
-    """The top eigenvector of W's smaller Gram matrix, without autograd (see gram_rayleigh)."""
-    with torch.no_grad():
-        w_mat = w_mat.detach()
-        gram = w_mat @ w_mat.t() if w_mat.shape[0] <= w_mat.shape[1] else w_mat.t() @ w_mat
-        return torch.linalg.eigh(gram)[1][:, -1]
-
-
-def gram_rayleigh(w_mat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """‖W‖₂² as eᵀ·Gram·e with the top eigenvector e fixed (top_gram_vector): the value, and the
-    gradient of the top eigenvalue (Hellmann-Feynman), from two matrix-vector products."""
-    side = e @ w_mat if w_mat.shape[0] <= w_mat.shape[1] else w_mat @ e
-    return side.square().sum()
+def make_normaliser(
+    method: str, shape: tuple[int, int, int, int], spatial: tuple[int, int] | None
+) -> Normaliser | None:
+    if method == "power":
+        return None
+    if method == "fourier" and shape[2:] != (1, 1):
+        return FourierNormaliser(shape, spatial)
+    return MatrixNormaliser(shape)  # a 1×1 kernel is the same matrix at every frequency
 
 
 class LipSwish(nn.Module):
@@ -297,18 +204,13 @@ class LipSwish(nn.Module):
 
 class LipschitzConv2d(nn.Conv2d):
     """A 'same' conv2d that reports a certified bound on its operator norm; spectral-normalised to
-    ‖conv‖₂ ≤ coeff when coeff is given (see the module docstring).
+    ‖conv‖₂ ≤ coeff when coeff is given, by `method`'s normaliser (see the module docstring):
+    "fourier" (the symbol's norm: the layer may use all of its budget), "exact" (sqrt(k_h·k_w)·
+    ‖W_mat‖₂), "power" (power iteration, uncertified).
 
-    method "fourier": σ = the operator norm on `spatial` (max over the torus frequencies,
-    differentiable), certified from above to within a factor sqrt(1 + CHOLESKY_SLACK), so
-    ‖conv‖₂ ≈ coeff whenever the layer would exceed it: the layer may use all of its certified
-    budget, where "exact" leaves it between coeff/sqrt(k_h·k_w) and coeff.
-
-    method "exact": σ = sqrt(λ_max(W_mat·W_matᵀ)) by an eigensolve of the smaller Gram matrix at
-    every training forward (differentiable), so the bound holds by construction. method "power": σ̂
-    from `power_iterations` steps of persistent power iteration (Miyato et al. 2018), cheap for wide
-    layers; σ̂ ≤ σ, and maximum-likelihood training actively grows the directions the stale estimate
-    misses (measured: 10-25% over coeff after 100 Adam steps), so the certificate can exceed coeff.
+    The normalised kernel comes from, in this order: the scale its level prepared for the current
+    walk (`normalise_groups`), or its own normalisation, whose autograd-free part is computed once
+    per `reuse_weights` scope (an invertible or checkpointed step's re-runs reuse it).
     """
 
     def __init__(
@@ -330,16 +232,42 @@ class LipschitzConv2d(nn.Conv2d):
         self.spatial = None if spatial is None else tuple(spatial)
         self.power_iterations = power_iterations
         self.overlap = math.sqrt(kernel_size * kernel_size)  # taps per input pixel, square-rooted
+        self.normaliser = None
+        if coeff is not None:
+            self.normaliser = make_normaliser(method, tuple(self.weight.shape), self.spatial)
         self._cache = NoGradCache()
-        self._eval_weight: tuple[tuple, torch.Tensor] | None = None
+        self._prepared: torch.Tensor | None = None  # the scale of the current walk, if any
+        self._warm = False  # whether spectral_vectors track the current weights
         if zero_init:
             nn.init.zeros_(self.weight)
             nn.init.zeros_(self.bias)
+        if self.normaliser is not None:
+            # deterministic (every rank builds the same), not drawn from the global generator
+            start = torch.randn(self.normaliser.state_shape, generator=torch.Generator().manual_seed(0))
+            if len(self.normaliser.state_shape) == 3:
+                start = torch.view_as_real(F.normalize(torch.view_as_complex(start), dim=-1))
+            else:
+                start = F.normalize(start, dim=-1)
+            self.register_buffer("spectral_vectors", start)
+            # 1 once the vectors track the weights (a checkpoint of a layer never run stays cold);
+            # shape (1,): DeepSpeed broadcasts buffers as byte views, which a 0-d tensor cannot give
+            self.register_buffer("spectral_warm", torch.zeros(1))
         if coeff is not None and method == "power":
             self.register_buffer("u", F.normalize(torch.randn(c_out), dim=0))
             self.register_buffer("v", F.normalize(torch.randn(c_in * kernel_size**2), dim=0))
             # converge once at construction; then `power_iterations` per step track the weights
             converge_spectral_norms(self, 50)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *rest)
+        if self.normaliser is not None:
+            # loading is no training step: reading the flag here costs no per-step host sync. A
+            # checkpoint from before the vectors existed loads cold: warmed up at the first use
+            warm = state_dict.get(prefix + "spectral_warm")
+            self._warm = warm is not None and bool(warm.reshape(-1)[0].item())
+            for key in ("spectral_vectors", "spectral_warm"):
+                if prefix + key in missing:
+                    missing.remove(prefix + key)
 
     @torch.no_grad()
     def _power_iteration(self, w_mat: torch.Tensor) -> None:
@@ -357,68 +285,38 @@ class LipschitzConv2d(nn.Conv2d):
         self.v.copy_(v)
 
     def effective_weight(self, update: bool | None = None) -> torch.Tensor:
-        """The kernel actually used, W·coeff/max(coeff, sqrt(k_h·k_w)·σ). Power iteration advances
-        only in training mode (or when asked). Without autograd the kernel is reused: within a
-        `reuse_weights` scope (a fixed-point solve, an invertible run) at no cost, and elsewhere
-        the exact kernel is cached until W's values change (evaluation)."""
+        """The kernel actually used, W·coeff/max(coeff, overlap·σ̂). The warm-start vectors (and
+        power iteration) advance only in training mode, or when asked."""
         if self.coeff is None:
             return self.weight
-        updating = self.method == "power" and (self.training if update is None else update)
-        if not updating and not torch.is_grad_enabled() and in_reuse_scope():
-            sources = [self.weight, *([self.u, self.v] if self.method == "power" else [])]
-            return self._cache.get("weight", sources, lambda: self._normalised_weight(update))
-        if self.method != "power" and not torch.is_grad_enabled():
-            key = self._state_key(slice(None))
-            if self._eval_weight is None or self._eval_weight[0] != key:
-                self._eval_weight = (key, self._normalised_weight(update))
-            return self._eval_weight[1]
-        return self._normalised_weight(update)
+        if self._prepared is not None:
+            return self.weight * self._prepared.to(self.weight.dtype)
+        updating = self.training if update is None else update
+        power = self.normaliser is None
+        # grad mode first (no graph break under torch.compile); a power update changes u, v
+        if not torch.is_grad_enabled() and not (power and updating) and in_reuse_scope():
+            sources = [self.weight, *([self.u, self.v] if power else [])]
+            return self._cache.get("weight", sources, lambda: self._normalised(updating))
+        return self._normalised(updating)
 
-    def _normalised_weight(self, update: bool | None) -> torch.Tensor:
-        # the normalising scale is computed in (at least) fp32 even under autocast
+    def _normalised(self, updating: bool) -> torch.Tensor:
+        if self.normaliser is None:
+            return self._power_normalised(updating)
+        with torch.no_grad():
+            top = self._cache.get("top", [self.weight], lambda: group_top([self], updating))
+        return self.weight * group_scales([self], top)[0].to(self.weight.dtype)
+
+    def _power_normalised(self, updating: bool) -> torch.Tensor:
         with torch.autocast(self.weight.device.type, enabled=False):
             w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
-            method = self.method
-            if method == "fourier" and self.kernel_size == (1, 1):
-                method = "exact"  # a 1×1 kernel is the same matrix at every frequency: ‖W‖ exactly
-            elif method == "fourier" and fourier_work(self.weight, self.spatial) > FOURIER_MAX_WORK:
-                # too many frequencies × too wide (e.g. 256² images, width 512): every forward
-                # would run thousands of large eigensolves; the sqrt(k_h·k_w)·‖W‖ bound is certified
-                method = "exact"
-            try:
-                sigma_sq, overlap = self._sigma_sq(method, w_mat, update)
-            except torch.linalg.LinAlgError:
-                # non-finite weights make the eigensolvers fail: a NaN layer, so that the loss is
-                # NaN and the training guard skips or rolls back, instead of a crash
-                return torch.full_like(self.weight, math.nan)
-            # compare squares: no sqrt of 0 (a zero-initialised kernel) in the backward pass
-            bound_sq = torch.maximum(overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
-            scale = self.coeff / torch.sqrt(bound_sq)
-            return self.weight * scale.to(self.weight.dtype)
-
-    def _sigma_sq(
-        self, method: str, w_mat: torch.Tensor, update: bool | None
-    ) -> tuple[torch.Tensor, float]:
-        """(σ², overlap): the normaliser by `method` and the factor it is taken with."""
-        if method == "exact":
-            e = self._top("matrix", lambda: top_gram_vector(w_mat))
-            return gram_rayleigh(w_mat, e), self.overlap
-        if method == "fourier":
-            kernel = self.weight.to(w_mat.dtype)
-            _, z, e = self._top("fourier", lambda: fourier_bound(kernel, self.spatial))
-            # λ at the certified frequency, times the certificate's margin: ≥ every frequency's;
-            # overlap 1: the norm itself (to the margin), not a bound on it
-            return fourier_rayleigh(kernel, z, e) * (1 + CHOLESKY_SLACK), 1.0
-        if self.training if update is None else update:
-            self._power_iteration(w_mat.detach().to(self.u.dtype))
-        return torch.dot(self.u.to(w_mat.dtype), w_mat @ self.v.to(w_mat.dtype)) ** 2, self.overlap
-
-    def _top(self, name: str, compute: Callable[[], object]):
-        """The eigen-part of the normalisation (which direction is the top one), without autograd:
-        once per `reuse_weights` scope, so an invertible run's re-runs and a fixed-point solve's
-        iterations only redo the cheap differentiable Rayleigh quotient."""
-        with torch.no_grad():
-            return self._cache.get(name, [self.weight], compute)
+            if updating:
+                self._power_iteration(w_mat.detach().to(self.u.dtype))
+            u, v = self.u.to(w_mat.dtype), self.v.to(w_mat.dtype)
+            sigma_sq = torch.dot(u, w_mat @ v) ** 2
+            scale = self.coeff / torch.sqrt(
+                torch.maximum(self.overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
+            )
+        return self.weight * scale.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
@@ -440,26 +338,22 @@ class LipschitzConv2d(nn.Conv2d):
 
     @torch.no_grad()
     def operator_bound(self, rows: slice = slice(None)) -> float:
-        """Certified ‖conv‖₂ restricted to output channels `rows`: sqrt(k_h·k_w)·‖W_mat[rows]‖₂,
-        with ‖W‖₂² the top eigenvalue of the smaller Gram matrix, in float64, or the Fourier norm
-        on `spatial` where it is smaller and affordable (FOURIER_MAX_WORK). Cached until the
-        kernel (or the spectral-norm state) changes: the eigensolve dominates `lipschitz_bound()`
-        for wide models."""
+        """Certified ‖conv‖₂ restricted to output channels `rows`: the smaller of sqrt(k_h·k_w)·
+        ‖W_mat[rows]‖₂ (float64 eigensolve) and, where the layer knows its H×W, the symbol's norm
+        on its torus or grid (spectral.symbol_top, all eigenvalues, float64). Cached until the
+        kernel (or the spectral-norm state) changes: the eigensolves dominate
+        `lipschitz_bound()` for wide models."""
         key = self._state_key(rows)
         cache = self.__dict__.setdefault("_bound_cache", {})
         if key not in cache:
-            w_mat = self.effective_weight(update=False).flatten(1)[rows].double()
-            if w_mat.numel() == 0:
+            kernel = self.effective_weight(update=False)[rows].double()
+            if kernel.numel() == 0:
                 cache[key] = 0.0
             else:
-                bound = self.overlap * top_gram_eigenvalue(w_mat).clamp_min(0.0).sqrt().item()
-                kernel = self.effective_weight(update=False)[rows].double()
-                if (
-                    self.spatial is not None
-                    and self.kernel_size != (1, 1)
-                    and fourier_work(kernel, self.spatial) <= FOURIER_MAX_WORK
-                ):
-                    bound = min(bound, math.sqrt(fourier_norm_sq(kernel, self.spatial).item()))
+                bound = self.overlap * math.sqrt(MatrixNormaliser(kernel.shape).certificate_sq(kernel))
+                if self.spatial is not None and self.kernel_size != (1, 1):
+                    fourier = FourierNormaliser(tuple(kernel.shape), self.spatial)
+                    bound = min(bound, math.sqrt(fourier.certificate_sq(kernel)))
                 if len(cache) > 8:
                     cache.clear()
                 cache[key] = bound
@@ -549,11 +443,77 @@ class ConvNet(nn.Module):
         return at_zero + x_bound * lip_inf
 
 
+def group_top(convs: list[LipschitzConv2d], update: bool) -> Top:
+    """The autograd-free part of normalising same-shaped convs together (one batched grams,
+    power step and Cholesky test); advances their warm-start vectors if `update` (or if cold)."""
+    normaliser = convs[0].normaliser
+    with torch.no_grad(), torch.autocast(convs[0].weight.device.type, enabled=False):
+        weights = torch.stack([c.weight.detach() for c in convs])
+        weights = weights.to(compute_dtype(weights))
+        vectors = torch.stack([c.spectral_vectors for c in convs])
+        warmup = not all(c._warm for c in convs)
+        top, kept = normaliser.top(weights, vectors, warmup, update)
+        if update or warmup:
+            for conv, vector in zip(convs, kept.unbind(0), strict=True):
+                conv.spectral_vectors.copy_(vector)
+                conv.spectral_warm.fill_(1.0)
+                conv._warm = True
+    return top
+
+
+def group_scales(convs: list[LipschitzConv2d], top: Top) -> torch.Tensor:
+    """[B]: coeff/max(coeff, overlap·σ̂) for each conv, differentiable in the weights, computed
+    (at least) in fp32 even under autocast."""
+    first = convs[0]
+    start = _tick(first.weight)
+    with torch.autocast(first.weight.device.type, enabled=False):
+        weights = torch.stack([c.weight for c in convs])
+        weights = weights.to(compute_dtype(weights))
+        sigma_sq = first.normaliser.sigma_sq(weights, top)
+        # compare squares: no sqrt of 0 (a zero-initialised kernel) in the backward pass
+        bound_sq = torch.clamp_min(first.normaliser.overlap**2 * sigma_sq, first.coeff**2)
+        scales = first.coeff / torch.sqrt(bound_sq)
+    _tock("scales", start, first.weight)
+    return scales
+
+
+def spectral_groups(module: nn.Module) -> list[list[LipschitzConv2d]]:
+    """The certified-normalised convs of `module`, grouped so that each group can be normalised
+    in one batched computation: same normaliser, kernel shape, H×W and coeff (in a level: one
+    group per conv position of its coupling subnets)."""
+    groups: dict[tuple, list[LipschitzConv2d]] = {}
+    for conv in module.modules():
+        if isinstance(conv, LipschitzConv2d) and conv.normaliser is not None:
+            key = (conv.normaliser.name, tuple(conv.weight.shape), conv.spatial, conv.coeff)
+            groups.setdefault(key, []).append(conv)
+    return list(groups.values())
+
+
+def normalise_groups(groups: list[list[LipschitzConv2d]]) -> None:
+    """Prepare every conv's scale for one walk, a group at a time (one batched normalisation per
+    level and conv position); `release_groups` ends the walk. With autograd the scales carry
+    the graph to the weights, built once for the group."""
+    for convs in groups:
+        top = group_top(convs, convs[0].training)
+        for conv, scale in zip(convs, group_scales(convs, top).unbind(0), strict=True):
+            conv._prepared = scale
+
+
+def release_groups(groups: list[list[LipschitzConv2d]]) -> None:
+    for convs in groups:
+        for conv in convs:
+            conv._prepared = None
+
+
 @torch.no_grad()
 def converge_spectral_norms(module: nn.Module, iterations: int = 100) -> None:
     """Run power iteration to convergence on every spectral-normalised conv of `module` (after
-    editing weights by hand, or before certifying a model whose u, v lag its weights)."""
+    editing weights by hand, or before certifying a model whose u, v lag its weights); the
+    certified normalisers' warm-start vectors are warmed up at their next use."""
     for conv in module.modules():
+        if isinstance(conv, LipschitzConv2d) and conv.normaliser is not None:
+            conv._warm = False
+            conv.spectral_warm.zero_()
         if isinstance(conv, LipschitzConv2d) and conv.coeff is not None and conv.method == "power":
             steps, conv.power_iterations = conv.power_iterations, iterations
             conv._power_iteration(conv.weight.detach().flatten(1).to(conv.u.dtype))

@@ -183,14 +183,14 @@ class _InvertibleRun(torch.autograd.Function):
         blocks = ctx.blocks
         device, enabled, dtype, cache = ctx.autocast
         param_grads: list[Sequence[torch.Tensor | None]] = []
-        with (
-            torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache),
-            _frozen_all(blocks),
-            reuse_weights(ctx.scope),
-        ):
+        with _frozen_all(blocks), reuse_weights(ctx.scope):
             for segment in reversed(ctx.segments):
                 wants_x = segment.start > 0 or ctx.needs_input_grad[0]
-                rerun, outputs = _rerun_segment(blocks[segment.start : segment.stop], y, wants_x)
+                # the re-run under the forward's autocast state; its backward (the vjp) outside
+                # autocast, as any backward pass runs
+                with torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache):
+                    segment_blocks = blocks[segment.start : segment.stop]
+                    rerun, outputs = _rerun_segment(segment_blocks, y, wants_x)
                 cotangents = [grad_y, *grad_logdets[segment.start : segment.stop]]
                 params = [p for k in segment for p in ctx.params[k]]
                 leaves = rerun.leaves if wants_x else []

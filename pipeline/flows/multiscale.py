@@ -21,6 +21,7 @@ from pipeline.flows.base import FlowBlock, frozen, main_dtype, run_subnet
 from pipeline.flows.config import ModelConfig
 from pipeline.flows.conv1x1 import InvConv1x1LU, InvConv1x1SVD
 from pipeline.flows.coupling import Coupling
+from pipeline.flows.lipschitz import normalise_groups, release_groups, spectral_groups
 from pipeline.flows.memory import MemoryMode, run_steps
 from pipeline.flows.residual import ResidualBlock
 
@@ -122,6 +123,8 @@ class Level(nn.Module):
         self.steps = nn.ModuleList([block for _, block in blocks])
         self.step_sizes = [len(step) for step in steps]
         self.split = split
+        # the subnet convs of all its flow steps, by position: each normalised in one batch
+        self.spectral_groups = spectral_groups(self.steps)
 
     def flow_steps(self) -> list[list[FlowBlock]]:
         out, start = [], 0
@@ -146,13 +149,22 @@ class Level(nn.Module):
         `init`: initialise each ActNorm from the batch reaching it first (data init)."""
         h = squeeze(h)
         logdets: list[torch.Tensor] = []
-        if logdet and not init:
-            h, logdets = run_steps(self.flow_steps(), h, memory)
-        else:
-            for block in self.steps:
-                if init and isinstance(block, ActNorm):
-                    block.initialize(h)
-                h = block.transform(h)
+        # batched normalisation, except where steps are re-run in the backward pass (each conv
+        # then normalises itself, its autograd-free part cached for the re-run)
+        batched = not (logdet and not init and torch.is_grad_enabled() and memory != "store")
+        if batched:
+            normalise_groups(self.spectral_groups)
+        try:
+            if logdet and not init:
+                h, logdets = run_steps(self.flow_steps(), h, memory)
+            else:
+                for block in self.steps:
+                    if init and isinstance(block, ActNorm):
+                        block.initialize(h)
+                    h = block.transform(h)
+        finally:
+            if batched:
+                release_groups(self.spectral_groups)
         if self.split is None:
             return LevelOut(h, None, None, logdets)
         h_keep, z, logp = self.split(h, prior)
@@ -168,8 +180,12 @@ class Level(nn.Module):
         """The inverse walk: re-attach (or draw) z, invert the blocks, unsqueeze."""
         if self.split is not None:
             h = self.split.inverse(h, z, temperature, generator)
-        for block in reversed(self.steps):
-            h = block.inverse(h)
+        normalise_groups(self.spectral_groups)
+        try:
+            for block in reversed(self.steps):
+                h = block.inverse(h)
+        finally:
+            release_groups(self.spectral_groups)
         return unsqueeze(h)
 
 
