@@ -86,3 +86,28 @@ def test_turning_compile_on_at_resume_needs_allow_changed(tmp_path):
     )
     changed = compat.check_resume(tmp_path, allowed, world_size=1, saved_world_size=1)
     assert "train.compile: False -> True" in changed
+
+
+@pytest.mark.slow  # Inductor compiles the forward and backward graphs: ~1 min on a CPU core
+def test_the_certified_default_compiles_into_one_graph():
+    """The certified normalisation makes no host synchronisation and no branch on tensor values
+    (spectral.certify, lipschitz.group_top): fullgraph=True compiles the default's whole forward
+    (a graph break raises), and the compiled step agrees with the eager one."""
+    torch.manual_seed(0)
+    eager = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), n_bits=5)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    eager.data_init(x)
+    compiled = copy.deepcopy(eager)
+    graph = torch.compile(compiled, fullgraph=True, dynamic=False)
+    for _ in range(2):  # the second step: warm vectors, as in training
+        loss, grads = loss_and_grads(eager, x)
+        compiled.zero_grad(set_to_none=True)
+        loss_c = graph(x)["bpd"].mean()
+        loss_c.backward()
+        torch.testing.assert_close(loss_c.detach(), loss, rtol=RTOL, atol=ATOL)
+        for name, p in compiled.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name], rtol=RTOL, atol=ATOL, msg=name)
+    torch.testing.assert_close(
+        compiled.state_dict()["levels.0.steps.2.net.layers.0.spectral_vectors"],
+        eager.state_dict()["levels.0.steps.2.net.layers.0.spectral_vectors"],
+    )

@@ -113,8 +113,8 @@ def grid_inflation(kernel_size: tuple[int, int], n_h: int, n_w: int) -> float:
 
 def symbol_grams(weight: torch.Tensor, freq: Frequencies, route: str | None = None) -> torch.Tensor:
     """[..., F, m, m] complex: G(ω) = A(ω)·A(ω)^H at the F = freq.count frequencies, for
-    [..., c_out, c_in, k_h, k_w] kernels, with A = K̂ (m = c_out ≤ c_in) or the conjugate of K̂^T
-    (m = c_in: the same nonzero spectrum). Without autograd. With T = k_h·k_w taps M_t (K_t or
+    [..., c_out, c_in, k_h, k_w] kernels, with A = K̂ (m = c_out ≤ c_in) or K̂^T (m = c_in: the
+    same nonzero singular values). Without autograd. With T = k_h·k_w taps M_t (K_t or
     K_t^T), G(ω) = Σ_{a,b} M_a·M_b^T·e^{-i⟨ω, a - b⟩}: a DFT of the taps' pairwise products, by
     one of two routes to the same matrices (`route` forces one):
 
