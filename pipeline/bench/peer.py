@@ -13,6 +13,8 @@ Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = eve
     default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
     sqrtk       the default with spectral_method=exact: each conv normalised by the looser
                 certified bound sqrt(k_h·k_w)·‖W_mat‖₂ instead of its symbol's norm
+    unnormalised  the default's blocks without spectral normalisation (not certified: it
+                separates what the normalisation costs from what the blocks cost)
     bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
                 spectral_norm=false (and the other keys it had then; see PRESETS)
 and memory modes store (if none is named), checkpoint, invertible; a `+compile` suffix
@@ -63,6 +65,7 @@ PRESETS: dict[str, dict] = {
     },
     "default": {},
     "sqrtk": {"spectral_method": "exact"},  # the default, normalised by sqrt(k_h·k_w)·‖W_mat‖₂
+    "unnormalised": {"spectral_norm": False},  # the default's blocks, no spectral norm
     "bounded": {  # every key of the pre-issue-14 defaults, as the stability study pins them
         "coupling": "affine",
         "conv": "svd",
@@ -128,6 +131,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="instead of timing arms: the certified default's normalisation, part by part",
     )
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument(
+        "--probe-steps",
+        type=int,
+        default=0,
+        help="--split: also train the model this many AdamW steps (--probe-lr) and count which "
+        "certificate rung served each normalisation",
+    )
+    p.add_argument("--probe-lr", type=float, default=1e-3)
     p.add_argument(
         "--out", help="also write the JSON here, rewritten after each setting (partial results)"
     )
@@ -397,6 +408,17 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
                         worst[name] = max(worst[name], ratio)
         return {k: f"{v:.2e}" for k, v in worst.items()}
 
+    def probe() -> dict:
+        """AdamW steps on the bench batch; how many normalisations each rung served."""
+        x = batch(s)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.probe_lr)
+        with lipschitz.timed_stages() as stages:
+            for _ in range(args.probe_steps):
+                optimizer.zero_grad(set_to_none=True)
+                model(x)["bpd"].mean().backward()
+                optimizer.step()
+        return {k: v for k, v in sorted(stages.items()) if k.startswith("rung_")}
+
     normalise()  # warm-up: the first backward pass sets up the autograd engine
     runs = []
     for _ in range(max(args.rounds, 1)):
@@ -406,7 +428,11 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
         stages["all_forward_backward"] = time.process_time() - start
         stages["gram_iteration_forward_backward"] = gram_iteration()
         runs.append(stages)
-    median = {k: round(statistics.median(r[k] for r in runs) * 1e3, 1) for k in runs[0]}
+    median = {
+        k: round(statistics.median(r[k] for r in runs) * 1e3, 1)
+        for k in runs[0]
+        if not k.startswith("rung_")
+    }
     routes = [g[0].normaliser for g in groups]
     return {
         "setting": {"name": setting, **dataclasses.asdict(s)},
@@ -417,7 +443,13 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
             for r in ("torus", "grid")
         },
         "cpu_ms": median,
+        "rungs_untrained": {k: v for k, v in sorted(runs[0].items()) if k.startswith("rung_")},
         "excess_over_exact_top": tightness(),
+        **(
+            {"probe": {"steps": args.probe_steps, "lr": args.probe_lr, "rungs": probe()}}
+            if args.probe_steps
+            else {}
+        ),
     }
 
 

@@ -37,6 +37,8 @@ from torch import nn
 from pipeline.flows import spectral
 from pipeline.flows.base import NoGradCache, compute_dtype, frozen, in_reuse_scope
 
+# the basis size of MatrixNormaliser's subspace iteration (wide 1×1 convs: near-equal top values)
+SUBSPACE = 8
 # stage name -> seconds, while `timed_stages` is active (bench peer --split); None otherwise
 _STAGE_TIMES: dict[str, float] | None = None
 
@@ -69,6 +71,14 @@ def _tock(name: str, start: float | None, marker: torch.Tensor) -> None:
         _STAGE_TIMES[name] = _STAGE_TIMES.get(name, 0.0) + time.perf_counter() - start
 
 
+def _count_rungs(rung: torch.Tensor) -> None:
+    """While timed: how many normalisations each certificate rung served (the last: Frobenius)."""
+    if _STAGE_TIMES is not None:
+        for index in rung.tolist():
+            key = f"rung_{index}"
+            _STAGE_TIMES[key] = _STAGE_TIMES.get(key, 0) + 1
+
+
 class Top(NamedTuple):
     """The autograd-free part of a batch of normalisations: the direction the differentiable
     Rayleigh quotient is taken at (phases z [B, T] of the best frequency, None for a matrix;
@@ -87,6 +97,7 @@ class Normaliser:
     overlap = 1.0
     state_shape: tuple[int, ...] = ()
     name = ""
+    subspace = False  # warm-start vectors: one per frequency, or a basis of k (subspace_step)
 
     def grams(self, weights: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,9 +111,10 @@ class Normaliser:
     def top(
         self, weights: torch.Tensor, vectors: torch.Tensor, warmup: bool, update: bool
     ) -> tuple[Top, torch.Tensor]:
-        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, ..., m(, 2)] vectors:
-        warm (if cold), take the Rayleigh quotients at the vectors, certify the best, then
-        advance the vectors one power step for the next call (if `update`)."""
+        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, F, m(, 2)] vectors:
+        warm them (if cold: exact eigenvectors), one power step, the Rayleigh quotients there,
+        certify the best frequency's; the vectors to keep are one step further (if `update`;
+        else unchanged, so evaluation forms the kernel that training formed)."""
         start = _tick(weights)
         grams = self.grams(weights)  # [B, F, m, m]
         _tock("grams", start, weights)
@@ -112,18 +124,23 @@ class Normaliser:
             v = torch.view_as_complex(v.contiguous())
         if warmup:  # exact top eigenvectors, once (of finite Grams: NaN weights give a NaN layer)
             finite = torch.where(torch.isfinite(grams), grams, torch.zeros_like(grams))
-            v = torch.linalg.eigh(finite)[1][..., -1]
-        quotients = spectral.rayleigh_quotients(grams, v)  # [B, F]
+            top_k = torch.linalg.eigh(finite)[1].flip(-1)[..., : v.shape[-1]]
+            # contiguous, as a loaded buffer is: the same BLAS path, bit for bit
+            v = (top_k if self.subspace else top_k[..., 0]).contiguous()
+        step = spectral.subspace_step if self.subspace else spectral.power_step
+        v_top, quotients, following = step(grams, v)  # v: [B, F, m, k] or [B, F, m]
         best = quotients.argmax(-1)
         lower = quotients.gather(-1, best[:, None])[:, 0]
-        e = v.gather(1, best[:, None, None].expand(-1, 1, v.shape[-1]))[:, 0]
-        kept = spectral.power_iterate(grams, v, 1) if update else v
+        e = v_top.gather(1, best[:, None, None].expand(-1, 1, v_top.shape[-1]))[:, 0]
+        kept = following if update else v
         _tock("power", start, weights)
         start = _tick(weights)
-        bound = spectral.certify(grams, lower) * self.inflation
+        bound, rung = spectral.certify(grams, lower, with_rung=True)
+        bound = bound * self.inflation
         # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
         factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
         _tock("certify", start, weights)
+        _count_rungs(rung)
         if kept.is_complex():
             kept = torch.view_as_real(kept)
         return Top(self._phases(best, weights), e, factor), kept
@@ -165,7 +182,9 @@ class MatrixNormaliser(Normaliser):
     def __init__(self, shape: tuple[int, int, int, int]):
         c_out, c_in, k_h, k_w = shape
         self.overlap = math.sqrt(k_h * k_w)
-        self.state_shape = (1, min(c_out, c_in * k_h * k_w))  # one "frequency"
+        m = min(c_out, c_in * k_h * k_w)
+        self.subspace = m > 1
+        self.state_shape = (1, m, min(SUBSPACE, m)) if self.subspace else (1, m)  # 1 "frequency"
 
     def grams(self, weights: torch.Tensor) -> torch.Tensor:
         return spectral.matrix_gram(weights.flatten(-3))[:, None]  # one "frequency"
@@ -243,9 +262,12 @@ class LipschitzConv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
         if self.normaliser is not None:
             # deterministic (every rank builds the same), not drawn from the global generator
-            start = torch.randn(self.normaliser.state_shape, generator=torch.Generator().manual_seed(0))
-            if len(self.normaliser.state_shape) == 3:
+            shape = self.normaliser.state_shape
+            start = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            if isinstance(self.normaliser, FourierNormaliser):  # [F, m, (re, im)]
                 start = torch.view_as_real(F.normalize(torch.view_as_complex(start), dim=-1))
+            elif self.normaliser.subspace:  # [1, m, k], orthonormal columns
+                start = torch.linalg.qr(start).Q
             else:
                 start = F.normalize(start, dim=-1)
             self.register_buffer("spectral_vectors", start)

@@ -253,14 +253,45 @@ def rayleigh(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def power_iterate(grams: torch.Tensor, vectors: torch.Tensor, iterations: int) -> torch.Tensor:
-    """`iterations` power steps on each [..., m, m] Hermitian Gram from unit [..., m] vectors. A
-    vector whose product vanishes (a zero kernel) is kept, so the iteration resumes once the
-    kernel becomes nonzero."""
+    """`iterations` power steps on each [..., m, m] Hermitian Gram from unit [..., m] vectors."""
     for _ in range(iterations):
-        product = (grams @ vectors[..., None])[..., 0]
-        norm = torch.linalg.vector_norm(product, dim=-1, keepdim=True)
-        vectors = torch.where(norm > 1e-30, product / norm.clamp_min(1e-30), vectors)
+        vectors = _unit((grams @ vectors[..., None])[..., 0], vectors)
     return vectors
+
+
+def power_step(
+    grams: torch.Tensor, vectors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two matrix-vector products per Gram: (v₁, v₁^H·G·v₁, v₂) with v_{k+1} = G·v_k/‖G·v_k‖, so
+    the Rayleigh quotient (a lower bound on λ_max) is one power step fresher than the vectors
+    given, and v₂ is the next step's warm start."""
+    v1 = _unit((grams @ vectors[..., None])[..., 0], vectors)
+    product = (grams @ v1[..., None])[..., 0]
+    quotient = (v1.conj() * product).sum(-1).real.clamp_min(0.0)
+    return v1, quotient, _unit(product, v1)
+
+
+def subspace_step(
+    grams: torch.Tensor, basis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of subspace iteration with Rayleigh–Ritz on [..., m, m] Hermitian Grams from
+    [..., m, k] bases: (top Ritz vector [..., m], its Ritz value [...] ≤ λ_max, the next basis).
+    Where the top eigenvalues are close (wide square layers), a single power vector lags the
+    top direction for many steps; k vectors track the top-k subspace, and the top Ritz value
+    converges at the rate λ_{k+1}/λ_1 instead of λ_2/λ_1."""
+    q = torch.linalg.qr(grams @ basis).Q
+    ritz = q.transpose(-1, -2).conj() @ grams @ q  # [..., k, k]
+    finite = torch.where(torch.isfinite(ritz), ritz, torch.zeros_like(ritz))  # NaN weights
+    values, vectors = torch.linalg.eigh(finite)
+    rotated = q @ vectors  # Ritz vectors, ascending
+    return rotated[..., -1], values[..., -1].clamp_min(0.0), rotated
+
+
+def _unit(product: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """product/‖product‖, or `previous` where the product vanishes (a zero kernel: the iteration
+    resumes once the kernel becomes nonzero) or is not finite (NaN weights leave it unharmed)."""
+    norm = torch.linalg.vector_norm(product, dim=-1, keepdim=True)
+    return torch.where(norm > 1e-30, product / norm.clamp_min(1e-30), previous)
 
 
 def rayleigh_quotients(grams: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -270,14 +301,18 @@ def rayleigh_quotients(grams: torch.Tensor, vectors: torch.Tensor) -> torch.Tens
 
 
 def certify(
-    grams: torch.Tensor, lower: torch.Tensor, slacks: tuple[float, ...] = SLACKS
-) -> torch.Tensor:
+    grams: torch.Tensor,
+    lower: torch.Tensor,
+    slacks: tuple[float, ...] = SLACKS,
+    with_rung: bool = False,
+):
     """[...]: a certified upper bound on max_ω λ_max(G(ω)) over the frequency axis (-3) of
     [..., F, m, m] Grams, given `lower` [...] ≤ it (the best Rayleigh quotient). Each rung
     μ_j = lower·(1 + slacks[j]) is tested at every frequency by one batched Cholesky
     factorisation of μ_j·I - G(ω); a frequency's bound is the lowest rung that passes there, or
     ‖G(ω)‖_F ≥ λ_max where none does (see the module docstring). Branch-free; a zero kernel
-    gets 0."""
+    gets 0. `with_rung`: also the rung each bound came from ([...]: len(slacks) = the Frobenius
+    fallback somewhere), a diagnostic."""
     m = grams.shape[-1]
     rungs = lower[None] * lower.new_tensor([1 + slack for slack in slacks]).reshape(
         -1, *([1] * lower.dim())
@@ -290,7 +325,13 @@ def certify(
     bound = frobenius.maximum(lower[..., None])
     for rung, ok in zip(rungs.flip(0), passed.flip(0), strict=True):  # the lowest passing wins
         bound = torch.where(ok, rung[..., None], bound)
-    return bound.amax(-1) * (1 + 4 * m * _EPS32)
+    bound = bound.amax(-1) * (1 + 4 * m * _EPS32)
+    if not with_rung:
+        return bound
+    # the first rung that passes at every frequency (a zero kernel, failing all, counts as 0)
+    all_passed = passed.all(-1) | (lower[None] == 0)
+    rung = torch.where(all_passed.any(0), all_passed.int().argmax(0), len(slacks))
+    return bound, rung
 
 
 def matrix_gram(w_mat: torch.Tensor) -> torch.Tensor:

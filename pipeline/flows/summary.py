@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from pipeline.flows.lipschitz import FourierNormaliser
 from pipeline.flows.multiscale import MultiScaleFlow
 
 
@@ -53,6 +54,29 @@ def bound_lines(
     return lines
 
 
+def normaliser_lines(flow: MultiScaleFlow) -> list[str]:
+    """How each level's spectral-normalised convs are normalised (flows/lipschitz.py): a k×k
+    kernel's symbol on the torus of its H×W (exact) or on the fixed grid (its certified inflation
+    on σ), 1×1 and "exact" convs by sqrt(k_h·k_w)·‖W_mat‖₂; one batch per group."""
+    lines = []
+    for index, level in enumerate(flow.levels):
+        parts = []
+        for convs in level.spectral_groups:
+            normaliser, (c_out, c_in, k_h, k_w) = convs[0].normaliser, convs[0].weight.shape
+            where = f"{c_in}->{c_out} {k_h}x{k_w} x{len(convs)}"
+            if isinstance(normaliser, FourierNormaliser):
+                freq = normaliser.freq
+                how = f"symbol on {freq.route} {freq.n_h}x{freq.n_w}"
+                if freq.route == "grid":
+                    how += f" (sigma x{math.sqrt(freq.inflation):.4f})"
+            else:
+                how = "sqrt(k*k)*||W_mat||" if (k_h, k_w) != (1, 1) else "||W||"
+            parts.append(f"{where}: {how}")
+        if parts:
+            lines.append(f"    level {index}: " + "; ".join(parts))
+    return ["  certified normalisation (batched per level and conv position):", *lines] if lines else []
+
+
 def summary(flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | None = None) -> str:
     """The model's summary; `estimates` as in `bound_lines` adds the tightness columns."""
     cfg = flow.cfg
@@ -79,6 +103,7 @@ def summary(flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | No
         f"  parameters: {n_params:,}",
         f"  step: actnorm={cfg.actnorm} conv={cfg.conv} {last} "
         f"log_scale_bound={cfg.log_scale_bound}",
+        *normaliser_lines(flow),
         "  levels:",
     ]
     bounds = flow.bound_factors()
