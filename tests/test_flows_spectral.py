@@ -222,18 +222,20 @@ def test_grid_inflation_edges():
 
 
 def test_frequencies_choose_torus_or_grid():
-    """The exact torus (n = H + k//2, inflation 1) while its half spectrum has no more
-    frequencies than the GRID×GRID grid's, else that grid with its inflation."""
+    """The exact torus (n = H + k//2, inflation 1) while its half spectrum has at most
+    GRID_SAVING times the GRID×GRID grid's frequencies, else that grid with its inflation."""
     grid = spectral.Frequencies(32, 32, spectral.grid_inflation((3, 3), 32, 32))
     assert spectral.GRID == 32
     small = spectral.frequencies((3, 3), (8, 8))
     assert small == spectral.Frequencies(9, 9, 1.0) and small.route == "torus"
     large = spectral.frequencies((3, 3), (64, 64))
     assert large == grid and large.route == "grid" and large.inflation > 1.0
-    # the boundary: 32×32 torus (count 32·17 = 544 = the grid's) stays exact; one more row is not
-    assert spectral.frequencies((3, 3), (31, 31)) == spectral.Frequencies(32, 32, 1.0)
-    assert spectral.frequencies((3, 3), (32, 31)) == grid
-    assert spectral.frequencies((3, 3), (40, 40)).route == "grid"
+    # the boundary: a 44×64 torus (count 44·33 = 1452 > 2·544) is on the grid, 44×45 (1012) not
+    assert spectral.GRID_SAVING == 2
+    assert spectral.frequencies((3, 3), (43, 44)) == spectral.Frequencies(44, 45, 1.0)
+    assert spectral.frequencies((3, 3), (43, 63)) == grid
+    assert spectral.frequencies((3, 3), (32, 32)).route == "torus"  # 64²'s first level: exact
+    assert spectral.frequencies((3, 3), (64, 64)).route == "grid"
     # non-square: per-axis padding; a kernel larger than the image; a custom grid
     assert spectral.frequencies((5, 3), (4, 9)) == spectral.Frequencies(6, 10, 1.0)
     assert spectral.frequencies((5, 5), (1, 1)) == spectral.Frequencies(5, 5, 1.0)
@@ -291,6 +293,27 @@ def test_certify_rungs_and_fallback(c_out, c_in):
     # any lower in between is also certified
     for fraction in torch.linspace(0.0, 1.0, 21, dtype=DT):
         assert (spectral.certify(grams, fraction * exact) >= exact).all()
+
+
+def test_certify_tests_later_rungs_at_the_candidates_only():
+    """The second rung is factorised only at `candidates` (the normaliser passes the frequencies
+    with the largest Rayleigh quotients): with the top frequency among them a lagging lower
+    bound gets the second rung; without it that frequency falls back to its Frobenius norm, which
+    still certifies. The rung reported is the one that bounds the maximum."""
+    w = kernel(5, 7, seed=11, batch=(2,))
+    grams = spectral.symbol_grams(w, spectral.Frequencies(7, 6, 1.0))
+    tops = torch.linalg.eigvalsh(grams)[..., -1]  # [2, F]
+    exact = tops.amax(-1)
+    order = tops.argsort(-1, descending=True)
+    lower = 0.995 * exact
+    with_top, rung = spectral.certify(grams, lower, with_rung=True, candidates=order[:, :2])
+    torch.testing.assert_close(with_top, spectral.certify(grams, lower), rtol=1e-14, atol=0)
+    assert rung.tolist() == [1, 1]
+    without, rung = spectral.certify(grams, lower, with_rung=True, candidates=order[:, 1:3])
+    assert (without >= exact).all() and (without > with_top).all()
+    assert rung.tolist() == [len(spectral.SLACKS)] * 2  # the Frobenius norm bounds the top
+    _, rung = spectral.certify(grams, exact, with_rung=True, candidates=order[:, 1:3])
+    assert rung.tolist() == [0, 0]
 
 
 def test_certify_zero_kernel():
@@ -419,7 +442,7 @@ def test_layer_grid_route_random_kernel(c_in, c_out):
     (the inflation gives up ~2%); checked exactly on a smaller proxy image too."""
     coeff = 0.7
     torch.manual_seed(c_in + c_out)
-    conv = LipschitzConv2d(c_in, c_out, 3, coeff=coeff, method="fourier", spatial=(40, 40)).double()
+    conv = LipschitzConv2d(c_in, c_out, 3, coeff=coeff, method="fourier", spatial=(64, 64)).double()
     assert conv.normaliser.freq.route == "grid"
     assert (conv.normaliser.freq.n_h, conv.normaliser.freq.n_w) == (32, 32)
     with torch.no_grad():
@@ -435,7 +458,7 @@ def test_layer_grid_route_adversarial_kernel():
     (ω0 = (15π/32, 17π/32)): normalised with the inflation its true sup is ≤ coeff, although the
     uninflated grid maximum under-estimates that sup (without the inflation this would fail)."""
     coeff = 0.8
-    conv = LipschitzConv2d(1, 1, 3, coeff=coeff, method="fourier", spatial=(40, 40)).double()
+    conv = LipschitzConv2d(1, 1, 3, coeff=coeff, method="fourier", spatial=(64, 64)).double()
     assert conv.normaliser.freq.route == "grid"
     w = 10 * modulated((15 * math.pi / 32, 17 * math.pi / 32))
     with torch.no_grad():

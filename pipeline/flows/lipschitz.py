@@ -72,7 +72,8 @@ def _tock(name: str, start: float | None, marker: torch.Tensor) -> None:
 
 
 def _count_rungs(rung: torch.Tensor) -> None:
-    """While timed: how many normalisations each certificate rung served (the last: Frobenius)."""
+    """While timed: how many normalisations each certificate rung served (the last: Frobenius);
+    the .tolist() synchronises, as the timings do: measuring only."""
     if _STAGE_TIMES is not None:
         for index in rung.tolist():
             key = f"rung_{index}"
@@ -135,7 +136,8 @@ class Normaliser:
         kept = following if update else v
         _tock("power", start, weights)
         start = _tick(weights)
-        bound, rung = spectral.certify(grams, lower, with_rung=True)
+        candidates = quotients.topk(min(spectral.CANDIDATES, quotients.shape[-1]), -1).indices
+        bound, rung = spectral.certify(grams, lower, with_rung=True, candidates=candidates)
         bound = bound * self.inflation
         # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
         factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))

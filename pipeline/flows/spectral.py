@@ -62,11 +62,15 @@ from typing import NamedTuple
 
 import torch
 
-# the fixed frequency grid (per axis) of layers whose torus has more frequencies than it
+# the fixed frequency grid (per axis), for layers whose torus has over GRID_SAVING times its
+# frequencies (3×3 kernels on maps larger than 44×44: 64² and up)
 GRID = 32
+GRID_SAVING = 2
 # the Cholesky certificate's rungs, relative margins above the warm-start Rayleigh quotient: the
-# first holds on almost every step; the second where the warm vector lags (a near-degenerate top)
+# first, tested at every frequency, holds on almost every step; the second, tested only at the
+# CANDIDATES frequencies with the largest quotients, where a warm vector lags (near-equal tops)
 SLACKS = (1e-4, 1e-2)
+CANDIDATES = 4
 # multiply-adds symbol_grams' "offsets" route must save to pay for its ~25 extra small
 # operations (~0.25 ms on a CPU core): below that, the single-matmul "products" route is faster
 OFFSETS_MIN_SAVING = 7.5e6
@@ -93,12 +97,13 @@ class Frequencies(NamedTuple):
 def frequencies(
     kernel_size: tuple[int, int], spatial: tuple[int, int], grid: int = GRID
 ) -> Frequencies:
-    """The torus that holds the zero-padded conv on `spatial` (exact) where it has no more
-    frequencies than the fixed grid, else the grid with its certified inflation."""
+    """The torus that holds the zero-padded conv on `spatial` (exact) unless it has more than
+    GRID_SAVING times the fixed grid's frequencies, else the grid with its certified inflation:
+    the grid's margin is only worth a real saving."""
     k_h, k_w = kernel_size
     torus = Frequencies(max(spatial[0] + k_h // 2, k_h), max(spatial[1] + k_w // 2, k_w), 1.0)
     on_grid = Frequencies(max(grid, k_h), max(grid, k_w), grid_inflation(kernel_size, grid, grid))
-    return torus if torus.count <= on_grid.count else on_grid
+    return torus if torus.count <= GRID_SAVING * on_grid.count else on_grid
 
 
 def grid_inflation(kernel_size: tuple[int, int], n_h: int, n_w: int) -> float:
@@ -305,33 +310,45 @@ def certify(
     lower: torch.Tensor,
     slacks: tuple[float, ...] = SLACKS,
     with_rung: bool = False,
+    candidates: torch.Tensor | None = None,
 ):
     """[...]: a certified upper bound on max_ω λ_max(G(ω)) over the frequency axis (-3) of
-    [..., F, m, m] Grams, given `lower` [...] ≤ it (the best Rayleigh quotient). Each rung
-    μ_j = lower·(1 + slacks[j]) is tested at every frequency by one batched Cholesky
-    factorisation of μ_j·I - G(ω); a frequency's bound is the lowest rung that passes there, or
-    ‖G(ω)‖_F ≥ λ_max where none does (see the module docstring). Branch-free; a zero kernel
-    gets 0. `with_rung`: also the rung each bound came from ([...]: len(slacks) = the Frobenius
-    fallback somewhere), a diagnostic."""
-    m = grams.shape[-1]
-    rungs = lower[None] * lower.new_tensor([1 + slack for slack in slacks]).reshape(
-        -1, *([1] * lower.dim())
-    )  # [rungs, ...]
-    shifted = (-grams).expand(len(slacks), *grams.shape).clone()
-    shifted.diagonal(dim1=-2, dim2=-1).add_(rungs[..., None, None].to(grams.dtype))
-    passed = torch.linalg.cholesky_ex(shifted).info == 0  # [rungs, ..., F]
+    [..., F, m, m] Grams, given `lower` [...] ≤ it (the best Rayleigh quotient). Rung j tests
+    μ_j = lower·(1 + slacks[j]) by a Cholesky factorisation of μ_j·I - G(ω): the first rung at
+    every frequency (one batched factorisation), the later ones only at `candidates` [..., k]
+    (frequency indices, e.g. those with the largest quotients: where the first rung can fail
+    when a warm vector lags; all frequencies if None). A frequency's bound is the lowest rung
+    that passed there, or ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring).
+    Branch-free; a zero kernel gets 0. `with_rung`: also the rung that bounded the maximum
+    ([...]: len(slacks) = the Frobenius norm somewhere), a diagnostic."""
+    m, n_freq = grams.shape[-1], grams.shape[-3]
+    mus = [lower * (1 + slack) for slack in slacks]
     real = torch.view_as_real(grams) if grams.is_complex() else grams[..., None]
     frobenius = real.square().sum((-3, -2, -1)).sqrt().to(lower.dtype)  # [..., F]
     bound = frobenius.maximum(lower[..., None])
-    for rung, ok in zip(rungs.flip(0), passed.flip(0), strict=True):  # the lowest passing wins
-        bound = torch.where(ok, rung[..., None], bound)
-    bound = bound.amax(-1) * (1 + 4 * m * _EPS32)
+    rung = torch.full_like(bound, float(len(slacks)))
+    for index in reversed(range(len(slacks))):  # the lowest rung that passes wins
+        if index == 0 or candidates is None:
+            tested, where = grams, None
+        else:
+            where = candidates[..., None, None].expand(*candidates.shape, m, m)
+            tested = grams.gather(-3, where)  # [..., k, m, m]
+        shifted = -tested
+        shifted.diagonal(dim1=-2, dim2=-1).add_(mus[index][..., None, None].to(grams.dtype))
+        passed = torch.linalg.cholesky_ex(shifted).info == 0
+        if where is not None:  # back to [..., F]: untested frequencies did not pass
+            passed = torch.zeros(
+                (*passed.shape[:-1], n_freq), dtype=torch.bool, device=passed.device
+            ).scatter(-1, candidates, passed)
+        bound = torch.where(passed, mus[index][..., None], bound)
+        rung = torch.where(passed, float(index), rung)
+    top = bound.amax(-1)
+    certified = top * (1 + 4 * m * _EPS32)
     if not with_rung:
-        return bound
-    # the first rung that passes at every frequency (a zero kernel, failing all, counts as 0)
-    all_passed = passed.all(-1) | (lower[None] == 0)
-    rung = torch.where(all_passed.any(0), all_passed.int().argmax(0), len(slacks))
-    return bound, rung
+        return certified
+    # the rung of the frequency that bounds the maximum (a zero kernel: rung 0)
+    at_top = rung.gather(-1, bound.argmax(-1, keepdim=True))[..., 0]
+    return certified, torch.where(top > 0, at_top, torch.zeros_like(at_top)).long()
 
 
 def matrix_gram(w_mat: torch.Tensor) -> torch.Tensor:
