@@ -123,6 +123,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
     p.add_argument("--threads", type=int, help="override every setting's torch threads")
     p.add_argument("--batch", type=int, help="override every setting's batch size")
+    p.add_argument(
+        "--levels",
+        type=int,
+        help="override every setting's levels (the same architecture at every resolution)",
+    )
     p.add_argument("--quick", action="store_true", help="the tiny setting, 2 rounds of 1 step")
     p.add_argument("--profile", help="arms to profile (torch.profiler) instead of timing")
     p.add_argument(
@@ -170,9 +175,12 @@ def parse_arm(name: str) -> tuple[str, str, bool]:
 
 
 def resolve(setting: str, args: argparse.Namespace, threads: int | None = None):
-    """The named setting with --batch applied, and the torch threads it runs on (set here):
+    """The named setting with --batch and --levels applied, and the torch threads it runs on (set here):
     --threads, else `threads`, else the setting's."""
-    s = dataclasses.replace(SETTINGS[setting], batch=args.batch or SETTINGS[setting].batch)
+    base = SETTINGS[setting]
+    s = dataclasses.replace(
+        base, batch=args.batch or base.batch, levels=getattr(args, "levels", None) or base.levels
+    )
     threads = args.threads or threads or s.threads
     torch.set_num_threads(threads)
     return s, threads
@@ -417,7 +425,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 model(x)["bpd"].mean().backward()
                 optimizer.step()
-        return {k: v for k, v in sorted(stages.items()) if k.startswith("rung_")}
+        return {k: v for k, v in sorted(stages.items()) if "rung_" in k}
 
     normalise()  # warm-up: the first backward pass sets up the autograd engine
     runs = []
@@ -431,7 +439,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
     median = {
         k: round(statistics.median(r[k] for r in runs) * 1e3, 1)
         for k in runs[0]
-        if not k.startswith("rung_")
+        if "rung_" not in k
     }
     routes = [g[0].normaliser for g in groups]
     return {
@@ -443,7 +451,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
             for r in ("torus", "grid")
         },
         "cpu_ms": median,
-        "rungs_untrained": {k: v for k, v in sorted(runs[0].items()) if k.startswith("rung_")},
+        "rungs_untrained": {k: v for k, v in sorted(runs[0].items()) if "rung_" in k},
         "excess_over_exact_top": tightness(),
         **(
             {"probe": {"steps": args.probe_steps, "lr": args.probe_lr, "rungs": probe()}}

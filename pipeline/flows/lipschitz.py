@@ -71,13 +71,14 @@ def _tock(name: str, start: float | None, marker: torch.Tensor) -> None:
         _STAGE_TIMES[name] = _STAGE_TIMES.get(name, 0.0) + time.perf_counter() - start
 
 
-def _count_rungs(rung: torch.Tensor) -> None:
-    """While timed: how many normalisations each certificate rung served (the last: Frobenius);
-    the .tolist() synchronises, as the timings do: measuring only."""
+def _count_rungs(rung: torch.Tensor, binding: torch.Tensor) -> None:
+    """While timed: how many normalisations each certificate rung served (the last: the
+    Frobenius fallback), and how many of those bound the layer (σ̂ above its budget, so that the
+    rung set its scale); the .tolist() synchronises, as the timings do: measuring only."""
     if _STAGE_TIMES is not None:
-        for index in rung.tolist():
-            key = f"rung_{index}"
-            _STAGE_TIMES[key] = _STAGE_TIMES.get(key, 0) + 1
+        for index, binds in zip(rung.tolist(), binding.tolist(), strict=True):
+            for key in [f"rung_{index}"] + ([f"binding_rung_{index}"] if binds else []):
+                _STAGE_TIMES[key] = _STAGE_TIMES.get(key, 0) + 1
 
 
 class Top(NamedTuple):
@@ -110,7 +111,12 @@ class Normaliser:
         return None
 
     def top(
-        self, weights: torch.Tensor, vectors: torch.Tensor, warmup: bool, update: bool
+        self,
+        weights: torch.Tensor,
+        vectors: torch.Tensor,
+        warmup: bool,
+        update: bool,
+        coeff: float = math.inf,
     ) -> tuple[Top, torch.Tensor]:
         """(Top, the vectors to keep) for [B, ...] detached kernels and [B, F, m(, 2)] vectors:
         warm them (if cold: exact eigenvectors), one power step, the Rayleigh quotients there,
@@ -142,7 +148,7 @@ class Normaliser:
         # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
         factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
         _tock("certify", start, weights)
-        _count_rungs(rung)
+        _count_rungs(rung, bound * self.overlap**2 > coeff**2)
         if kept.is_complex():
             kept = torch.view_as_real(kept)
         return Top(self._phases(best, weights), e, factor), kept
@@ -476,7 +482,7 @@ def group_top(convs: list[LipschitzConv2d], update: bool) -> Top:
         weights = weights.to(compute_dtype(weights))
         vectors = torch.stack([c.spectral_vectors for c in convs])
         warmup = not all(c._warm for c in convs)
-        top, kept = normaliser.top(weights, vectors, warmup, update)
+        top, kept = normaliser.top(weights, vectors, warmup, update, convs[0].coeff)
         if update or warmup:
             for conv, vector in zip(convs, kept.unbind(0), strict=True):
                 conv.spectral_vectors.copy_(vector)
