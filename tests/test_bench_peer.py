@@ -72,9 +72,20 @@ def test_arm_names_take_a_memory_mode_and_a_compile_suffix():
 
 
 def test_bench_peer_split_prints_the_normalisations_parts():
-    out = json.loads(run_pipeline("bench", "peer", "--split", "--quick").stdout)
+    """The normalisers' own stages through the timings hook (lipschitz.timed_stages), one group
+    per level and conv position, the certificate's rungs counted while training, and both
+    routes' excess over the exact top."""
+    out = json.loads(
+        run_pipeline("bench", "peer", "--split", "--quick", "--probe-steps", "2").stdout
+    )
     (split,) = out["split"]
-    assert split["convs"] == 12 and 0 <= split["failed_frequencies"] < split["frequencies"]
+    assert split["convs"] == 12 and split["groups"] == 6  # 2 levels x 3 conv positions
     parts = split["cpu_ms"]
-    assert set(parts) >= {"grams", "cholesky", "conv1x1_eigh", "all_forward_backward"}
+    assert set(parts) >= {"grams", "power", "certify", "scales", "backward"}
     assert all(math.isfinite(v) and v >= 0 for v in parts.values())
+    # one rung per conv and normalisation: the untrained round, then 2 training steps
+    assert sum(v for k, v in split["rungs_untrained"].items() if k.startswith("rung_")) == 12
+    probe = split["probe"]["rungs"]
+    assert sum(v for k, v in probe.items() if k.startswith("rung_")) == 2 * 12
+    excess = split["excess_over_exact_top"]
+    assert 0 <= float(excess["cholesky"]) < 2e-2 and float(excess["gram_iteration"]) >= 0
