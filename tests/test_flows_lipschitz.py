@@ -156,3 +156,24 @@ def test_non_finite_weights_give_a_nan_layer_not_a_crash(kernel, method):
         conv.weight[0, 0, 0, 0] = float("nan")
     y = conv(torch.randn(2, 6, 8, 8))
     assert y.shape == (2, 16, 8, 8) and torch.isnan(y).all()
+
+
+def test_a_checkpoint_without_warm_start_vectors_loads_and_warms_up():
+    """State dicts from before the normalisers kept vectors (issue 21) load strictly: the layers
+    start cold, warm up at their first use, and give the model that was saved."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64) - 0.5
+    torch.manual_seed(0)
+    saved = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), 5).double()
+    saved.data_init(x)
+    old = {k: v for k, v in saved.state_dict().items() if "spectral_" not in k}
+    assert len(old) < len(saved.state_dict())
+    torch.manual_seed(1)
+    loaded = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), 5).double()
+    loaded.load_state_dict(old, strict=True)
+    convs = [m for m in loaded.modules() if isinstance(m, LipschitzConv2d)]
+    assert convs and not any(conv._warm for conv in convs)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(x)["bpd"], saved.eval()(x)["bpd"], rtol=1e-12, atol=1e-12
+        )
+    assert all(conv._warm and conv.spectral_warm.item() == 1 for conv in convs)
