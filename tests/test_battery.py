@@ -38,7 +38,7 @@ GRAD_TOL = 1e-4
 
 
 def data(n: int = 8, seed: int = 1) -> torch.Tensor:
-    """n-bit dequantised images in [-1/2, 1/2] (DESIGN §3)."""
+    """n-bit dequantised images in [-1/2, 1/2] (docs/design.md §3)."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randint(0, 2**N_BITS, (n, *IMAGE), generator=g)
     return k / 2**N_BITS - 0.5 + torch.rand(n, *IMAGE, generator=g) / 2**N_BITS

@@ -1,4 +1,4 @@
-"""Property tests over every flow block, in float64 on tiny shapes (STYLE §7, DESIGN §3.4)."""
+"""Property tests over every flow block, in float64 on tiny shapes (docs/design.md §8.7, docs/design.md §3.4)."""
 
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def test_residual_inverse_reports_convergence():
 
 @pytest.mark.parametrize("method", ["exact", "power"])
 def test_spectral_normalisation_under_expansion_pressure(method):
-    """MLE rewards expansion (DESIGN §3.3): maximising log-det pushes Lip(g) up. Exact normalisation
+    """MLE rewards expansion (docs/design.md §3.3): maximising log-det pushes Lip(g) up. Exact normalisation
     keeps the certified Lip(g) ≤ c in training; one-step power iteration lags and overshoots."""
     torch.manual_seed(0)
     block = ResidualBlock(SHAPE, 8, coeff=0.9, terms=4, spectral_method=method).double().train()

@@ -45,7 +45,7 @@ MODELS = {
 
 
 def data(n: int = 2, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
-    """Dequantised n-bit images in [-1/2, 1/2] (DESIGN §3)."""
+    """Dequantised n-bit images in [-1/2, 1/2] (docs/design.md §3)."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randint(0, 2**N_BITS, (n, *IMAGE), generator=g)
     return (k / 2**N_BITS - 0.5 + torch.rand(n, *IMAGE, generator=g) / 2**N_BITS).to(dtype)
@@ -181,7 +181,7 @@ def test_bpd_of_a_volume_preserving_flow_has_its_closed_form(name):
 
 
 def test_linear_flow_at_the_closed_form_optimum():
-    """DESIGN §3.2: one 1×1 conv (LU, no bias) with W = R^{-1/2} reaches
+    """docs/design.md §3.2: one 1×1 conv (LU, no bias) with W = R^{-1/2} reaches
     log p* = -(N/2)·[c·ln(2πe) + Σ ln λ(R)] for the image's auto-correlation R, a stationary point.
     """
     cfg = ModelConfig(levels=1, steps=1, coupling="none", actnorm="none", conv="lu")

@@ -1,4 +1,4 @@
-"""The headline check (DESIGN §3.2), through the real training loop: a linear flow trained by
+"""The headline check (docs/design.md §3.2), through the real training loop: a linear flow trained by
 `python -m pipeline train` reaches the closed-form pooled optimum, and a nonlinear flow beats it."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The divergence detector on synthetic metric streams: every injected fault gives its event at its
-step, and a clean run gives none (DESIGN §5)."""
+step, and a clean run gives none (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Diagnostics on maps whose answers are known: Lipschitz estimates, inverse error, grad norms,
-log-det balance (DESIGN §3.4-3.5); and the certified bounds of the pipeline.flows models."""
+log-det balance (docs/design.md §3.4-3.5); and the certified bounds of the pipeline.flows models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN §3.1-3.2 through training: a linear per-position flow trained with Adam reaches the pooled
+"""docs/design.md §3.1-3.2 through training: a linear per-position flow trained with Adam reaches the pooled
 closed-form optimum, and the diagnostics and divergence detector behave on a real training run.
 
 The flow here is deliberately minimal and self-contained (squeeze, actnorm, one shared c×c matrix):
@@ -261,7 +261,7 @@ def test_detector_sees_a_wrong_certificate_and_a_broken_inverse():
 
 
 def real_linear_flow(levels: int, res: int):
-    """pipeline.flows' linear preset (DESIGN §3.2): coupling=none, standard split prior."""
+    """pipeline.flows' linear preset (docs/design.md §3.2): coupling=none, standard split prior."""
     flows = pytest.importorskip("pipeline.flows")
     if not hasattr(flows, "build_flow"):
         pytest.skip("pipeline.flows.build_flow is not there yet")

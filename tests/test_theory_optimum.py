@@ -1,4 +1,4 @@
-"""The closed-form linear-flow optimum (DESIGN §3.2) against independent computations."""
+"""The closed-form linear-flow optimum (docs/design.md §3.2) against independent computations."""
 
 from __future__ import annotations
 

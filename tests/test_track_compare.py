@@ -16,7 +16,7 @@ COMMON = {"data.n_bits": 5, "train.steps": 30, "run.world_size": 1}
 
 
 def diagnostics(step: int, lr: float) -> dict[str, float]:
-    """The DESIGN §6 diagnostics with values that depend on the step and the run."""
+    """The docs/design.md §6 diagnostics with values that depend on the step and the run."""
     return {
         "balance/level0/logdet": -1.0 + step * lr,
         "balance/level1/logdet": 0.5 - step * lr,

@@ -1,6 +1,6 @@
 """`python -m pipeline model --config X [a.b=value ...]`: build the model and print its summary,
 with its certified Lipschitz bounds per factor and composed (log10), and their tightness against
-power-iteration estimates on a batch of synthetic faces (DESIGN §3.4, §3.6)."""
+power-iteration estimates on a batch of synthetic faces (docs/design.md §3.4, §3.6)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def synthetic_batch(n: int, resolution: int, n_bits: int, seed: int) -> torch.Tensor:
-    """n synthetic faces, n-bit quantised and uniformly dequantised into [-1/2, 1/2) (DESIGN §3)."""
+    """n synthetic faces, n-bit quantised and uniformly dequantised into [-1/2, 1/2) (docs/design.md §3)."""
     from pipeline.data.synth import make_face
 
     k = np.stack([make_face(resolution, seed, i) for i in range(n)]) >> (8 - n_bits)

@@ -1,4 +1,4 @@
-"""`python -m pipeline optimum`: closed-form linear-flow optimum of a shard folder (DESIGN §3.2).
+"""`python -m pipeline optimum`: closed-form linear-flow optimum of a shard folder (docs/design.md §3.2).
 
     python -m pipeline optimum --shards data/32 [--squeeze 2] [--mode pooled|per_image] [--n-bits 5]
                                [--split train] [--limit N] [--no-centered] [--hflip] [--json]
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 def format_optimum(r: Optimum, source: str = "") -> str:
     c, h, w = r.image_shape
     lines = [
-        "closed-form optimum of linear per-position flows (DESIGN §3.2)",
+        "closed-form optimum of linear per-position flows (docs/design.md §3.2)",
         f"  data       {source} ({r.num_images} images, {c}x{h}x{w}, {r.n_bits}-bit)",
         f"  squeeze    {r.squeeze}: N = {r.positions} positions x c = {r.channels} channels, "
         + ("centred (free bias)" if r.centered else "not centred"),

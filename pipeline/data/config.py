@@ -20,7 +20,7 @@ class DataConfig:
     # shards per split of the synthetic set: every rank x worker reader needs at least one
     synthetic_shards: int = 16
     resolution: int = 32
-    n_bits: int = 5  # quantisation depth of the model's input, 1..8 (DESIGN.md §3)
+    n_bits: int = 5  # quantisation depth of the model's input, 1..8 (docs/design.md §3)
     hflip: bool = True  # train split only
     workers: int = 0  # DataLoader worker processes per rank; 0 = decode in the training process
     shuffle_buffer: int = 256  # samples (raw bytes) held by each worker's shuffle buffer

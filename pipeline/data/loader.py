@@ -1,7 +1,7 @@
 """The streaming loader: WebDataset shards -> per-rank batches, exactly resumable mid-epoch.
 
 Each rank reads with W "readers" (W = data.workers, or 1 in-process). One reader's stream for one
-epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (STYLE.md §8):
+epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (docs/design.md §8.8):
 
     shard order       train: the split's shards permuted by rng(seed, epoch); val: manifest order
     split by node     rank r takes positions r, r + R, r + 2R, ...            (R = world size)
@@ -20,7 +20,7 @@ epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (S
     position          number the raw samples; on resume, drop the already-consumed ones undecoded
     decode            png -> uint8 [R, R, 3]; no image, undecodable, wrong size: counted, skipped
     quantise          k = floor(pixel / 2^(8 - n_bits))
-    dequantise        x = k/2^n - 1/2 + u/2^n, u ~ U[0, 1)^D (DESIGN.md §3), so x ∈ [-1/2, 1/2)
+    dequantise        x = k/2^n - 1/2 + u/2^n, u ~ U[0, 1)^D (docs/design.md §3), so x ∈ [-1/2, 1/2)
     h-flip            train only, probability 1/2; u and the flip come from rng(seed, epoch, key)
     chunk             train: B samples -> one tensor; val: single samples (batched by the rank)
 
@@ -233,7 +233,7 @@ def make_plan(
 
 
 def dequantise(pixels: np.ndarray, n_bits: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
-    """uint8 pixels p [H, W, 3] -> float32 [3, H, W] (DESIGN.md §3):
+    """uint8 pixels p [H, W, 3] -> float32 [3, H, W] (docs/design.md §3):
 
         x = k/2^n - 1/2 + u/2^n,   k = floor(p / 2^(8-n)),   u ~ U[0, 1)
 

@@ -1,6 +1,6 @@
 """Shard sets on disk: the atomic tar writer, ``manifest.json``, and finding the set a config names.
 
-Layout of one set (DESIGN.md §4): ``<dir>/train-000000.tar ...``, ``<dir>/val-000000.tar ...`` and
+Layout of one set (docs/design.md §4): ``<dir>/train-000000.tar ...``, ``<dir>/val-000000.tar ...`` and
 ``<dir>/manifest.json``. The manifest is written last and atomically, so its presence means every
 shard it lists is complete; readers trust nothing else in the folder.
 """

@@ -6,9 +6,9 @@ A block is a bijection f on [B, C, H, W] tensors with
     inverse(y)  -> x
     lipschitz_bound() -> (L, L_inv)   certified from the current parameters: Lip(f) ≤ L and
                                       Lip(f⁻¹) ≤ L_inv, so every singular value of J_f lies in
-                                      [1/L_inv, L] (DESIGN §3.4)
+                                      [1/L_inv, L] (docs/design.md §3.4)
 
-Precision (DESIGN §3.5 (6)): the flow's main path (x, y, log-dets, priors) stays in float32 (float64
+Precision (docs/design.md §3.5 (6)): the flow's main path (x, y, log-dets, priors) stays in float32 (float64
 when the input is float64) even under torch.autocast; only subnets run in the autocast dtype, and
 their outputs are cast back before they touch the main path.
 """

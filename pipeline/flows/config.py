@@ -23,7 +23,7 @@ where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with 
   models can exceed it: 10-13 measured with an LU conv) and are loose (~10^40 after training);
 - unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded
   spectral_norm=false;
-- linear flow (closed-form optimum, DESIGN §3.2): coupling=none levels=1 split_prior=standard;
+- linear flow (closed-form optimum, docs/design.md §3.2): coupling=none levels=1 split_prior=standard;
 - i-ResNet / Residual Flow: block=residual (the coupling key is then unused).
 """
 

@@ -176,7 +176,7 @@ class InvConv1x1LU(_Conv1x1):
             return self.p.to(dtype) @ lower @ upper
 
     def _inverse_weight(self) -> torch.Tensor:
-        # formed in float64 (DESIGN §3.5 (6)): nothing keeps W well-conditioned
+        # formed in float64 (docs/design.md §3.5 (6)): nothing keeps W well-conditioned
         w = self.weight()
         return torch.linalg.inv(w.double()).to(w.dtype)
 

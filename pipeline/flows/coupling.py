@@ -25,7 +25,7 @@ class Coupling(FlowBlock):
     With a spectral-normalised NN (Lip ≤ `coeff`), `scale_coeff` gives the log-scale head its own
     budget: h_s = (scale_coeff/coeff)·NN_s, so Lip(h_s) ≤ scale_coeff while Lip(t) ≤ coeff.
 
-    Certified bounds (DESIGN §3.4), under the ASSUMPTION |x|_∞ ≤ β (`x_bound`) at the block's input:
+    Certified bounds (docs/design.md §3.4), under the ASSUMPTION |x|_∞ ≤ β (`x_bound`) at the block's input:
     an affine coupling is not globally Lipschitz (x_b·e^{s(x_a)} grows without bound), the additive
     one needs no assumption. J = [[I, 0], [A, diag(e^s)]] with A = diag(x_b·e^s)·∂s + ∂t, and
     J⁻¹ = [[I, 0], [-(diag(x_b)·∂s + diag(e^-s)·∂t), diag(e^-s)]]. With a = Lip(t), b = Lip(h_s)

@@ -4,7 +4,7 @@
                                         └─▶ z_0 ~ N(μ(h), σ(h)²)   (learned conditional prior)
 
 log p(x) = Σ_l log p(z_l | h_l) + log N(z_top; 0, I) + Σ_blocks log|det J_block|           (nats)
-bpd      = -log p(x)/(D·ln 2) + n_bits,  D = C·H·W, for x = k/2^n - 1/2 + U(0, 2^-n)     (DESIGN §3)
+bpd      = -log p(x)/(D·ln 2) + n_bits,  D = C·H·W, for x = k/2^n - 1/2 + U(0, 2^-n)     (docs/design.md §3)
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class MultiScaleFlow(nn.Module):
         return outs
 
     def logdet_per_block(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{block name: log|det J| [B]} for diagnostics (the log-det balance, DESIGN §3.5 (4))."""
+        """{block name: log|det J| [B]} for diagnostics (the log-det balance, docs/design.md §3.5 (4))."""
         names = [name for _, name, _ in self.blocks()]
         return dict(zip(names, self.forward(x, per_block=True)["logdet_blocks"], strict=True))
 
@@ -381,7 +381,7 @@ class MultiScaleFlow(nn.Module):
         self, factors: list[tuple[int, str, float, float]] | None = None
     ) -> tuple[float, float]:
         """Certified (L, L_inv) of x -> (z_0, ..., z_top): the product of the bounds of
-        `bound_factors()` (DESIGN §3.4); pass them if already computed.
+        `bound_factors()` (docs/design.md §3.4); pass them if already computed.
 
         Blocks after the first split act on part of the coordinates and as the identity on the
         factored-out rest, so they contribute max(L_b, 1) (resp. max(L_inv_b, 1))."""

@@ -1,5 +1,5 @@
 """A readable model summary: parameters, levels and shapes, block types, certified bounds per factor
-and composed, and (given estimates) their tightness, log10(certified / estimated) (DESIGN §3.6)."""
+and composed, and (given estimates) their tightness, log10(certified / estimated) (docs/design.md §3.6)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ warm-up, the divergence guard and its policy) comes from the same config, so the
 their blocks only. Every run is a `python -m pipeline train` process logging to one MLflow
 experiment; a run the guard stops is "diverged", and its ``steps`` are the steps to divergence.
 
-After training, every run that finished gets the exploding-inverse battery (DESIGN §3.6,
+After training, every run that finished gets the exploding-inverse battery (docs/design.md §3.6,
 pipeline/theory/battery.py) on its final checkpoint, and every diverged run on its last good one
 (the newest complete checkpoint not marked suspect): from the run's summary when the loop put it
 there, else from `python -m pipeline probe --checkpoint ... --json`.

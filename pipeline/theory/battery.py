@@ -1,11 +1,11 @@
-"""The exploding-inverse battery (DESIGN §3.6; Behrmann et al., AISTATS 2021, "Understanding and
+"""The exploding-inverse battery (docs/design.md §3.6; Behrmann et al., AISTATS 2021, "Understanding and
 mitigating exploding inverses in invertible neural networks").
 
 MLE rewards volume expansion (§3.3): a flow trained without bounds can keep its forward pass tame on
 the data while its inverse (the sampler) and its forward pass off the data blow up, and the training
 loss never shows it. The battery measures the three faces of that failure on a trained flow.
 
-1. Inputs: n images from each family below (the data lie in [-1/2, 1/2], DESIGN §3):
+1. Inputs: n images from each family below (the data lie in [-1/2, 1/2], docs/design.md §3):
 
        val         the caller's validation images
        negative    -x_val: the same faces with colours inverted (another family, same range)

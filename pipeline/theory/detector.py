@@ -1,8 +1,8 @@
-"""Divergence detector: turns per-step metrics into structured events (DESIGN §5).
+"""Divergence detector: turns per-step metrics into structured events (docs/design.md §5).
 
 ``DivergenceDetector(cfg).observe(step, metrics, rank)`` returns a list of ``Event(step, kind,
 value, threshold, rank)``; it decides nothing about the response (skip, roll back, cut LR: the guard
-in pipeline/train does). Metrics are read by their DESIGN §6 names; absent ones are simply not
+in pipeline/train does). Metrics are read by their docs/design.md §6 names; absent ones are simply not
 checked:
 
     train/bpd                        loss: non-finite -> non_finite_loss; spike -> loss_spike

@@ -1,4 +1,4 @@
-"""Training diagnostics cheap enough for every N steps (DESIGN §3.3-3.5, metric names from §6).
+"""Training diagnostics cheap enough for every N steps (docs/design.md §3.3-3.5, metric names from §6).
 
 - ``logdet_balance``: log-det per dimension per level (or block), with the expansion total (sum of
   the positive parts) and the contraction total (sum of the negative parts). MLE rewards expansion
@@ -140,7 +140,7 @@ def flow_diagnostics(
     seed: int = 0,
     method: Method = "auto",
 ) -> dict[str, float]:
-    """Every diagnostic of one batch for a pipeline.flows model, keyed by DESIGN §6 metric names.
+    """Every diagnostic of one batch for a pipeline.flows model, keyed by docs/design.md §6 metric names.
 
     Uses ``flow(x)`` (a dict with ``logdet`` [B] and ``logdet_levels`` [L, B]; given per_block=True
     also ``logdet_blocks`` [K, B] named by ``flow.blocks()``), ``flow.encode(x) -> (zs, logdet)``,
@@ -148,7 +148,7 @@ def flow_diagnostics(
     ``flow.logdet_bound() -> (lo, hi)`` per image (tighter than ±D·ln L). The flow is in eval mode
     for the duration (no batch statistics, no spectral-norm updates) and restored. Cost: one
     forward, one encode/decode and ``power_iters`` jvp+vjp pairs each way: use a few images. The
-    certified bounds must never fall below the estimates (DESIGN §3.4).
+    certified bounds must never fall below the estimates (docs/design.md §3.4).
 
     Keys: balance/level{i}/logdet, balance/{expansion,contraction,concentration} over levels;
     balance/<block name>/logdet and balance/blocks/{expansion,contraction,concentration} when the

@@ -1,4 +1,4 @@
-"""Gaussian images with a known covariance, and their analytic linear-flow optimum (DESIGN §3.2).
+"""Gaussian images with a known covariance, and their analytic linear-flow optimum (docs/design.md §3.2).
 
 Each squeezed position vector (c = 3·s² channels, N = HW/s² per image) is drawn i.i.d. from N(mean,
 Σ), quantised to n bits like a PNG pixel (k = clip(floor((x + ½)·2^n), 0, 2^n - 1)) and, for the

@@ -1,4 +1,4 @@
-"""Empirical Lipschitz estimates by power iteration on Jacobian products (DESIGN §3.4).
+"""Empirical Lipschitz estimates by power iteration on Jacobian products (docs/design.md §3.4).
 
 For a map f acting independently on each sample of a batch, ‖J_f(x)‖₂ = σ_max(J_f(x)) ≤ Lip(f), and
 power iteration on JᵀJ, v ← JᵀJv / ‖JᵀJv‖, approaches σ_max from below: for any unit v, ‖Jv‖ ≤

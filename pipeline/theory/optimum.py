@@ -1,4 +1,4 @@
-"""Closed-form likelihood optimum of linear per-position flows (DESIGN.md §3.2).
+"""Closed-form likelihood optimum of linear per-position flows (docs/design.md §3.2).
 
 A flow made only of channel mixing after a squeeze of factor s sees an image [C, H, W] as N = HW/s²
 position vectors x_n of c = C·s² channels and maps each by one shared c×c matrix W (plus a bias b
@@ -229,7 +229,7 @@ def optimal_nll(
     centered: bool = True,
     hflip: bool = False,
 ) -> Optimum:
-    """Optimum of the linear class (DESIGN §3.2) over a stream of image batches [B, C, H, W].
+    """Optimum of the linear class (docs/design.md §3.2) over a stream of image batches [B, C, H, W].
 
     Integer batches hold n-bit levels k in [0, 2^n) and have their dequantisation integrated exactly
     (R = R(midpoints) + 4^-n/12·I, see the module docstring); float batches are dequantised x in

@@ -1,8 +1,8 @@
 """Stream the images of a shard folder as n-bit levels, for the optimum (no webdataset here).
 
-Shards are the tar files ``<split>-%06d.tar`` written by ``python -m pipeline shards`` (DESIGN §4),
+Shards are the tar files ``<split>-%06d.tar`` written by ``python -m pipeline shards`` (docs/design.md §4),
 each sample a ``<key>.png`` (or jpg) member. Reading them with tarfile + PIL keeps pipeline/theory
-free of the loader; the quantisation matches DESIGN §3: k = v >> (8 - n) for 8-bit pixel values v.
+free of the loader; the quantisation matches docs/design.md §3: k = v >> (8 - n) for 8-bit pixel values v.
 """
 
 from __future__ import annotations

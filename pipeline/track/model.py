@@ -9,7 +9,7 @@ What is logged under the run's ``model`` (a LoggedModel; ``runs:/<run_id>/model`
     code/pipeline   this package as it was when the model was logged, so a fresh process anywhere
                     imports the code that trained it (torch, numpy, pandas, mlflow pinned)
 
-Tracking never stops training (DESIGN §6): ``log_final_model`` catches every failure and returns
+Tracking never stops training (docs/design.md §6): ``log_final_model`` catches every failure and returns
 it as a reason for summary.json, after one warning line. ``export --mlflow`` raises instead: there
 the model is what was asked for.
 """

@@ -22,7 +22,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     zero_stage: Literal[0, 1, 2] = 0
     # bf16 = subnets under torch.autocast with fp32 master weights; log-dets, prior and loss stay fp32
-    # (DESIGN.md §3.5 (6)), so DeepSpeed itself runs fp32.
+    # (docs/design.md §3.5 (6)), so DeepSpeed itself runs fp32.
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile the whole model (Inductor, static shapes) for its training and validation
     # forward passes; the first step of each compiles (0.5-2 min on a CPU core). Off by default: it

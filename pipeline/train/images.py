@@ -1,4 +1,4 @@
-"""Image grids from model-space tensors (x in [-1/2, 1/2), DESIGN.md §3) without torchvision."""
+"""Image grids from model-space tensors (x in [-1/2, 1/2), docs/design.md §3) without torchvision."""
 
 from __future__ import annotations
 

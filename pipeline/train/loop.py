@@ -206,7 +206,7 @@ def on_main(fn, *args):
 
 
 def start_fresh(cfg: Config, model, data: Data, preemption: Preemption) -> Run:
-    """Explicit ActNorm init (identical on all ranks, STYLE.md §9), the optimum reference, the
+    """Explicit ActNorm init (identical on all ranks, docs/design.md §8.9), the optimum reference, the
     run's parameters, and a step-0 checkpoint: a good rollback target from the start."""
     checksum = initialize_actnorm(model, cfg, data.shards)
     say(f"ActNorm data-dependent init identical on {dist.world_size()} rank(s) ({checksum!r})")
@@ -627,7 +627,7 @@ class Preemption:
 
 
 def autocast(precision: str):
-    """bf16: subnets under torch.autocast; log-dets, prior and loss stay fp32 (DESIGN §3.5 (6))."""
+    """bf16: subnets under torch.autocast; log-dets, prior and loss stay fp32 (docs/design.md §3.5 (6))."""
     if precision == "bf16":
         return torch.autocast(dist.device().type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
