@@ -49,6 +49,23 @@ def env_for_subprocess(**extra: str) -> dict[str, str]:
     return env
 
 
+def assert_save_load_reproduces(make, run, seeds: tuple[int, int] = (0, 5)) -> tuple:
+    """`make(seed)` twice with different seeds (different outputs of `run(module)`), then the
+    first's state dict saved and loaded into the second: `run` gives identical tensors, bit for
+    bit. Returns (saved, loaded) for further checks. `run` seeds any randomness it uses."""
+    import io
+
+    saved, loaded = make(seeds[0]), make(seeds[1])
+    assert not all(torch.equal(a, b) for a, b in zip(run(loaded), run(saved), strict=True))
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    loaded.load_state_dict(torch.load(buffer))
+    for a, b in zip(run(loaded), run(saved), strict=True):
+        assert torch.equal(a, b)
+    return saved, loaded
+
+
 def assert_every_parameter_has_a_gradient(module) -> None:
     """After a backward pass: every parameter got a finite gradient that is not all zeros."""
     for name, p in module.named_parameters():
