@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.__main__ import main as pipeline_main
 from pipeline.data import DataConfig, build_loader
 from pipeline.data.images import encode_png
+from pipeline.data.shards import write_shards
 from pipeline.data.synth import make_face
 
 
@@ -77,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(folder.glob("*.png"))
         shard_size = max(1, args.n // (8 * max(1, w)))
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-            code = pipeline_main(
-                ["shards", "--src", str(folder), "--out", f"{tmp}/shards", "--quiet",
-                 "--resolution", str(args.resolution), "--val-fraction", "0",
-                 "--shard-size", str(shard_size), "--workers", str(max(1, w))]
-            )  # fmt: skip
-        if code:
-            return code
+            write_shards(
+                folder,
+                Path(tmp) / "shards",
+                [args.resolution],
+                val_fraction=0.0,
+                shard_size=shard_size,
+                workers=max(1, w),
+                quiet=True,
+            )
         shards = Path(tmp) / "shards" / str(args.resolution)
         disk_bytes = sum(f.stat().st_size for f in files)
 
