@@ -373,18 +373,21 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
             stages["backward"] = time.process_time() - start
         return stages
 
+    def iterated_matrices(normaliser, weights: torch.Tensor) -> torch.Tensor:
+        """[B, F, m, n]: what Gram iteration bounds, the symbol at each frequency (one "frequency"
+        for a matrix normaliser)."""
+        if isinstance(normaliser, lipschitz.FourierNormaliser):
+            phases = spectral.tap_phases(
+                normaliser.kernel_size, normaliser.freq, weights.dtype, weights.device
+            )
+            return spectral.symbol(weights[:, None], phases[None])
+        return spectral.matrix_side(weights.flatten(-3))[:, None]
+
     def gram_iteration() -> float:
         start = time.process_time()
         for convs in groups:
-            normaliser = convs[0].normaliser
             weights = torch.stack([c.weight for c in convs])
-            if isinstance(normaliser, lipschitz.FourierNormaliser):
-                phases = spectral.tap_phases(
-                    normaliser.kernel_size, normaliser.freq, weights.dtype, weights.device
-                )
-                a = spectral.symbol(weights[:, None], phases[None])
-            else:
-                a = spectral.matrix_side(weights.flatten(-3))
+            a = iterated_matrices(convs[0].normaliser, weights)
             spectral.gram_iteration_norm(a, 6).sum().backward()
         return time.process_time() - start
 
@@ -399,16 +402,8 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
                 exact = torch.linalg.eigvalsh(grams)[..., -1].amax(-1)
                 top = lipschitz.group_top(convs, update=False)
                 certified = normaliser.sigma_sq(weights, top) / normaliser.inflation
-                if isinstance(normaliser, lipschitz.FourierNormaliser):
-                    phases = spectral.tap_phases(
-                        normaliser.kernel_size, normaliser.freq, weights.dtype, weights.device
-                    )
-                    a = spectral.symbol(weights[:, None], phases[None])
-                    iterated = spectral.gram_iteration_norm(a, 6).amax(-1) ** 2
-                else:
-                    iterated = spectral.gram_iteration_norm(
-                        spectral.matrix_side(weights.flatten(-3)), 6
-                    ) ** 2
+                a = iterated_matrices(normaliser, weights)
+                iterated = spectral.gram_iteration_norm(a, 6).amax(-1) ** 2
                 keep = exact > 0
                 for name, value in (("cholesky", certified), ("gram_iteration", iterated)):
                     if keep.any():

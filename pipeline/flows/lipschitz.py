@@ -97,6 +97,7 @@ class Normaliser:
     warm-start vectors), then `sigma_sq` differentiably. `overlap` multiplies σ̂ in the scale."""
 
     overlap = 1.0
+    inflation = 1.0  # the certified bound's factor over the quotient's frequency set
     state_shape: tuple[int, ...] = ()
     name = ""
     subspace = False  # warm-start vectors: one per frequency, or a basis of k (subspace_step)
@@ -152,8 +153,6 @@ class Normaliser:
         if kept.is_complex():
             kept = torch.view_as_real(kept)
         return Top(self._phases(best, weights), e, factor), kept
-
-    inflation = 1.0
 
 
 class FourierNormaliser(Normaliser):

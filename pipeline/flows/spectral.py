@@ -257,13 +257,6 @@ def rayleigh(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return (e.conj()[..., None] * a).sum(-2).abs().square().sum(-1)
 
 
-def power_iterate(grams: torch.Tensor, vectors: torch.Tensor, iterations: int) -> torch.Tensor:
-    """`iterations` power steps on each [..., m, m] Hermitian Gram from unit [..., m] vectors."""
-    for _ in range(iterations):
-        vectors = _unit((grams @ vectors[..., None])[..., 0], vectors)
-    return vectors
-
-
 def power_step(
     grams: torch.Tensor, vectors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,12 +290,6 @@ def _unit(product: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     resumes once the kernel becomes nonzero) or is not finite (NaN weights leave it unharmed)."""
     norm = torch.linalg.vector_norm(product, dim=-1, keepdim=True)
     return torch.where(norm > 1e-30, product / norm.clamp_min(1e-30), previous)
-
-
-def rayleigh_quotients(grams: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """[...]: v^H·G·v for [..., m, m] Grams and unit [..., m] vectors: lower bounds on λ_max."""
-    product = (grams @ vectors[..., None])[..., 0]
-    return (vectors.conj() * product).sum(-1).real.clamp_min(0.0)
 
 
 def certify(
