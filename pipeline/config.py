@@ -166,6 +166,20 @@ MOVED = {
 }
 
 
+# Keys added since checkpoints were first saved -> the value a saved config without them was
+# trained with: a checkpoint's config is read with them filled in (load_saved_config), and a resume
+# compares against that (train/compat.py), so an old run loads and resumes as it was trained.
+ADDED = {"model.prior_log_std_bound": 0.0}
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The config a run or checkpoint folder saved (save_config writes every key), with each
+    ADDED key it lacks at the value it was trained with."""
+    tree = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
+    saved = flatten(tree) if isinstance(tree, dict) else {}
+    return load_config(path, [f"{k}={v!r}" for k, v in ADDED.items() if k not in saved])
+
+
 def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:
     """Return a copy of dataclass ``obj`` with the values of the nested mapping ``tree`` applied."""
     hints = typing.get_type_hints(type(obj))

@@ -180,3 +180,41 @@ def test_probe_command_on_a_trained_checkpoint(tmp_path, capsys):
         assert main(["probe", "--checkpoint", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, err
+
+
+def test_the_sampler_check_is_deterministic_and_leaves_model_and_rng_as_they_were():
+    """The guard's check (theory/battery.sampler_check) runs on the live model of a training run:
+    it must not move its mode, its parameters, its buffers or the global RNG (exact resume), and
+    the same weights must give the same verdict."""
+    from pipeline.theory.battery import sampler_check
+
+    flow = make_flow(MODELS["bounded"]).train()
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    rng = torch.get_rng_state()
+    first = sampler_check(flow, data(4))
+    assert sampler_check(flow, data(4)) == first and torch.equal(torch.get_rng_state(), rng)
+    assert flow.training
+    assert all(torch.equal(v, before[k]) for k, v in flow.state_dict().items())
+    assert first["check/recon_error"] < 1e-5 and first["check/bpd_finite_frac"] == 1.0
+    assert first["check/sample_nonfinite_frac"] == 0.0
+    with torch.no_grad():  # the damaged study run: one prior's log σ overflows
+        flow.levels[0].split.prior.bias[flow.levels[0].split.c_z] = 1e3
+    flow.levels[0].split.log_std_bound = 0.0  # the prior before issue 22
+    assert sampler_check(flow, data(4))["check/sample_nonfinite_frac"] == 1.0
+
+
+def test_battery_damage_names_every_non_finite_family_and_temperature():
+    from pipeline.theory.battery import battery_damage
+
+    healthy = exploding_inverse_battery(make_flow(MODELS["bounded"]), data(), **SIZES)
+    assert battery_damage(healthy) is None
+    damaged = {
+        **healthy,
+        "battery/sample_T2/nonfinite_frac": 0.5,
+        "battery/noise_10x/finite_frac": 0.25,
+        "battery/val/recon_finite_frac": 0.0,
+    }
+    assert battery_damage(damaged) == (
+        "non-finite samples at T=2 (50%); non-finite bpd on noise_10x (75%); "
+        "non-finite reconstructions of val (100%)"
+    )

@@ -405,3 +405,33 @@ def test_default_preset_bounds_are_finite_and_within_the_achieved_factor():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def test_the_bounded_split_prior_keeps_log_std_within_its_bound_and_its_density_exact():
+    """log σ = α·tanh(h/α) (flows/multiscale.Split), float64: within ±α wherever h is, equal to
+    h where |h| ≪ α (α = 0: h itself, the prior before issue 22), log p(z | h) the normal density
+    with that σ; a prior bias of 1000 (the damaged study run) leaves samples finite only when
+    bounded."""
+    from pipeline.flows.multiscale import Split
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    z = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    bounded, free = Split(8, log_std_bound=2.0).double(), Split(8).double()
+    with torch.no_grad():
+        bounded.prior.weight.normal_(0, 1)  # |h_σ| up to ~10: far past α
+    free.load_state_dict(bounded.state_dict())
+    (mean, log_std), (mean_free, h_std) = bounded.mean_log_std(h), free.mean_log_std(h)
+    assert torch.equal(mean, mean_free) and h_std.abs().max() > 6
+    assert log_std.abs().max() < 2.0
+    assert torch.allclose(log_std, 2.0 * torch.tanh(h_std / 2.0), rtol=0, atol=1e-15)
+    small = h_std.abs() < 0.05
+    assert torch.allclose(log_std[small], h_std[small], rtol=1e-3, atol=0)
+    logp = bounded(torch.cat([h, z], 1))[2]
+    normal = torch.distributions.Normal(mean, log_std.exp())
+    assert torch.allclose(logp, normal.log_prob(z).flatten(1).sum(1), rtol=1e-12, atol=0)
+    for split, finite in ((bounded, True), (free, False)):
+        with torch.no_grad():
+            split.prior.bias[split.c_z] = 1000.0
+        drawn = split.inverse(h, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        assert bool(torch.isfinite(drawn).all()) is finite

@@ -140,7 +140,7 @@ UNREAD = {  # by an old-bounded step: the size, residual blocks, spectral-norm s
     *(f"residual_{k}" for k in ("coeff", "terms", "logdet", "tol", "max_iter")),
 }
 # Keys added since, with the value that gives the old behaviour.
-NEW_KEYS_OLD_VALUE = {"coupling_log_scale_bound": 2.0}
+NEW_KEYS_OLD_VALUE = {"coupling_log_scale_bound": 2.0, "prior_log_std_bound": 0.0}
 
 
 def test_old_bounded_arm_reproduces_the_model_defaults_before_issue_14():
@@ -166,6 +166,7 @@ def test_old_bounded_arm_reproduces_the_model_defaults_before_issue_14():
         "unbounded",
         False,
     )
+    assert glow.prior_log_std_bound == 0.0  # Glow's split prior, unbounded
 
 
 def test_aggregate_rates_with_wilson_intervals_and_averages_only_finished_runs():
@@ -174,7 +175,7 @@ def test_aggregate_rates_with_wilson_intervals_and_averages_only_finished_runs()
         [
             result("glow", 0.01, 0, "finished", 2.0, {"loss_spike": 2}, rollbacks=1, skipped=1),
             result("bounded", 0.01, 0, "finished", 2.1),
-            result("glow", 0.01, 1, "finished", 2.2),
+            result("glow", 0.01, 1, "finished_damaged", 2.2),  # finished: counted, and flagged
             result("bounded", 0.01, 1, "crashed", steps=120),
             result("glow", 0.01, 2, "diverged", None, nonfinite, rollbacks=3, skipped=4, steps=30),
             result("bounded", 0.01, 2, "finished", math.nan),  # finished, but no usable bpd
@@ -202,6 +203,7 @@ def test_aggregate_rates_with_wilson_intervals_and_averages_only_finished_runs()
         "precision": "fp32",
         "runs": 3,
         "finished": 2,
+        "finished damaged": 1,
         "diverged": 1,
         "crashed": 0,
         "divergence rate": pytest.approx(1 / 3),

@@ -11,6 +11,9 @@ import pytest
 
 from pipeline.theory import DivergenceDetector, Event, GuardConfig
 from pipeline.theory.detector import (
+    CHECK_BPD,
+    CHECK_RECON,
+    CHECK_SAMPLES,
     FORWARD_BOUND,
     GRAD_NORM,
     GRAD_NORM_SPIKE,
@@ -18,6 +21,7 @@ from pipeline.theory.detector import (
     INVERSE_ERR,
     INVERSE_ERROR,
     LOGDET_BOUND,
+    LOGDET_JUMP,
     LOGDET_MAX,
     LOGDET_MIN,
     LOGDET_UPPER,
@@ -25,6 +29,7 @@ from pipeline.theory.detector import (
     LOSS_SPIKE,
     NON_FINITE_GRAD,
     NON_FINITE_LOSS,
+    SAMPLER,
 )
 
 
@@ -68,23 +73,33 @@ def test_a_clean_run_produces_no_events():
         assert sum(detector.counts.values()) == 0
 
 
+# below: the event's value lies below its threshold (a lower limit was crossed)
 @pytest.mark.parametrize(
-    "kind, fault",
+    "kind, fault, below",
     [
-        (NON_FINITE_LOSS, lambda m: {LOSS: math.nan}),
-        (NON_FINITE_LOSS, lambda m: {LOSS: math.inf}),
-        (NON_FINITE_GRAD, lambda m: {GRAD_NORM: math.inf}),
-        (NON_FINITE_GRAD, lambda m: {GRAD_NORM: math.nan}),
-        (LOSS_SPIKE, lambda m: {LOSS: m[LOSS] + 0.5}),
-        (GRAD_NORM_SPIKE, lambda m: {GRAD_NORM: m[GRAD_NORM] * 50}),
-        (LOGDET_BOUND, lambda m: {LOGDET_MAX: math.log(20.0) + 0.01}),
-        (LOGDET_BOUND, lambda m: {LOGDET_MIN: -math.log(20.0) - 0.01}),
-        (LOGDET_BOUND, lambda m: {LOGDET_UPPER: 0.15}),  # a tighter certificate, violated
-        (INVERSE_ERROR, lambda m: {INVERSE_ERR: 0.05}),
-        (INVERSE_ERROR, lambda m: {INVERSE_ERR: math.nan}),
+        (NON_FINITE_LOSS, lambda m: {LOSS: math.nan}, False),
+        (NON_FINITE_LOSS, lambda m: {LOSS: math.inf}, False),
+        (NON_FINITE_GRAD, lambda m: {GRAD_NORM: math.inf}, False),
+        (NON_FINITE_GRAD, lambda m: {GRAD_NORM: math.nan}, False),
+        (LOSS_SPIKE, lambda m: {LOSS: m[LOSS] + 0.5}, False),
+        (GRAD_NORM_SPIKE, lambda m: {GRAD_NORM: m[GRAD_NORM] * 50}, False),
+        # the certified range moves onto the log-dets, which do not move: no jump
+        (LOGDET_BOUND, lambda m: {FORWARD_BOUND: math.exp(m[LOGDET_MAX] - 0.01)}, False),
+        (LOGDET_BOUND, lambda m: {INVERSE_BOUND: math.exp(-m[LOGDET_MIN] - 0.01)}, True),
+        (LOGDET_BOUND, lambda m: {LOGDET_UPPER: 0.15}, False),  # a tighter certificate, violated
+        # a blow-up and a collapse of volume change well inside the certified range [-3.0, 3.0]:
+        # only the data-driven band sees them
+        (LOGDET_JUMP, lambda m: {LOGDET_MAX: m[LOGDET_MAX] + 1.0}, False),
+        (LOGDET_JUMP, lambda m: {LOGDET_MIN: m[LOGDET_MIN] - 1.0}, True),
+        (INVERSE_ERROR, lambda m: {INVERSE_ERR: 0.05}, False),
+        (INVERSE_ERROR, lambda m: {INVERSE_ERR: math.nan}, False),
+        (INVERSE_ERROR, lambda m: {CHECK_RECON: 0.05}, False),  # the sampler check's
+        (INVERSE_ERROR, lambda m: {CHECK_RECON: math.inf}, False),
+        (SAMPLER, lambda m: {CHECK_SAMPLES: 0.25}, False),
+        (SAMPLER, lambda m: {CHECK_BPD: 0.75}, False),
     ],
 )
-def test_each_injected_fault_gives_its_event_at_its_step(kind, fault):
+def test_each_injected_fault_gives_its_event_at_its_step(kind, fault, below):
     detector = DivergenceDetector(GuardConfig())
     events = run(detector, {300: fault}, rank=5)
     assert [(e.step, e.kind, e.rank) for e in events] == [(300, kind, 5)]
@@ -92,7 +107,7 @@ def test_each_injected_fault_gives_its_event_at_its_step(kind, fault):
     event = events[0]
     if kind.startswith("non_finite"):
         assert not math.isfinite(event.value) and event.threshold == math.inf
-    elif kind == LOGDET_BOUND and event.value < 0:
+    elif below:
         assert event.value < event.threshold
     else:
         assert event.value > event.threshold or math.isnan(event.value)

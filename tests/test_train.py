@@ -109,20 +109,21 @@ def test_two_cpu_ranks_under_the_deepspeed_launcher(tmp_path):
     assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
 
 
-def test_first_images_takes_a_whole_pass_when_the_current_one_is_spent():
-    """train.val_batches can leave the val loader's current pass empty (its iter() finishes the
-    pass it is in): the end-of-run battery and panel then read the next, whole pass."""
+def test_first_images_are_a_pass_s_first_and_leave_the_val_loader_where_it_was(tmp_path):
+    """The sampler check's images are read at the start of a run and the battery's at its end:
+    the same first images of a pass, even where train.val_batches left a pass part-read, and
+    neither read may shorten the next validation (a val loader's iter() finishes its pass)."""
     import torch
 
-    from pipeline.train.loop import first_images
+    from pipeline.data import build_loader
+    from pipeline.train.run import first_images
+    from tests.data_helpers import data_cfg, write_set
 
-    class SpentValLoader:
-        passes = 0
-
-        def __iter__(self):
-            self.passes += 1
-            return iter(
-                [] if self.passes == 1 else [torch.ones(4, 3, 2, 2), torch.zeros(4, 3, 2, 2)]
-            )
-
-    assert first_images(SpentValLoader(), 6).shape == (6, 3, 2, 2)
+    val = build_loader(data_cfg(), write_set(tmp_path / "set", 8, [8] * 2, [4] * 4), "val", 4, 0, 1)
+    whole = torch.cat(list(val))
+    assert torch.equal(first_images(val, 6), whole[:6])
+    assert torch.equal(torch.cat(list(val)), whole)  # the next pass is whole
+    cut = iter(val)
+    next(cut), next(cut)  # a validation stopped after 2 of 4 batches
+    assert torch.equal(first_images(val, 6), whole[:6])
+    assert torch.equal(torch.cat(list(cut)), whole[8:])  # the cut pass is where it was

@@ -16,9 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-json", help="also write the end-of-run summary to this file")
 
 
+DIVERGED_EXIT, DAMAGED_EXIT = 3, 4
+
+
 def run(args: argparse.Namespace) -> int:
-    """0 for a finished or preempted run, 3 for a diverged one; a failure raises. The run's
-    summary.json (written by the loop on every way out) is copied to --summary-json."""
+    """0 for a finished or preempted run, 3 for a diverged one, 4 for one that finished with a
+    damaged model (0 with guard.allow_damaged=true); a failure raises. The run's summary.json
+    (written by the loop on every way out) is copied to --summary-json."""
     cfg = config_from_args(args)
     check_inputs(cfg)
     from pipeline import distributed as dist
@@ -30,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
         written = cfg.run.dir / "summary.json"
         if dist.is_main() and args.summary_json and written.is_file():
             shutil.copyfile(written, args.summary_json)
+    code = exit_code(summary["status"], cfg.guard.allow_damaged)
     if not dist.is_main():
-        return 0 if summary["status"] != "diverged" else 3
+        return code
     print_summary(summary)
     if summary["status"] == "diverged":
         print(
@@ -39,8 +44,21 @@ def run(args: argparse.Namespace) -> int:
             "raise train.warmup_steps, or keep the certified default blocks (no model.* preset)",
             file=sys.stderr,
         )
-        return 3
-    return 0
+    elif summary["status"] == "finished_damaged":
+        print(
+            f"{'warning' if code == 0 else 'error'}: the run finished but its model is damaged "
+            f"({summary['reason']}): its sampler or density is not usable. Resume from an earlier "
+            "checkpoint with a lower train.lr, or keep the certified default blocks (no model.* "
+            "preset); guard.allow_damaged=true exits 0 all the same",
+            file=sys.stderr,
+        )
+    return code
+
+
+def exit_code(status: str, allow_damaged: bool) -> int:
+    if status == "diverged":
+        return DIVERGED_EXIT
+    return DAMAGED_EXIT if status == "finished_damaged" and not allow_damaged else 0
 
 
 def check_inputs(cfg: Config) -> None:

@@ -13,16 +13,17 @@ where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with 
   the certified norm of each conv's symbol (flows/spectral.py: exact on the torus of small feature
   maps, a fixed grid with a proven 2% margin on larger ones; Lip(t) ≤ subnet_coeff, Lip(h_s) ≤
   scale_coeff), LU 1×1 conv
-  (exact bounds from its SVD), bounded actnorm. Every block, and so the model, has finite
+  (exact bounds from its SVD), bounded actnorm, a bounded split prior (|log σ| ≤
+  prior_log_std_bound: the sampler, which no block bound covers). Every block, and so the model, has finite
   certified bounds for the map and its inverse; each actnorm → 1×1 conv pair is certified as one
   matrix (MultiScaleFlow.bound_factors). Measured (16² faces, 3 levels × 4 steps, 300 steps, 3
   seeds): bpd at Glow's; certified log10 (L, L_inv) ≈ (21, 19) against estimates ≈ (2, 0.3);
 - old bounded (the default before issue 14): coupling=affine conv=svd spectral_norm=false
-  spectral_method=exact subnet_coeff=1 coupling_log_scale_bound=2 affine_x_bound=8 (actnorm and
-  log_scale_bound as here): its coupling bounds assume |x|_∞ ≤ 8 at coupling inputs (trained
+  spectral_method=exact subnet_coeff=1 coupling_log_scale_bound=2 affine_x_bound=8
+  prior_log_std_bound=0 (actnorm and log_scale_bound as here): its coupling bounds assume |x|_∞ ≤ 8 at coupling inputs (trained
   models can exceed it: 10-13 measured with an LU conv) and are loose (~10^40 after training);
 - unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded
-  spectral_norm=false;
+  spectral_norm=false prior_log_std_bound=0;
 - linear flow (closed-form optimum, docs/design.md §3.2): coupling=none levels=1 split_prior=standard;
 - i-ResNet / Residual Flow: block=residual (the coupling key is then unused).
 """
@@ -74,6 +75,9 @@ class ModelConfig:
     spectral_method: Literal["exact", "power", "fourier"] = "fourier"
     power_iterations: int = 1  # per training forward, for spectral_method=power
     split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z
+    # α of the learned prior's log σ = α·tanh(h/α) (flows/multiscale.Split); 0 = unbounded, the
+    # prior before issue 22 (and what a checkpoint saved without this key was trained with)
+    prior_log_std_bound: float = 8.0
     # activations for the backward pass (pipeline/flows/memory.py): store them all; checkpoint
     # each flow step (recompute it); invertible: keep only each level's output and reconstruct
     # step inputs with the exact inverse (memory independent of depth; residual steps checkpoint)
@@ -88,6 +92,7 @@ class ModelConfig:
         "scale_coeff": POSITIVE,
         "coupling_log_scale_bound": POSITIVE,
         "affine_x_bound": POSITIVE,
+        "prior_log_std_bound": NON_NEGATIVE,
         "residual_coeff": OPEN_UNIT,
         "residual_terms": at_least(1),
         "residual_tol": POSITIVE,

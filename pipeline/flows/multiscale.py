@@ -49,16 +49,22 @@ def standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
 class Split(nn.Module):
     """Factor out half the channels: h -> (h_keep, z), with the learned conditional prior
 
-        z ~ N(μ(h_keep), exp(log σ(h_keep))²),  (μ, log σ) = conv3×3(h_keep), zero-init (Glow)
+        z ~ N(μ(h_keep), σ(h_keep)²),  (μ, h_σ) = conv3×3(h_keep), zero-init (Glow),
+        log σ = α·tanh(h_σ/α)  (|log σ| ≤ α = log_std_bound; 0: log σ = h_σ, unbounded)
 
     so the prior starts as N(0, I). As a map it is a coordinate partition (an isometry): it
-    contributes nothing to log|det J| or to the Lipschitz bounds; its density goes into log p(z).
+    contributes nothing to log|det J| or to the Lipschitz bounds of x -> z. The bound is for the
+    sampler and for off-data inputs (docs/design.md §3.6): z = μ + T·σ·ε is T·e^α-Lipschitz in ε
+    whatever h_keep is (an unbounded conv reached log σ ≈ ±777 on 10× noise, and exp overflowed),
+    and each factored-out coordinate's log-density term -log σ stays within ±α. α = 8 leaves
+    σ ∈ [3e-4, 3e3]: trained priors use |log σ| ≤ 4 on data (8-bit bins would need ≈ -6.8).
     """
 
-    def __init__(self, c: int, learned: bool = True):
+    def __init__(self, c: int, learned: bool = True, log_std_bound: float = 0.0):
         super().__init__()
         self.c_keep = c // 2
         self.c_z = c - self.c_keep
+        self.log_std_bound = log_std_bound
         self.prior = None
         if learned:
             self.prior = nn.Conv2d(self.c_keep, 2 * self.c_z, 3, padding=1)
@@ -70,7 +76,11 @@ class Split(nn.Module):
             zeros = h_keep.new_zeros(h_keep.shape[0], self.c_z, *h_keep.shape[2:])
             return zeros, zeros
         out = run_subnet(self.prior, h_keep)
-        return out[:, : self.c_z], out[:, self.c_z :]
+        mean, log_std = out[:, : self.c_z], out[:, self.c_z :]
+        if self.log_std_bound:
+            alpha = self.log_std_bound
+            log_std = alpha * torch.tanh(log_std / alpha)
+        return mean, log_std
 
     def forward(
         self, h: torch.Tensor, prior: bool = True
@@ -215,7 +225,7 @@ class MultiScaleFlow(nn.Module):
             ]
             split = None
             if level < cfg.levels - 1:
-                split = Split(c, learned=cfg.split_prior == "learned")
+                split = Split(c, cfg.split_prior == "learned", cfg.prior_log_std_bound)
                 self.z_shapes.append((split.c_z, h, w))
                 c = split.c_keep
             levels.append(Level(steps, split))

@@ -34,7 +34,7 @@ from typing import Any
 from pipeline.io import atomic_write_text, json_safe
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or /opt/lipflow in the image)
-DONE = ("finished", "diverged")  # results; any other run is started again
+DONE = ("finished", "finished_damaged", "diverged")  # results; any other run is started again
 
 
 def shipped(path: str) -> str:

@@ -42,9 +42,10 @@ from pipeline.study.report import is_number, run_compare, write_csv
 from pipeline.study.runner import Runner, RunSpec, add_runner_arguments, make_runner, read_jsonl
 from pipeline.track.compare import to_markdown
 
-# The unconstrained blocks; spectral_norm pinned off, so a default that turns it on stays off Glow.
+# The unconstrained blocks; spectral_norm pinned off and the split prior unbounded, so the defaults
+# that bound them stay off Glow.
 GLOW = ("model.coupling=affine_exp", "model.conv=lu", "model.actnorm=unbounded")
-GLOW += ("model.spectral_norm=false",)
+GLOW += ("model.spectral_norm=false", "model.prior_log_std_bound=0")
 # The model defaults before issue 14 (commit ece3d61), every key that shaped a glow step's blocks or
 # their certified range (which the guard's log-det check reads): tanh-bounded affine coupling with
 # plain subnets, SVD 1x1 conv, bounded actnorm, all with |log-scale| <= 2 (the coupling's alpha has
@@ -59,6 +60,7 @@ OLD_BOUNDED = (
     "model.log_scale_bound=2.0",
     "model.coupling_log_scale_bound=2.0",
     "model.affine_x_bound=8.0",
+    "model.prior_log_std_bound=0",  # the unbounded split prior, before issue 22
 )
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "glow": (
@@ -188,8 +190,10 @@ FULL = Setting(
     bf16_lrs=(),
     seeds=CPU.seeds,
 )
-TABULATED = ("finished", "diverged", "failed", "crashed")
-PROBED = ("finished", "diverged")  # a battery on the final or on the last good checkpoint
+# finished_damaged: trained to the end, but the final battery found non-finite samples or bpd
+FINISHED = ("finished", "finished_damaged")
+TABULATED = (*FINISHED, "diverged", "failed", "crashed")
+PROBED = (*FINISHED, "diverged")  # a battery on the final or on the last good checkpoint
 
 # The battery's headline numbers (metric names of pipeline/theory/battery.py).
 OOD = ("negative", "noise_1x", "noise_3x", "noise_10x", "normal", "constant")
@@ -229,6 +233,7 @@ TABLE_COLUMNS = [
     "precision",
     "runs",
     "finished",
+    "finished damaged",
     "diverged",
     "crashed",
     "divergence rate",
@@ -436,12 +441,12 @@ def add_battery(runner: Runner, spec: RunSpec, result: dict, probe: tuple[str, .
 
     if result.get("status") not in PROBED or result.get("battery_source"):
         return False
-    if result["status"] == "finished" and summary_battery(result):
+    if result["status"] in FINISHED and summary_battery(result):
         result["battery"], result["battery_source"] = summary_battery(result), "summary"
         result["battery_step"] = result.get("steps")
         return True
     root = runner.run_dir(spec.name) / "checkpoints"
-    if result["status"] == "finished":
+    if result["status"] in FINISHED:
         folder = Path(result["checkpoint"]) if result.get("checkpoint") else None
         source = "probe of the final checkpoint"
     else:
@@ -555,14 +560,15 @@ def aggregate(results: list[dict]) -> list[dict]:
     rows = []
     for (arm, lr, clip, precision), runs in groups.items():
         status = [r["status"] for r in runs]
-        finished, diverged = status.count("finished"), status.count("diverged")
+        finished = sum(s in FINISHED for s in status)
+        diverged, damaged = status.count("diverged"), status.count("finished_damaged")
         lo, hi = wilson(diverged, finished + diverged)
         events = [sum(r.get("event_counts", {}).values()) for r in runs]
         firsts = [s for s in map(first_event_step, runs) if s is not None]
         vals = [
             r["final_val_bpd"]
             for r in runs
-            if r["status"] == "finished" and is_number(r.get("final_val_bpd"))
+            if r["status"] in FINISHED and is_number(r.get("final_val_bpd"))
         ]
         rows.append(
             {
@@ -572,6 +578,7 @@ def aggregate(results: list[dict]) -> list[dict]:
                 "precision": precision,
                 "runs": len(runs),
                 "finished": finished,
+                "finished damaged": damaged,
                 "diverged": diverged,
                 "crashed": len(runs) - finished - diverged,
                 "divergence rate": diverged / (finished + diverged)
@@ -608,7 +615,7 @@ def aggregate_battery(results: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         if r.get("battery") and r.get("status") in PROBED:
-            kind = "final" if r["status"] == "finished" else "last good"
+            kind = "final" if r["status"] in FINISHED else "last good"
             groups.setdefault((r["study"]["arm"], kind), []).append(battery_headline(r["battery"]))
     order = sorted(groups, key=lambda g: (list(ARMS).index(g[0]), g[1]))
     return [battery_row(arm, kind, groups[(arm, kind)]) for arm, kind in order]
@@ -902,7 +909,7 @@ def plot_battery(results: list[dict], path: Path) -> bool:
 
     arms = [a for a in ARMS if any(r["study"]["arm"] == a for r in probed)]
     colors = {arm: matplotlib.colormaps["tab10"](i) for i, arm in enumerate(arms)}
-    finished = [r for r in probed if r["status"] == "finished"] or probed
+    finished = [r for r in probed if r["status"] in FINISHED] or probed
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     width = 0.8 / len(arms)
     temps = sorted(
@@ -990,7 +997,7 @@ def plot_curves(results: list[dict], path: Path) -> bool:
     cols = min(3, len(keys))
     rows_n = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.0 * rows_n), squeeze=False)
-    finals = [p[-1][1] for r, p in curves.values() if r["status"] == "finished"]
+    finals = [p[-1][1] for r, p in curves.values() if r["status"] in FINISHED]
     starts = [p[0][1] for _, p in curves.values()]
     low = min(finals or starts) - 0.1
     high = max(starts) + 0.2  # a diverging curve leaves the frame; its x marks where it stopped
@@ -1000,7 +1007,7 @@ def plot_curves(results: list[dict], path: Path) -> bool:
                 continue
             c = colors[r["study"]["arm"]]
             ax.plot(*zip(*points), color=c, lw=1, alpha=0.8)
-            if r["status"] != "finished":
+            if r["status"] not in FINISHED:
                 ax.plot(points[-1][0], min(points[-1][1], high), "x", color=c, ms=9, mew=2)
         lr, clip, precision = key
         ax.set_title(f"lr {lr:g}, {'clip' if clip else 'no clip'}, {precision}", fontsize=9)

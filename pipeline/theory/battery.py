@@ -110,6 +110,76 @@ def exploding_inverse_battery(
     return metrics
 
 
+def battery_damage(metrics: dict[str, float]) -> str | None:
+    """What makes a battery's model unusable, in one line, or None: samples with a non-finite
+    pixel at any temperature, images of any family (validation or off the data) with a
+    non-finite bpd or reconstruction. "non-finite samples at T=2 (41%); non-finite bpd on
+    noise_10x (100%)". A run that ends so is "finished_damaged" (train/loop.py)."""
+    samples, bpd, recon = [], [], []
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) != 3 or not isinstance(value, int | float):
+            continue
+        _, name, stat = parts
+        if stat == "nonfinite_frac" and value > 0:
+            samples.append(f"{name.removeprefix('sample_').replace('T', 'T=')} ({100 * value:.0f}%)")
+        elif stat == "finite_frac" and value < 1:
+            bpd.append(f"{name} ({100 * (1 - value):.0f}%)")
+        elif stat == "recon_finite_frac" and value < 1:
+            recon.append(f"{name} ({100 * (1 - value):.0f}%)")
+    found = [
+        f"non-finite {what} {', '.join(where)}"
+        for what, where in (
+            ("samples at", samples),
+            ("bpd on", bpd),
+            ("reconstructions of", recon),
+        )
+        if where
+    ]
+    return "; ".join(found) or None
+
+
+CHECK_TEMPERATURE = 1.0
+
+
+def sampler_check(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """The guard's small battery (docs/design.md §5), run before a checkpoint may become a rollback
+    target and at every diagnostics step: on the live model (eval mode, no autograd, restored
+    after), in float32 without autocast (the weights the sampler will use, not bf16's rounding):
+
+        check/recon_error           max |f⁻¹(f(x)) − x| over the fixed images ``x`` (inf when a
+                                    reconstruction is non-finite)
+        check/bpd_finite_frac       fraction of those images with a finite bpd
+        check/sample_nonfinite_frac fraction of len(x) samples at T = 1, from a latent fixed by
+                                    ``seed``, with a non-finite pixel
+
+    Deterministic: the same weights give the same numbers (its own generator; the global RNG is
+    untouched, so an exact resume stays exact). Cost: one forward, one encode/decode and one
+    sample of len(x) images.
+    """
+    flow = getattr(model, "module", model)
+    was_training = flow.training
+    flow.eval()
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = x.to(torch.float32)
+            try:
+                bpd = flow(x)["bpd"]
+                x_rec = flow.decode(flow.encode(x)[0])
+            except torch.linalg.LinAlgError:  # a singular weight: no density, no inverse
+                bpd = x_rec = torch.full_like(x, math.nan)
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            samples = flow.sample(len(x), temperature=CHECK_TEMPERATURE, generator=generator)
+    finally:
+        flow.train(was_training)
+    error = (x_rec - x).abs().max()
+    return {
+        "check/recon_error": float(error) if torch.isfinite(x_rec).all() else math.inf,
+        "check/bpd_finite_frac": float(torch.isfinite(bpd).double().mean()),
+        "check/sample_nonfinite_frac": sample_stats(samples)["nonfinite_frac"],
+    }
+
+
 def input_families(x_val: torch.Tensor, n: int, seed: int) -> dict[str, torch.Tensor]:
     """{family: images} (module docstring), in float64 on the CPU; the val family is `x_val`."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,23 @@ checked:
                                      lipschitz/forward_bound (L) and lipschitz/inverse_bound
                                      (L_inv), narrowed by lipschitz/logdet_lower and
                                      lipschitz/logdet_upper (per dim) when given
-    stability/inverse_error          > inverse_tol or non-finite -> inverse_error
+    stability/logdet_min_per_dim,    a sudden jump of the batch's extremes against their own
+    stability/logdet_max_per_dim     recent history (robust z-score as below, one-sided: the
+                                     maximum rising = blow-up, the minimum falling = collapse)
+                                     -> logdet_jump
+    stability/inverse_error          > the precision's tolerance (inverse_tol in fp32,
+                                     inverse_tol_bf16 under bf16 autocast) or non-finite
+                                     -> inverse_error
+    check/recon_error                the sampler check's (theory/battery.py, always float32)
+                                     > inverse_tol or non-finite -> inverse_error
+    check/sample_nonfinite_frac,     a non-finite sample at T = 1, or a non-finite bpd on the
+    check/bpd_finite_frac            check's fixed validation images -> sampler
+
+Which check fires when: the certified range catches a log-det no weights of this model could
+produce (a bug, or float overflow); on a trained model the composed range is astronomically wide
+(~10^20), so it is the jump check that sees a volume change collapse or blow up within that range.
+The inverse-error and sampler events come only at diagnostics and checkpoint steps; the guard
+escalates them on their own (``diagnostic_events`` in a row).
 
 Spikes use a robust z-score against recent history, z = (v - level) / scale, one-sided (only rises
 alarm), after ``min_history`` values: level = median of the last ``level_window`` values, and
@@ -46,8 +62,22 @@ NON_FINITE_GRAD = "non_finite_grad"
 LOSS_SPIKE = "loss_spike"
 GRAD_NORM_SPIKE = "grad_norm_spike"
 LOGDET_BOUND = "logdet_bound"
+LOGDET_JUMP = "logdet_jump"
 INVERSE_ERROR = "inverse_error"
-KINDS = (NON_FINITE_LOSS, NON_FINITE_GRAD, LOSS_SPIKE, GRAD_NORM_SPIKE, LOGDET_BOUND, INVERSE_ERROR)
+SAMPLER = "sampler"
+KINDS = (
+    NON_FINITE_LOSS,
+    NON_FINITE_GRAD,
+    LOSS_SPIKE,
+    GRAD_NORM_SPIKE,
+    LOGDET_BOUND,
+    LOGDET_JUMP,
+    INVERSE_ERROR,
+    SAMPLER,
+)
+# the kinds that say the model no longer inverts or samples: seen only at diagnostics and
+# checkpoint steps, escalated by the guard on their own
+MODEL_KINDS = (INVERSE_ERROR, SAMPLER)
 
 LOSS = "train/bpd"
 GRAD_NORM = "optim/grad_norm"
@@ -58,6 +88,10 @@ INVERSE_BOUND = "lipschitz/inverse_bound"
 LOGDET_LOWER = "lipschitz/logdet_lower"
 LOGDET_UPPER = "lipschitz/logdet_upper"
 INVERSE_ERR = "stability/inverse_error"
+CHECK_RECON = "check/recon_error"
+CHECK_SAMPLES = "check/sample_nonfinite_frac"
+CHECK_BPD = "check/bpd_finite_frac"
+CHECKED = (INVERSE_ERR, CHECK_RECON)  # present: this step measured the inverse (MODEL_KINDS)
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -111,9 +145,10 @@ def _scalar(value: Any) -> float:
 class DivergenceDetector:
     """Per-rank divergence checks over a stream of metrics (see the module docstring)."""
 
-    def __init__(self, cfg: GuardConfig | None = None):
+    def __init__(self, cfg: GuardConfig | None = None, precision: str = "fp32"):
         self.cfg = cfg or GuardConfig()
         cfg = self.cfg
+        self.inverse_tol = cfg.inverse_tol_bf16 if precision == "bf16" else cfg.inverse_tol
         self.loss = RobustHistory(
             cfg.window, cfg.level_window, cfg.min_history, cfg.loss_spike_floor, relative_floor=True
         )
@@ -124,6 +159,9 @@ class DivergenceDetector:
             cfg.grad_spike_floor,
             relative_floor=False,
         )
+        jump = (cfg.window, cfg.level_window, cfg.min_history, cfg.logdet_jump_floor)
+        self.logdet_max = RobustHistory(*jump, relative_floor=False)
+        self.logdet_neg_min = RobustHistory(*jump, relative_floor=False)  # -min: collapse rises
         self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
 
     def observe(self, step: int, metrics: dict[str, Any], rank: int = 0) -> list[Event]:
@@ -172,10 +210,25 @@ class DivergenceDetector:
             if bottom < lo - cfg.logdet_slack:
                 emit(LOGDET_BOUND, bottom, lo - cfg.logdet_slack)
 
-        if INVERSE_ERR in metrics:
-            err = _scalar(metrics[INVERSE_ERR])
-            if not err <= cfg.inverse_tol:  # also catches nan
-                emit(INVERSE_ERROR, err, cfg.inverse_tol)
+        for key, history, sign in (
+            (LOGDET_MAX, self.logdet_max, 1.0),
+            (LOGDET_MIN, self.logdet_neg_min, -1.0),
+        ):
+            if key in metrics and math.isfinite(value := sign * _scalar(metrics[key])):
+                limit = history.threshold(cfg.logdet_jump_z)
+                if limit is not None and value > limit:
+                    emit(LOGDET_JUMP, sign * value, sign * limit)
+                history.push(value)
+
+        for key, tol in ((INVERSE_ERR, self.inverse_tol), (CHECK_RECON, cfg.inverse_tol)):
+            if key in metrics:
+                err = _scalar(metrics[key])
+                if not err <= tol:  # also catches nan
+                    emit(INVERSE_ERROR, err, tol)
+        if CHECK_SAMPLES in metrics and (bad := _scalar(metrics[CHECK_SAMPLES])) > 0:
+            emit(SAMPLER, bad, 0.0)
+        if CHECK_BPD in metrics and (finite := _scalar(metrics[CHECK_BPD])) < 1:
+            emit(SAMPLER, 1.0 - finite, 0.0)
 
         for event in events:
             self.counts[event.kind] += 1
@@ -185,6 +238,8 @@ class DivergenceDetector:
         return {
             "loss": list(self.loss.values),
             "log_grad": list(self.log_grad.values),
+            "logdet_max": list(self.logdet_max.values),
+            "logdet_neg_min": list(self.logdet_neg_min.values),
             "counts": dict(self.counts),
         }
 
@@ -193,4 +248,7 @@ class DivergenceDetector:
         self.loss.values.extend(float(v) for v in state["loss"])
         self.log_grad.values.clear()
         self.log_grad.values.extend(float(v) for v in state["log_grad"])
+        for name in ("logdet_max", "logdet_neg_min"):  # absent from checkpoints before issue 22
+            getattr(self, name).values.clear()
+            getattr(self, name).values.extend(float(v) for v in state.get(name, []))
         self.counts = dict.fromkeys(KINDS, 0) | {k: int(v) for k, v in state["counts"].items()}

@@ -191,12 +191,12 @@ def log_final_model(sink, tracking, status: str, checkpoint: Path | None) -> dic
 def checkpoint_run(folder: Path, run_id: str | None) -> tuple[str, str]:
     """(store URI, MLflow run id) of a checkpoint folder <run>/checkpoints/stepN: the run its folder
     mirrors to (tracking/state.json, else the checkpoint's TrainState), or ``run_id``."""
-    from pipeline.config import load_config
+    from pipeline.config import load_saved_config
     from pipeline.errors import PipelineError
     from pipeline.track.sink import default_uri
 
     run_dir = folder.parent.parent
-    cfg = load_config(folder / "config.yaml")
+    cfg = load_saved_config(folder / "config.yaml")
     uri = cfg.tracking.uri or default_uri(run_dir)
     if run_id is None:
         state = run_dir / "tracking" / "state.json"

@@ -109,6 +109,8 @@ class FaultConfig:
     lr_spike_steps: int = 0  # ... for this many steps
     lr_spike_factor: float = 1000.0
     sigkill_step: int = -1  # after the checkpoint at this step, every rank SIGKILLs itself
+    damage_step: int = -1  # after this step's update, the split priors' log σ bias is set ...
+    damage_log_std: float = 1000.0  # ... to this (faults.maybe_damage_prior)
 
     RANGES: ClassVar[dict[str, Range]] = {
         "nan_rank": NON_NEGATIVE,

@@ -31,3 +31,19 @@ def maybe_kill(faults: FaultConfig, step: int) -> None:
     """faults.sigkill_step: right after that step's checkpoint every rank dies as in a node crash."""
     if step == faults.sigkill_step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def maybe_damage_prior(faults: FaultConfig, model: torch.nn.Module, step: int) -> None:
+    """faults.damage_step: right after that step's update, on every rank alike, the first log σ
+    channel of each learned split prior gets the bias ``damage_log_std``: the study's damaged run
+    (docs/studies.md §1) made deterministic. The loss jumps once (each such z coordinate costs
+    about that many nats) and the weights stay damaged; with an unbounded prior
+    (model.prior_log_std_bound=0) σ = e^1000 overflows even float64 (the battery's), so every
+    sample is non-finite, while the loss, the gradients and the log-dets stay finite (the density
+    needs only e^-1000, which is 0). A bounded prior caps σ at e^α."""
+    if step != faults.damage_step:
+        return
+    for split in (level.split for level in model.levels):
+        if split is not None and split.prior is not None:
+            split.prior.bias[split.c_z] = faults.damage_log_std

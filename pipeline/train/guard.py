@@ -11,6 +11,11 @@ Policy (thresholds and escalation both in cfg.guard):
     data stream moves on, so the batches that led to the divergence are not replayed. If events
     recur before a newer good checkpoint exists, the last target is marked bad (it may hold weights
     already damaged by a step whose loss was still finite) and the next older one is used;
+  - inverse-error or sampler events (MODEL_KINDS: the model no longer inverts or samples) at
+    ``diagnostic_events`` checks in a row (diagnostics and checkpoint steps, where alone they are
+    measured): roll back as above, however few steps had events. They come every 25-100 steps,
+    too sparse to make the step-event count, and one damaging step can leave a model whose loss
+    looks fine and whose sampler overflows;
   - a rollback beyond ``max_rollbacks``: stop (``DivergenceStop``); the loop writes the run's
     summary.json with status "diverged" and the last events.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 from pipeline import distributed as dist
 from pipeline.theory.config import GuardConfig
-from pipeline.theory.detector import DivergenceDetector, Event
+from pipeline.theory.detector import CHECKED, MODEL_KINDS, DivergenceDetector, Event
 from pipeline.train.state import TrainState
 
 OK, ROLLBACK, STOP = "ok", "rollback", "stop"
@@ -35,22 +40,30 @@ class DivergenceStop(RuntimeError):
 
 
 class Guard:
-    def __init__(self, cfg: GuardConfig, state: TrainState):
+    def __init__(self, cfg: GuardConfig, state: TrainState, precision: str = "fp32"):
         self.cfg = cfg
-        self.detector = DivergenceDetector(cfg)
+        self.detector = DivergenceDetector(cfg, precision)
         if state.detector:
             self.detector.load_state_dict(state.detector)
 
     def observe(self, state: TrainState, metrics: dict) -> tuple[list[Event], str]:
-        """Record this step's events in ``state``; return them and the action to take."""
+        """Record this step's events in ``state``; return them and the action to take. A step
+        whose metrics measured the model's inverse or sampler (CHECKED) and raised no MODEL_KINDS
+        event ends the run of failed checks."""
         events = self.detector.observe(state.step, metrics, rank=dist.rank())
         for event in events:
             state.event_counts[event.kind] = state.event_counts.get(event.kind, 0) + 1
         if events:  # one bad step often raises several events (loss and gradient): count steps
             state.recent_events.append(state.step)
+        if any(key in metrics for key in CHECKED):
+            bad_model = any(event.kind in MODEL_KINDS for event in events)
+            state.failed_checks = state.failed_checks + 1 if bad_model else 0
         horizon = state.step - self.cfg.rollback_window
         state.recent_events = [s for s in state.recent_events if s > horizon]
         state.detector = self.detector.state_dict()
-        if len(state.recent_events) < self.cfg.rollback_events:
+        if (
+            len(state.recent_events) < self.cfg.rollback_events
+            and state.failed_checks < self.cfg.diagnostic_events
+        ):
             return events, OK
         return events, STOP if state.rollbacks >= self.cfg.max_rollbacks else ROLLBACK

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_saved_config
 from pipeline.flows import build_flow
 from pipeline.train import checkpoint as ckpt
 
@@ -50,7 +50,7 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Config, Path]:
     """(flow in eval mode, its resolved config, the step folder) from a checkpoint or run folder."""
     folder = resolve_checkpoint(path)
-    cfg = load_config(folder / "config.yaml")
+    cfg = load_saved_config(folder / "config.yaml")
     r = cfg.data.resolution
     model = build_flow(cfg.model, (3, r, r), cfg.data.n_bits)
     model.load_state_dict(load_state_dict(folder))

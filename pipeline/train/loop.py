@@ -18,7 +18,7 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config
-from pipeline.theory.battery import exploding_inverse_battery
+from pipeline.theory.battery import battery_damage, exploding_inverse_battery, sampler_check
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
 from pipeline.track.sink import write_summary
@@ -26,7 +26,7 @@ from pipeline.train import checkpoint, faults
 from pipeline.train.config import TrainConfig
 from pipeline.train.guard import ROLLBACK, STOP, DivergenceStop
 from pipeline.train.images import save_grid, save_panel
-from pipeline.train.run import Run, build_run, log_damaged, say
+from pipeline.train.run import Run, build_run, first_images, log_damaged, say
 from pipeline.train.state import TrainState
 
 
@@ -44,11 +44,17 @@ def train(cfg: Config) -> dict:
         batches, meter = iter(run.loader), Throughput(train_cfg, state.step)
         while state.step < train_cfg.steps:
             metrics, preempted, x = train_step(run, batches)
+            faults.maybe_damage_prior(cfg.faults, run.model, state.step + 1)
             state.step, state.samples = state.step + 1, state.samples + meter.images_per_step
             state.epoch = run.loader.epoch
-            metrics.update(maybe_diagnose(run.model, cfg.guard, train_cfg.precision, state.step, x))
+            saving = (
+                preempted
+                or every(state.step, train_cfg.save_every)
+                or state.step == train_cfg.steps
+            )
+            metrics.update(maybe_diagnose(run, state.step, x, saving))
             metrics.update(optimum_gap(state, metrics))
-            guard_step(run, metrics)
+            rolled_back = guard_step(run, metrics)
             note_bad_shards(run)
             if every(state.step, train_cfg.log_every) or state.step == train_cfg.steps:
                 sink.log(state.step, {**metrics, **meter.read(state.step), **event_metrics(state)})
@@ -57,11 +63,9 @@ def train(cfg: Config) -> dict:
                 sink.log(state.step, {"val/bpd": validate(run.engine, run.val_loader, train_cfg)})
             if every(state.step, train_cfg.sample_every):
                 sample_grid(run, cfg.run.dir / "samples" / f"step{state.step:08d}.png")
-            if (
-                preempted
-                or every(state.step, train_cfg.save_every)
-                or state.step == train_cfg.steps
-            ):
+            # after a rollback the weights are the target's: saving them again as new would only
+            # shadow it (the guard's escalation goes by the target's step)
+            if saving and not (rolled_back and not preempted and state.step < train_cfg.steps):
                 run.save()
             faults.maybe_kill(cfg.faults, state.step)
             if preempted:
@@ -95,8 +99,9 @@ def keep_traceback(run_dir: Path) -> None:
         pass
 
 
-def guard_step(run: Run, metrics: dict) -> None:
-    """Record the step's events; roll back or stop when the guard says so (same on every rank)."""
+def guard_step(run: Run, metrics: dict) -> bool:
+    """Record the step's events; roll back or stop when the guard says so (same on every rank).
+    Returns whether it rolled back."""
     events, action = run.guard.observe(run.state, metrics)
     for event in events:
         run.sink.log_event({**event.to_dict(), "count": run.state.event_counts[event.kind]})
@@ -112,6 +117,7 @@ def guard_step(run: Run, metrics: dict) -> None:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
         raise DivergenceStop(str(stop), [e.to_dict() for e in events]) from None
+    return action == ROLLBACK
 
 
 def note_bad_shards(run: Run) -> None:
@@ -129,9 +135,11 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
 
     ``status``: finished (final validation and samples first), preempted (SIGTERM, checkpoint
     saved), diverged (the guard ran out of rollbacks) or failed (an exception; ``run`` is None when
-    it came before the run was built). ``outcome`` adds ``reason`` and, for a divergence, the
-    ``last_events``. Only a finished or diverged run tears down the process group: after a failure
-    the other ranks may be waiting in a collective.
+    it came before the run was built). A finished run whose final battery finds non-finite samples
+    or bpd becomes finished_damaged, its ``reason`` saying what (the verdict broadcast, so every
+    rank ends alike). ``outcome`` adds ``reason`` and, for a divergence, the ``last_events``. Only
+    a finished or diverged run tears down the process group: after a failure the other ranks may
+    be waiting in a collective.
     """
     state = run.state if run is not None else TrainState()
     val_bpd = None
@@ -143,6 +151,11 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         x = first_images(run.val_loader, max(n_battery, PANEL_IMAGES)) if dist.is_main() else None
         battery = maybe_battery(run.model, x, n_battery)
         run.sink.log(state.step, {"val/bpd": val_bpd, **battery})
+        damage = dist.broadcast_object(battery_damage(battery))
+        if damage is not None:
+            status, outcome["reason"] = FINISHED_DAMAGED, f"final battery: {damage}"
+            run.sink.log_event({"kind": "damaged_model", "step": state.step, "problem": damage})
+            say(f"guard: the final model is damaged: {damage}")
         sample_grid(run, cfg.run.dir / "samples.png")
         save_run_panel(run, x, cfg.run.dir / "panel.png")
     latest = checkpoint.find_latest(cfg.run.dir / "checkpoints")
@@ -180,9 +193,12 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
     if run.node_monitor is not None:
         run.node_monitor.finish()
     run.sink.close(status={"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
-    if status in ("finished", "diverged"):
+    if status in ("finished", FINISHED_DAMAGED, "diverged"):
         dist.teardown()
     return summary
+
+
+FINISHED_DAMAGED = "finished_damaged"
 
 
 def maybe_battery(model, x: torch.Tensor | None, n_images: int) -> dict:
@@ -194,22 +210,6 @@ def maybe_battery(model, x: torch.Tensor | None, n_images: int) -> dict:
     return exploding_inverse_battery(
         model, x[:n_images], n_images=n_images, n_samples=2 * n_images, n_grad=min(8, n_images)
     )
-
-
-def first_images(loader, n: int) -> torch.Tensor:
-    """The first ``n`` images of a finite loader (fewer if it holds fewer), on this rank's device.
-
-    A val loader's ``iter()`` finishes its current pass, which a validation cut short by
-    train.val_batches may have left with nothing; the second pass is then a whole one."""
-    batches = []
-    for _ in range(2):
-        for x in loader:
-            batches.append(x)
-            if sum(len(b) for b in batches) >= n:
-                return torch.cat(batches)[:n].to(dist.device())
-        if batches:
-            break
-    return torch.cat(batches)[:n].to(dist.device())
 
 
 PANEL_TEMPERATURES, PANEL_IMAGES = (0.5, 0.7, 1.0), 8
@@ -341,16 +341,26 @@ def certified_range(model, num_dims: int) -> dict:
     return {"lipschitz/logdet_lower": lo / num_dims, "lipschitz/logdet_upper": hi / num_dims}
 
 
-def maybe_diagnose(model, guard: GuardConfig, precision: str, step: int, x: torch.Tensor) -> dict:
-    """Flow diagnostics every guard.diagnostics_every steps: computed on rank 0, broadcast to all."""
-    every = guard.diagnostics_every
-    if not every or step % every:
+def maybe_diagnose(run: Run, step: int, x: torch.Tensor, saving: bool) -> dict:
+    """Flow diagnostics every guard.diagnostics_every steps (on the step's batch, in the run's
+    precision), and the sampler check (theory/battery.sampler_check, on the run's fixed val images)
+    at those steps and before every save, so a checkpoint whose model no longer inverts or samples
+    is never a good one: computed on rank 0, broadcast to all."""
+    guard, precision = run.cfg.guard, run.cfg.train.precision
+    diagnose = every(step, guard.diagnostics_every)
+    check = bool(guard.check_images) and (diagnose or saving)
+    if not (diagnose or check):
         return {}
     metrics = {}
     if dist.is_main():
-        probe = x[: guard.diagnostics_images].nan_to_num()
-        with autocast(precision):
-            metrics = flow_diagnostics(model, probe, power_iters=guard.power_iters, seed=step)
+        if diagnose:
+            probe = x[: guard.diagnostics_images].nan_to_num()
+            with autocast(precision):
+                metrics = flow_diagnostics(run.model, probe, power_iters=guard.power_iters, seed=step)
+        if check:
+            start = time.perf_counter()
+            metrics.update(sampler_check(run.model, run.check_images))
+            metrics["guard/check_seconds"] = time.perf_counter() - start  # its cost, for the record
     return dist.broadcast_object(metrics)
 
 
@@ -373,7 +383,7 @@ def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) ->
     state.rollbacks += 1
     state.rollback_step = checkpoint.step_of(target)
     state.lr_scale *= guard.rollback_lr_factor  # the schedule reads it from the state
-    state.recent_events = []
+    state.recent_events, state.failed_checks = [], 0
     engine.lr_scheduler.last_epoch = state.step - 1
     engine.lr_scheduler.step()
     say(

@@ -48,6 +48,8 @@ class Run:
     preemption: Preemption
     node_monitor: Any = None
     reported_bad_shards: set = field(default_factory=set)
+    # the sampler check's fixed val images (rank 0; None elsewhere or with guard.check_images=0)
+    check_images: torch.Tensor | None = None
 
     @property
     def ckpt_root(self) -> Path:
@@ -160,6 +162,7 @@ def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Pree
     optimizer, scheduler = build_optimizer(model, cfg.train, cfg.faults, state)
     engine, _, _ = dist.build_engine(model, optimizer, scheduler, cfg.train)
     sink = build_sink(cfg, state)
+    n_check = cfg.guard.check_images
     return Run(
         cfg,
         engine,
@@ -168,11 +171,30 @@ def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Pree
         data.train,
         data.val,
         state,
-        Guard(cfg.guard, state),
+        Guard(cfg.guard, state, cfg.train.precision),
         sink,
         preemption,
         node_monitor=build_node_monitor(cfg.tracking, sink),
+        check_images=first_images(data.val, n_check) if n_check and dist.is_main() else None,
     )
+
+
+def first_images(loader, n: int) -> torch.Tensor:
+    """The first ``n`` images of a finite loader's pass (fewer if it holds fewer), on this rank's
+    device: the same images whenever asked (a val loader's ``iter()`` would finish the pass it is
+    in, which a validation cut short by train.val_batches leaves part-read). The loader's position
+    is left as it was, so the next validation sees what it would have."""
+    position, batches = loader.state_dict(), []
+    start = {**position, "batches": 0, "samples": 0}
+    loader.load_state_dict({**start, "reader_positions": [0] * len(position["reader_positions"])})
+    try:
+        for x in loader:
+            batches.append(x)
+            if sum(len(b) for b in batches) >= n:
+                break
+    finally:
+        loader.load_state_dict(position)
+    return torch.cat(batches)[:n].to(dist.device())
 
 
 def log_damaged(run: Run, folder: Path, problem: str) -> None:

@@ -20,4 +20,5 @@ class TrainState:
     recent_events: list = field(default_factory=list)  # steps of recent guard events (the window)
     event_counts: dict = field(default_factory=dict)  # kind -> count over the whole run
     detector: dict = field(default_factory=dict)  # the divergence detector's history
+    failed_checks: int = 0  # checks in a row with an inverse-error or sampler event (the guard)
     suspect: bool = False  # events in the window when saved: not a rollback target

@@ -1,0 +1,73 @@
+"""The guard's policy on synthetic metrics (train/guard.py): failed model checks escalate on their
+own, the inverse tolerance follows the precision, and a resume of a checkpoint saved before the
+bounded prior keeps the prior it was trained with (docs/design.md §5)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config, load_saved_config, save_config
+from pipeline.theory import GuardConfig
+from pipeline.theory.detector import CHECK_RECON, CHECK_SAMPLES, INVERSE_ERR, LOSS
+from pipeline.train import compat
+from pipeline.train.guard import OK, ROLLBACK, STOP, Guard
+from pipeline.train.state import TrainState
+from tests.conftest import ROOT
+
+HEALTHY = {CHECK_RECON: 1e-6, CHECK_SAMPLES: 0.0}
+BROKEN = {CHECK_RECON: 1e-6, CHECK_SAMPLES: 1.0}
+
+
+def actions(guard: Guard, state: TrainState, checks: dict[int, dict]) -> list[tuple[int, str]]:
+    """(step, action) at every step that is not OK; the loss is flat and checks come at the
+    given steps, as at save and diagnostics steps."""
+    out = []
+    for step in range(1, 101):
+        state.step = step
+        _, action = guard.observe(state, {LOSS: 3.0, **checks.get(step, {})})
+        if action != OK:
+            out.append((step, action))
+            state.rollbacks += action == ROLLBACK
+            state.recent_events, state.failed_checks = [], 0  # as loop.roll_back does
+    return out
+
+
+def test_failed_checks_in_a_row_roll_back_alone_and_a_passing_check_resets_them():
+    state = TrainState()
+    checks = {25: BROKEN, 50: HEALTHY, 75: BROKEN}  # never two in a row
+    assert actions(Guard(GuardConfig(), state), state, checks) == []
+    assert state.event_counts == {"sampler": 2}
+    state = TrainState()
+    checks = {25: BROKEN, 50: BROKEN, 60: BROKEN, 70: BROKEN}  # 2 event steps: too few for steps
+    assert actions(Guard(GuardConfig(), state), state, checks) == [(50, ROLLBACK), (70, ROLLBACK)]
+    state = TrainState()
+    guard = Guard(GuardConfig(max_rollbacks=1, diagnostic_events=3), state)
+    checks = {s: BROKEN for s in (10, 20, 30, 40, 50, 60)}
+    assert actions(guard, state, checks) == [(30, ROLLBACK), (60, STOP)]
+
+
+def test_the_inverse_tolerance_follows_the_precision():
+    """bf16 autocast alone leaves ~1e-2 of inverse error in the diagnostics: no event there, while
+    the sampler check (always float32) keeps the fp32 tolerance."""
+    for precision, kinds in (("fp32", ["inverse_error"]), ("bf16", [])):
+        guard = Guard(GuardConfig(), TrainState(), precision)
+        events, _ = guard.observe(TrainState(step=1), {INVERSE_ERR: 1e-2})
+        assert [e.kind for e in events] == kinds
+    guard = Guard(GuardConfig(), TrainState(), "bf16")
+    events, _ = guard.observe(TrainState(step=1), {CHECK_RECON: 1e-2})
+    assert [e.kind for e in events] == ["inverse_error"]
+
+
+def test_a_checkpoint_saved_before_the_bounded_prior_loads_and_resumes_unbounded(tmp_path):
+    cfg = load_config(ROOT / "configs/debug.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del tree["model"]["prior_log_std_bound"]  # as every checkpoint before issue 22 was saved
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert load_saved_config(tmp_path / "config.yaml").model.prior_log_std_bound == 0.0
+    assert cfg.model.prior_log_std_bound == 8.0  # a new run's default
+    same = load_config(ROOT / "configs/debug.yaml", ["model.prior_log_std_bound=0"])
+    assert compat.check_resume(tmp_path, same, world_size=1, saved_world_size=1) == []
+    with pytest.raises(ConfigError, match=r"model\.prior_log_std_bound: 0\.0 -> 8\.0"):
+        compat.check_resume(tmp_path, cfg, world_size=1, saved_world_size=1)
