@@ -159,21 +159,24 @@ def test_export_logs_a_model_to_the_existing_run(trained):
 def test_a_failed_model_log_is_a_reason_not_an_error(trained, caplog):
     from types import SimpleNamespace
 
+    from pipeline.config import to_dict
     from pipeline.track.config import TrackingConfig
     from pipeline.track.model import log_final_model
+    from pipeline.train.inference import load_model
 
+    model, cfg, _ = load_model(trained["run_dir"])
+    final = (model, to_dict(cfg), 6, trained["run_dir"])  # what the loop holds at its end
     sink = SimpleNamespace(is_main=True, uri=trained["uri"], run_id="0" * 32)  # no such run
-    ckpt = trained["run_dir"] / "checkpoints" / "step00000006"
-    record = log_final_model(sink, TrackingConfig(), "finished", ckpt)
+    record = log_final_model(sink, TrackingConfig(), "finished", *final)
     assert record["mlflow_model"] is None and record["registered_model"] is None
     assert record["mlflow_model_reason"].startswith("logging it failed: MlflowException")
     assert "export --checkpoint" in caplog.text and caplog.text.count("MLflow model:") == 1
 
     down = SimpleNamespace(is_main=True, uri=trained["uri"], run_id=None)
-    record = log_final_model(down, TrackingConfig(), "finished", ckpt)
+    record = log_final_model(down, TrackingConfig(), "finished", *final)
     assert "unreachable" in record["mlflow_model_reason"]
-    assert log_final_model(sink, TrackingConfig(), "diverged", ckpt)["mlflow_model"] is None
-    assert log_final_model(SimpleNamespace(is_main=False), TrackingConfig(), "finished", ckpt) == {}
+    assert log_final_model(sink, TrackingConfig(), "diverged", *final)["mlflow_model"] is None
+    assert log_final_model(SimpleNamespace(is_main=False), TrackingConfig(), "finished", *final) == {}
 
 
 # ---- dataset lineage --------------------------------------------------------------------------

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from pipeline.config import to_dict
 from pipeline.errors import PipelineError
-from pipeline.track.model import checkpoint_run, log_checkpoint, register_model, save_weights
-from pipeline.train.inference import load_model, resolve_checkpoint
+from pipeline.track.model import checkpoint_run, log_model, register_model, save_weights
+from pipeline.train.inference import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,16 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.out and not args.mlflow:
         raise PipelineError("export needs --out FILE, --mlflow, or both")
+    model, cfg, folder = load_model(args.checkpoint)
+    step = json.loads((folder / "trainstate.json").read_text())["step"]
     if args.out:
-        model, cfg, folder = load_model(args.checkpoint)
-        step = json.loads((folder / "trainstate.json").read_text())["step"]
         save_weights(model, to_dict(cfg), step, Path(args.out))
         n = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.out} ({n:,} parameters, step {step}) from {folder}")
     if args.mlflow:
-        folder = resolve_checkpoint(args.checkpoint)
         uri, run_id = checkpoint_run(folder, args.run_id)
-        record = log_checkpoint(folder, uri, run_id)
+        with tempfile.TemporaryDirectory(prefix="lipflow-model-") as tmp:
+            weights = save_weights(model, to_dict(cfg), step, Path(tmp) / "weights.pt")
+            record = log_model(weights, uri, run_id)
         print(f"logged {record['mlflow_model']} ({record['mlflow_model_id']}) in {uri}")
         if args.register:
             print(f"registered {register_model(uri, record['mlflow_model_id'], args.register)}")

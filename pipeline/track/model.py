@@ -135,21 +135,13 @@ def register_model(uri: str, model_id: str, name: str) -> str:
     return f"{version.name}/{version.version}"
 
 
-def log_checkpoint(folder: Path, uri: str, run_id: str) -> dict[str, Any]:
-    """Log a checkpoint's weights (``load_model``, no DeepSpeed) as run ``run_id``'s model."""
-    from pipeline.config import to_dict
-    from pipeline.train.inference import load_model
-
-    model, cfg, folder = load_model(folder)
-    step = json.loads((folder / "trainstate.json").read_text())["step"]
-    with tempfile.TemporaryDirectory(prefix="lipflow-model-") as tmp:
-        weights = save_weights(model, to_dict(cfg), step, Path(tmp) / "weights.pt")
-        return log_model(weights, uri, run_id)
-
-
-def log_final_model(sink, tracking, status: str, checkpoint: Path | None) -> dict[str, Any]:
-    """The end-of-run model for summary.json: logged (and registered) for a finished run whose
-    MLflow run exists, from its last checkpoint; a failure is one warning line and a reason.
+def log_final_model(
+    sink, tracking, status: str, model: torch.nn.Module, config: dict, step: int, run_dir: Path
+) -> dict[str, Any]:
+    """The end-of-run model for summary.json: the weights the loop holds (``model`` at ``step``,
+    ``config`` the resolved tree as plain data) logged, and registered, for a finished run whose
+    MLflow run exists; a failure is one warning line and a reason (``export --checkpoint
+    run_dir --mlflow`` retries from the last checkpoint).
 
     ``sink``: the run's MetricsSink (its store and run id); ``tracking``: cfg.tracking. Returns
     {"mlflow_model": URI or None, "registered_model": "NAME/VERSION" or None, and
@@ -164,16 +156,16 @@ def log_final_model(sink, tracking, status: str, checkpoint: Path | None) -> dic
         reason = f"run {status}: no final model"
     elif not tracking.enabled or not tracking.log_model:
         reason = "tracking.enabled or tracking.log_model is false"
-    elif checkpoint is None:
-        reason = "no complete checkpoint"
     elif sink.run_id is None:
         reason = f"the MLflow store {sink.uri} was unreachable since the start: no run to log to"
     if reason is not None:
         return {**record, "mlflow_model_reason": reason}
-    later = f"`python -m pipeline export --checkpoint {checkpoint.parent.parent} --mlflow`"
+    later = f"`python -m pipeline export --checkpoint {run_dir} --mlflow`"
     start = time.perf_counter()
     try:
-        record.update(log_checkpoint(checkpoint, sink.uri, sink.run_id))
+        with tempfile.TemporaryDirectory(prefix="lipflow-model-") as tmp:
+            weights = save_weights(model, config, step, Path(tmp) / "weights.pt")
+            record.update(log_model(weights, sink.uri, sink.run_id))
         if tracking.register_model:
             record["registered_model"] = register_model(
                 sink.uri, record["mlflow_model_id"], tracking.register_model

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed as dist
-from pipeline.config import Config
+from pipeline.config import Config, to_dict
 from pipeline.theory.battery import battery_damage, exploding_inverse_battery, sampler_check
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
@@ -187,7 +187,8 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         return summary
     from pipeline.track.model import log_final_model  # the MLflow model of the final weights
 
-    summary.update(log_final_model(run.sink, cfg.tracking, status, latest))
+    final = (run.model, to_dict(cfg), state.step, cfg.run.dir)
+    summary.update(log_final_model(run.sink, cfg.tracking, status, *final))
     run.sink.log_artifact(cfg.run.dir / "config.yaml")
     run.sink.log_summary(summary)
     if run.node_monitor is not None:
