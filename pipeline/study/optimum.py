@@ -1,8 +1,8 @@
 """`python -m pipeline study optimum`: trained linear flows against the closed-form optimum (§3.2).
 
 The optimum of the likelihood is fixed by the data; a linear per-position flow (actnorm + 1x1 convs
-after one squeeze: ``model.coupling=none model.levels=1 model.split_prior=standard``) has it in closed
-form, so training must reach it and cannot beat it. Cases:
+after one squeeze: the linear preset of pipeline/flows/config.py) has it in closed form, so
+training must reach it and cannot beat it. Cases:
 
     gaussian   images whose squeezed position vectors are N(0, Σ) with a known Σ (theory.gaussian),
                written as PNG, sharded by `python -m pipeline shards`: the analytic optimum of Σ,
@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import preset_overrides
 from pipeline.study.report import is_number, run_compare, write_csv
 from pipeline.study.runner import (
     Runner,
@@ -37,7 +38,7 @@ from pipeline.study.runner import (
 )
 from pipeline.track.compare import to_markdown
 
-LINEAR = ("model.coupling=none", "model.levels=1", "model.steps=2", "model.split_prior=standard")
+LINEAR = (*preset_overrides("linear"), "model.steps=2")
 # The optimiser settings with which a linear flow reaches the optimum within 0.01 bpd in 300 steps
 # (tests/test_headline.py); the whole train split enters the optimum, no flips (they change R).
 TRAIN = (
