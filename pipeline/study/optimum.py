@@ -242,6 +242,7 @@ def write_gaussian_shards(setting: Setting, out: Path) -> None:
     import numpy as np
     from PIL import Image
 
+    from pipeline.data.quantise import to_pixels
     from pipeline.theory.gaussian import gaussian_images, random_covariance
 
     r, n = setting.gaussian_resolution, setting.n_bits
@@ -255,8 +256,8 @@ def write_gaussian_shards(setting: Setting, out: Path) -> None:
     src = root / "png"
     src.mkdir(parents=True, exist_ok=True)
     for i, k in enumerate(levels.numpy()):
-        # n-bit levels in the top bits of an 8-bit PNG: the loader's k = v >> (8 - n) gives k back
-        Image.fromarray(np.ascontiguousarray((k << (8 - n)).transpose(1, 2, 0))).save(
+        # n-bit levels in the top bits of an 8-bit PNG: the loader's quantise gives k back
+        Image.fromarray(np.ascontiguousarray(to_pixels(k, n).transpose(1, 2, 0))).save(
             src / f"{i:05d}.png"
         )
     pipeline(
