@@ -5,6 +5,12 @@ overrides ``a.b=value`` (values parsed as YAML scalars, so ``train.lr=3e-4`` is 
 ``data.hflip=false`` a bool). Each part of the package owns its section (``pipeline/<part>/config.py``);
 this module only assembles the tree, loads, validates and saves it.
 
+``model.preset=NAME`` stands for the keys of a named preset (``PRESETS`` in pipeline/flows/config.py),
+laid down before the other keys of its source: in a YAML file beneath that file's own keys, on the
+command line beneath the other overrides whatever their order. So keys given beside a preset win
+over its keys, and a preset on the command line wins over the file's keys; the resolved tree holds
+the keys, not the name.
+
 Unknown keys fail with the closest valid keys; a value of the wrong type fails naming the key, the value
 and the expected type; a value outside its range (each section's ``RANGES``, e.g. train.steps ≥ 1) or a
 combination that cannot work (``check_combinations``: levels against resolution, batch arithmetic)
@@ -29,7 +35,7 @@ import yaml
 
 from pipeline.data.config import DataConfig
 from pipeline.errors import PipelineError
-from pipeline.flows.config import ModelConfig
+from pipeline.flows.config import PRESETS, ModelConfig
 from pipeline.io import atomic_write_text
 from pipeline.theory.config import GuardConfig
 from pipeline.track.config import TrackingConfig
@@ -64,7 +70,8 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """defaults < YAML file at ``path`` < ``a.b=value`` overrides."""
+    """defaults < YAML file at ``path`` < ``a.b=value`` overrides; each one's model.preset
+    beneath its other keys (``expand_preset``)."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -80,8 +87,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(
                 f"config file {path} must hold a mapping of sections, got {type(tree).__name__}"
             )
-        cfg = merge(cfg, tree, where=str(path))
-    for item in overrides:
+        cfg = merge(cfg, expand_preset(tree, str(path)), where=str(path))
+    # the command line's preset before its other overrides (a stable sort keeps their order)
+    for item in sorted(overrides, key=lambda item: item.partition("=")[0].strip() != PRESET_KEY):
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(
@@ -97,9 +105,34 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-        cfg = merge(cfg, tree, where=f"override {item!r}")
+        where = f"override {item!r}"
+        cfg = merge(cfg, expand_preset(tree, where), where=where)
     check_values(cfg)
     return cfg
+
+
+PRESET_KEY = "model.preset"
+
+
+def expand_preset(tree: dict, where: str) -> dict:
+    """``tree`` with its model.preset replaced by the preset's keys, beneath the model keys
+    given beside it."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return tree
+    given = dict(model)
+    name = given.pop("preset")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"{where}: {PRESET_KEY} = {name!r}: must be one of {', '.join(PRESETS)}")
+    return {**tree, "model": {**PRESETS[name], **given}}
+
+
+def preset_overrides(name: str) -> tuple[str, ...]:
+    """The keys of preset ``name`` as overrides, e.g. ``model.spectral_norm=false``."""
+    return tuple(
+        f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in PRESETS[name].items()
+    )
 
 
 def check_values(cfg: Config) -> None:

@@ -12,11 +12,12 @@ import torch._dynamo
 
 from pipeline.config import ConfigError, load_config, save_config
 from pipeline.flows import ModelConfig, build_flow
+from pipeline.flows.config import PRESETS
 from pipeline.train import compat
 from pipeline.train.build import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
-GLOW = {"coupling": "affine_exp", "conv": "lu", "actnorm": "unbounded", "spectral_norm": False}
+GLOW = PRESETS["glow"]
 # fp32, Inductor's fused kernels against eager ones: rounding only (measured: losses equal,
 # gradients ≤ 1e-8 apart at |g| ~ 1e-2); a wrong graph or a lost gradient is off by far more
 RTOL, ATOL = 1e-4, 1e-6

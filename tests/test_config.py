@@ -13,9 +13,11 @@ from pipeline.config import (
     flatten,
     from_dict,
     load_config,
+    preset_overrides,
     save_config,
     to_dict,
 )
+from pipeline.flows.config import PRESETS
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -97,3 +99,37 @@ def test_deepspeed_knobs_pass_through_and_owned_keys_refuse():
     ]:
         with pytest.raises(ConfigError, match=instead):
             load_config(None, [override])
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_preset_sets_its_keys(name):
+    model = load_config(None, [f"model.preset={name}"]).model
+    assert {k: getattr(model, k) for k in PRESETS[name]} == PRESETS[name]
+    assert load_config(None, preset_overrides(name)) == load_config(None, [f"model.preset={name}"])
+
+
+def test_keys_beside_a_preset_win_and_the_command_line_wins_over_the_file(tmp_path):
+    for overrides in (
+        ["model.preset=glow", "model.conv=svd"],
+        ["model.conv=svd", "model.preset=glow"],
+    ):
+        model = load_config(None, overrides).model
+        assert (model.coupling, model.conv, model.spectral_norm) == ("affine_exp", "svd", False)
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  conv: svd\n  preset: glow\n  levels: 3\n")
+    model = load_config(f).model
+    assert (model.coupling, model.conv, model.levels) == ("affine_exp", "svd", 3)
+    model = load_config(f, ["model.preset=linear"]).model  # over the file's glow and levels
+    assert (model.coupling, model.conv, model.levels) == ("none", "svd", 1)
+    assert "preset" not in to_dict(load_config(f))["model"]  # the resolved tree holds the keys
+    with pytest.raises(ConfigError, match=r"model\.preset = 'glw': must be one of certified, glow"):
+        load_config(None, ["model.preset=glw"])
+
+
+def test_config_command_lists_the_presets(capsys):
+    from pipeline.__main__ import main
+
+    assert main(["config", "model.preset=glow"]) == 0
+    printed = capsys.readouterr().out
+    assert f"#   glow: {' '.join(preset_overrides('glow'))}\n" in printed
+    assert yaml.safe_load(printed)["model"]["coupling"] == "affine_exp"

@@ -21,11 +21,14 @@ from pipeline.data import (
     build_loader,
     dequantise,
     prepare_synthetic,
+    quantise,
     read_manifest,
     resolve_shards,
+    to_pixels,
 )
 from pipeline.data.config import DataConfig
 from pipeline.data.images import encode_png
+from pipeline.data.loader import to_input
 from pipeline.data.manifest import MANIFEST, SplitWriter
 from pipeline.data.synth import make_face
 from tests.data_helpers import (
@@ -277,8 +280,28 @@ def test_dequantise_stays_below_half():
         def random(self, shape, dtype):
             return np.full(shape, np.nextafter(np.float32(1), np.float32(0)), dtype)
 
-    x = dequantise(np.full((2, 2, 3), 255, np.uint8), 8, MaxNoise(), flip=False)
+    x = to_input(np.full((2, 2, 3), 255, np.uint8), 8, MaxNoise(), flip=False)
     assert x.dtype == np.float32 and x.max() < 0.5
+
+
+@pytest.mark.parametrize("n_bits", range(1, 9))
+def test_the_n_bit_rule(n_bits):
+    """quantise, dequantise and to_pixels (pipeline/data/quantise.py): the one home of the rule."""
+    pixels = np.arange(256, dtype=np.uint8)
+    k = quantise(pixels, n_bits)
+    assert np.array_equal(k, pixels // 2 ** (8 - n_bits)) and k.max() == 2**n_bits - 1
+    assert np.array_equal(quantise(to_pixels(k, n_bits), n_bits), k)  # PNGs give the levels back
+    levels = np.arange(2**n_bits)
+    assert np.array_equal(dequantise(levels, n_bits, 0.5), (levels + 0.5) / 2**n_bits - 0.5)
+    assert dequantise(levels, n_bits, 0.0).min() == -0.5
+    assert dequantise(levels, n_bits, 1.0).max() == 0.5  # u < 1: the top bin stays below 1/2
+    # numpy and torch give the same float32 bits; the dtype is that of k + u
+    u = np.random.default_rng(n_bits).random(k.shape, dtype=np.float32)
+    x = dequantise(k, n_bits, u)
+    t = dequantise(torch.from_numpy(k), n_bits, torch.from_numpy(u))
+    assert x.dtype == np.float32 and t.dtype == torch.float32
+    assert x.tobytes() == t.numpy().tobytes()
+    assert dequantise(k.astype(np.float64), n_bits, u.astype(np.float64)).dtype == np.float64
 
 
 def test_loader_is_deterministic_and_epochs_differ(even_set):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.flows import ActNorm, Coupling, ModelConfig, build_flow, summary
+from pipeline.flows.config import PRESETS
 from pipeline.flows.lipschitz import converge_spectral_norms
 from tests.conftest import assert_every_parameter_has_a_gradient, assert_save_load_reproduces
 
@@ -18,19 +19,9 @@ IMAGE = (3, 8, 8)
 D = 192
 N_BITS = 5
 TINY = dict(levels=2, steps=2, width=8)
-# the old default, before issue 14 (pipeline/flows/config.py)
-OLD_BOUNDED = dict(
-    coupling="affine",
-    conv="svd",
-    spectral_norm=False,
-    subnet_coeff=1.0,
-    spectral_method="exact",
-    coupling_log_scale_bound=2.0,
-    affine_x_bound=8.0,
-)
 MODELS = {
     "default": ModelConfig(**TINY),
-    "old_bounded": ModelConfig(**TINY, **OLD_BOUNDED),
+    "old_bounded": ModelConfig(**TINY, **PRESETS["bounded"]),  # the default before issue 14
     "glow_additive_sn": ModelConfig(
         **TINY, coupling="additive", spectral_norm=True, subnet_coeff=0.9, spectral_method="exact"
     ),

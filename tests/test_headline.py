@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.study.optimum import LINEAR
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
 from tests.conftest import run_pipeline
 
 R, N_BITS = 16, 5
-LINEAR = ["model.coupling=none", "model.levels=1", "model.steps=2", "model.split_prior=standard"]
 TRAIN = [
     "train.steps=300",
     "train.micro_batch=64",

@@ -92,9 +92,10 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 def test_compare_an_experiment_table_and_plots(store, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    root, _, ids = store
+    root, uri, ids = store
     out = tmp_path / "cmp"
     # No --tracking-uri: the store is found as <run root>/mlflow.db, where training puts it.
     assert (
@@ -126,6 +127,11 @@ def test_compare_an_experiment_table_and_plots(store, tmp_path, capsys):
 
     markdown = (out / "compare.md").read_text()
     assert markdown in printed
+    # the store in a browser: the command serving it, the experiment's runs in the training view
+    experiment_id = MlflowClient(uri).get_experiment_by_name("test").experiment_id
+    assert f"ui --backend-store-uri {uri} --port 5000" in printed
+    runs_view = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType="
+    assert f"the runs in the MLflow UI: {runs_view}machine_learning\n" in printed
     assert markdown.splitlines()[0].startswith("| run | run_id | status |")
     assert len(markdown.splitlines()) == 2 + 3
     for name in ("bpd.png", "balance.png", "grad_norms.png", "lipschitz.png"):

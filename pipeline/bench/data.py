@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data import DataConfig, build_loader
+from pipeline.data import DataConfig, build_loader, dequantise, quantise
 from pipeline.data.images import encode_png
 from pipeline.data.shards import write_shards
 from pipeline.data.synth import make_face
@@ -47,8 +47,8 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.files[i]) as img:
             k = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-        k = (k >> (8 - self.n_bits)).float()
-        return (k + torch.rand_like(k)) / 2**self.n_bits - 0.5
+        k = quantise(k, self.n_bits).float()
+        return dequantise(k, self.n_bits, torch.rand_like(k))
 
 
 def rate(images: int, seconds: float) -> float:

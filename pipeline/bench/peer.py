@@ -8,15 +8,14 @@ Slow phases of a shared machine then hit every arm alike; the median step counts
 Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = every preset x mode):
     normflows   normflows' multi-scale Glow, built as its Glow example does (GlowBlock x K per
                 level, Squeeze, Merge, DiagGaussian bases, MultiscaleFlow), loss forward_kld
-    glow        the unconstrained Glow preset: coupling=affine_exp conv=lu actnorm=unbounded
-                spectral_norm=false (matched to normflows' GlowBlock block for block)
+    glow        the model section's glow preset, unconstrained Glow (pipeline/flows/config.py;
+                matched to normflows' GlowBlock block for block)
     default     ModelConfig's defaults, whatever they are when the bench runs (JSON: model_keys)
     sqrtk       the default with spectral_method=exact: each conv normalised by the looser
                 certified bound sqrt(k_h·k_w)·‖W_mat‖₂ instead of its symbol's norm
     unnormalised  the default's blocks without spectral normalisation (not certified: it
                 separates what the normalisation costs from what the blocks cost)
-    bounded     the default before issue 14: coupling=affine conv=svd actnorm=bounded
-                spectral_norm=false (and the other keys it had then; see PRESETS)
+    bounded     the model section's bounded preset, the default before issue 14
 and memory modes store (if none is named), checkpoint, invertible; a `+compile` suffix
 (`glow+compile`) compiles the model as train.compile does (give --warmup ≥ 2: the first steps compile). Architectures match normflows 1.7.3
 (pinned dev dependency, imported only here): L levels x K steps of actnorm, 1x1 conv, affine coupling
@@ -52,31 +51,17 @@ import torch
 from pipeline.bench.common import emit, machine
 from pipeline.errors import PipelineError
 from pipeline.flows import ModelConfig, build_flow
+from pipeline.flows.config import PRESETS as MODEL_PRESETS
 from pipeline.io import atomic_write_text
 
 N_BITS = 8
 NORMFLOWS = "normflows"
 PRESETS: dict[str, dict] = {
-    "glow": {
-        "coupling": "affine_exp",
-        "conv": "lu",
-        "actnorm": "unbounded",
-        "spectral_norm": False,
-    },
-    "default": {},
+    "glow": MODEL_PRESETS["glow"],
+    "default": MODEL_PRESETS["certified"],
     "sqrtk": {"spectral_method": "exact"},  # the default, normalised by sqrt(k_h·k_w)·‖W_mat‖₂
     "unnormalised": {"spectral_norm": False},  # the default's blocks, no spectral norm
-    "bounded": {  # every key of the pre-issue-14 defaults, as the stability study pins them
-        "coupling": "affine",
-        "conv": "svd",
-        "actnorm": "bounded",
-        "spectral_norm": False,
-        "subnet_coeff": 1.0,
-        "spectral_method": "exact",
-        "log_scale_bound": 2.0,
-        "coupling_log_scale_bound": 2.0,
-        "affine_x_bound": 8.0,
-    },
+    "bounded": MODEL_PRESETS["bounded"],
 }
 MODES = ("store", "checkpoint", "invertible")
 DEFAULT_ARMS = "normflows,glow,default,bounded,default:checkpoint,default:invertible"

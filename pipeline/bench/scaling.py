@@ -186,6 +186,7 @@ def worker(args) -> None:
 
     from pipeline import distributed as dist
     from pipeline.config import load_config
+    from pipeline.data.quantise import dequantise
     from pipeline.train.build import build_model, build_optimizer
     from pipeline.train.state import TrainState
 
@@ -194,9 +195,10 @@ def worker(args) -> None:
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg)
-    r, n = cfg.data.resolution, 2**cfg.data.n_bits
+    r, n = cfg.data.resolution, cfg.data.n_bits
     g = torch.Generator().manual_seed(dist.rank())
-    x = (torch.randint(0, n, (cfg.train.micro_batch, 3, r, r), generator=g) + 0.5) / n - 0.5
+    k = torch.randint(0, 2**n, (cfg.train.micro_batch, 3, r, r), generator=g)
+    x = dequantise(k, n, 0.5)  # the bin midpoints
     model.data_init(x)
     optimizer, scheduler = build_optimizer(model, cfg.train, cfg.faults, TrainState())
     engine, _, _ = dist.build_engine(model, optimizer, scheduler, cfg.train)

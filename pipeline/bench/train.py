@@ -55,6 +55,7 @@ from pipeline.bench.common import (
     sync,
 )
 from pipeline.config import load_config
+from pipeline.data.quantise import dequantise
 from pipeline.flows import build_flow
 
 MODES = ("store", "checkpoint", "invertible")
@@ -100,11 +101,10 @@ def build(spec: dict):
     flow = build_flow(model, (3, r, r), cfg.data.n_bits).to(spec["device"])
     if spec["mode"] != "store":  # (lets --profile run on code without memory modes)
         flow.memory = spec["mode"]
-    n = 2**cfg.data.n_bits
-    k = torch.randint(0, n, (spec["batch"], 3, r, r), generator=torch.Generator().manual_seed(1))
-    x = ((k + torch.rand(k.shape, generator=torch.Generator().manual_seed(2))) / n - 0.5).to(
-        spec["device"]
-    )
+    n = cfg.data.n_bits
+    k = torch.randint(0, 2**n, (spec["batch"], 3, r, r), generator=torch.Generator().manual_seed(1))
+    x = dequantise(k, n, torch.rand(k.shape, generator=torch.Generator().manual_seed(2)))
+    x = x.to(spec["device"])
     flow.data_init(x[:16])
     return flow, x, torch.optim.AdamW(flow.parameters(), lr=1e-5)
 

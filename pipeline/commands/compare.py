@@ -5,8 +5,8 @@
     python -m pipeline compare RUN_ID RUN_ID --tracking-uri http://host:5000 --out cmp
 
 The store is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the training default: the SQLite
-file ``<--run-root>/mlflow.db`` (``--run-root`` defaults to runs). The same store in a browser:
-``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``.
+file ``<--run-root>/mlflow.db`` (``--run-root`` defaults to runs). It ends with the command that
+serves the store in a browser and the link to the experiment's runs there (pipeline/track/ui.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.track.compare import load_runs, plot_all, table, to_markdown
 from pipeline.track.config import TrackingConfig
+from pipeline.track.ui import ui_command, ui_link
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'compare.csv'}, {out / 'compare.md'}" + "".join(f", {p}" for p in written))
     for name, why in skipped:
         print(f"skipped {name}: {why}")
+    if command := ui_command(uri):
+        print(f"open the MLflow UI: {command}")
+    for experiment_id in dict.fromkeys(r.experiment_id for r in runs):
+        print(f"the runs in the MLflow UI: {ui_link(uri, experiment_id)}")
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.config import add_config_arguments, config_from_args
+from pipeline.data.quantise import dequantise
 from pipeline.flows.multiscale import MultiScaleFlow, build_flow
 from pipeline.flows.summary import summary
 
@@ -50,7 +51,7 @@ def synthetic_batch(n: int, resolution: int, n_bits: int, seed: int) -> torch.Te
 
     k = np.stack([make_face(resolution, seed, i) for i in range(n)]) >> (8 - n_bits)
     u = np.random.default_rng(seed).random(k.shape)
-    x = (k + u) / 2**n_bits - 0.5
+    x = dequantise(k, n_bits, u)
     return torch.from_numpy(x.transpose(0, 3, 1, 2)).float()
 
 

@@ -6,9 +6,9 @@ import argparse
 import os
 import shutil
 import sys
-from pathlib import Path
 
 from pipeline.config import Config, add_config_arguments, check_batch, config_from_args
+from pipeline.track.ui import ui_command, ui_link
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,12 +71,6 @@ def check_inputs(cfg: Config) -> None:
         resolve_shards(cfg.data)  # ShardError names the folder and what to do
 
 
-def mlflow_command() -> str:
-    """The mlflow executable of this environment (e.g. .venv/bin/mlflow), else plain `mlflow`."""
-    candidate = Path(sys.executable).parent / "mlflow"
-    return str(candidate) if candidate.is_file() else "mlflow"
-
-
 def final_line(s: dict) -> str:
     if s["final_val_bpd"] is None:
         return f"final validation bits/dim : skipped ({s['status']} at step {s['steps']})"
@@ -117,6 +111,17 @@ def model_lines(s: dict) -> list[str]:
     return lines
 
 
+def ui_lines(s: dict) -> list[str]:
+    """How to see the run in a browser: the command serving a local store, and the run's page."""
+    uri, lines = s["tracking_uri"], []
+    if uri and (command := ui_command(uri)):
+        lines.append(f"open the MLflow UI        : {command}")
+    if s.get("mlflow_experiment_id") and s["mlflow_run_id"]:
+        link = ui_link(uri, s["mlflow_experiment_id"], s["mlflow_run_id"])
+        lines.append(f"the run in the MLflow UI  : {link}")
+    return lines
+
+
 def print_summary(s: dict) -> None:
     uri = s["tracking_uri"]
     print(
@@ -132,7 +137,7 @@ def print_summary(s: dict) -> None:
                 f"last checkpoint           : {s['checkpoint'] or 'none'}",
                 f"MLflow store              : {uri}  (run {s['mlflow_run_id']})",
                 *model_lines(s),
-                f"open the MLflow UI        : {mlflow_command()} ui --backend-store-uri {uri} --port 5000",
+                *ui_lines(s),
                 "=" * 72,
             ]
         ),

@@ -19,8 +19,8 @@ epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (d
     (refill)          the same shards again, only if bad samples left the reader short of its quota
     position          number the raw samples; on resume, drop the already-consumed ones undecoded
     decode            png -> uint8 [R, R, 3]; no image, undecodable, wrong size: counted, skipped
-    quantise          k = floor(pixel / 2^(8 - n_bits))
-    dequantise        x = k/2^n - 1/2 + u/2^n, u ~ U[0, 1)^D (docs/design.md §3), so x ∈ [-1/2, 1/2)
+    quantise          k = floor(pixel / 2^(8 - n_bits))         (data/quantise.py, docs/design.md §3)
+    dequantise        x = (k + u)/2^n - 1/2, u ~ U[0, 1)^D, clamped below 1/2: x ∈ [-1/2, 1/2)
     h-flip            train only, probability 1/2; u and the flip come from rng(seed, epoch, key)
     chunk             train: B samples -> one tensor; val: single samples (batched by the rank)
 
@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.config import DataConfig
 from pipeline.data.images import SkipImage, decode_rgb_array
 from pipeline.data.manifest import ShardError, read_manifest, sha256_file
+from pipeline.data.quantise import dequantise, quantise
 from pipeline.data.source import check_resolution
 
 log = logging.getLogger("pipeline.data")
@@ -232,22 +233,16 @@ def make_plan(
     return plan
 
 
-def dequantise(pixels: np.ndarray, n_bits: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
-    """uint8 pixels p [H, W, 3] -> float32 [3, H, W] (docs/design.md §3):
-
-        x = k/2^n - 1/2 + u/2^n,   k = floor(p / 2^(8-n)),   u ~ U[0, 1)
-
-    The result lies in [-1/2, 1/2): the rare float32 round-up to exactly 1/2 is clamped to the
-    largest float below it.
+def to_input(pixels: np.ndarray, n_bits: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """uint8 pixels p [H, W, 3] -> float32 [3, H, W], quantised and dequantised with u ~ U[0, 1)
+    in float32 (data/quantise.py). The result lies in [-1/2, 1/2): the rare float32 round-up to
+    exactly 1/2 is clamped to the largest float below it.
     """
     k = pixels.transpose(2, 0, 1)
     if flip:
         k = k[:, :, ::-1]
-    k = np.ascontiguousarray(k) >> (8 - n_bits)  # layout work on bytes, not floats
-    x = rng.random(k.shape, dtype=np.float32)
-    x += k
-    x *= np.float32(2.0**-n_bits)
-    x -= np.float32(0.5)
+    k = quantise(np.ascontiguousarray(k), n_bits)  # layout work on bytes, not floats
+    x = dequantise(k, n_bits, rng.random(k.shape, dtype=np.float32))
     return np.minimum(x, BELOW_HALF, out=x)
 
 
@@ -373,7 +368,7 @@ def read_chunks(
         for key, pos, pixels in src:
             rng = np.random.default_rng(mix("sample", plan.seed, epoch, key))
             flip = plan.hflip and bool(rng.random() < 0.5)
-            yield pos, dequantise(pixels, plan.n_bits, rng, flip)
+            yield pos, to_input(pixels, plan.n_bits, rng, flip)
 
     def chunked(src: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[torch.Tensor, dict]]:
         index, parts = start, []

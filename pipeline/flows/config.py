@@ -6,34 +6,63 @@ the channels out under a learned conditional prior. A step is
     glow:      [actnorm] → [1×1 conv] → coupling                   (Kingma & Dhariwal 2018)
     residual:  [actnorm] → [1×1 conv] → x + g(x), Lip(g) < 1   (Behrmann 2019; Chen 2019)
 
-where [..] is dropped by `actnorm: none` / `conv: none`. Presets expressed with these keys:
+where [..] is dropped by `actnorm: none` / `conv: none`. Presets, their keys in ``PRESETS``
+(``model.preset=NAME`` sets them, keys given beside it win: pipeline/config.py):
 
 - certified (the default): boxed affine coupling (s = α·tanh(h_s/α) inside |x_b| ≤ β, slope 1
   outside, so its bound needs no assumption on the input) with a subnet spectral-normalised by
   the certified norm of each conv's symbol (flows/spectral.py: exact on the torus of small feature
   maps, a fixed grid with a proven 2% margin on larger ones; Lip(t) ≤ subnet_coeff, Lip(h_s) ≤
-  scale_coeff), LU 1×1 conv
-  (exact bounds from its SVD), bounded actnorm, a bounded split prior (|log σ| ≤
-  prior_log_std_bound: the sampler, which no block bound covers). Every block, and so the model, has finite
-  certified bounds for the map and its inverse; each actnorm → 1×1 conv pair is certified as one
+  scale_coeff), LU 1×1 conv (exact bounds from its SVD), bounded actnorm, a bounded split
+  prior (|log σ| ≤ prior_log_std_bound: the sampler, which no block bound covers). Every block,
+  and so the model, has finite certified bounds for the map and its inverse; each actnorm → 1×1 conv pair is certified as one
   matrix (MultiScaleFlow.bound_factors). Measured (16² faces, 3 levels × 4 steps, 300 steps, 3
   seeds): bpd at Glow's; certified log10 (L, L_inv) ≈ (21, 19) against estimates ≈ (2, 0.3);
-- old bounded (the default before issue 14): coupling=affine conv=svd spectral_norm=false
-  spectral_method=exact subnet_coeff=1 coupling_log_scale_bound=2 affine_x_bound=8
-  prior_log_std_bound=0 (actnorm and log_scale_bound as here): its coupling bounds assume |x|_∞ ≤ 8 at coupling inputs (trained
-  models can exceed it: 10-13 measured with an LU conv) and are loose (~10^40 after training);
-- unconstrained Glow (the stability baseline): coupling=affine_exp conv=lu actnorm=unbounded
-  spectral_norm=false prior_log_std_bound=0;
-- linear flow (closed-form optimum, docs/design.md §3.2): coupling=none levels=1 split_prior=standard;
-- i-ResNet / Residual Flow: block=residual (the coupling key is then unused).
+- bounded (the default before issue 14): its coupling bounds assume |x|_∞ ≤ 8 at coupling inputs
+  (trained models can exceed it: 10-13 measured with an LU conv) and are loose (~10^40 after
+  training);
+- glow (unconstrained Glow, the stability baseline);
+- linear (a linear flow: closed-form optimum, docs/design.md §3.2);
+- residual (i-ResNet / Residual Flow; the coupling key is then unused).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pipeline.ranges import NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range, at_least
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "certified": {},  # the defaults below
+    # the unconstrained blocks; spectral_norm and the split prior's bound pinned off, as the
+    # certified default turns them on
+    "glow": {
+        "coupling": "affine_exp",
+        "conv": "lu",
+        "actnorm": "unbounded",
+        "spectral_norm": False,
+        "prior_log_std_bound": 0.0,
+    },
+    # the defaults before issue 14 (commit ece3d61), every key that shaped a glow step's blocks or
+    # their certified range (which the guard's log-det check reads): tanh-bounded affine coupling
+    # with plain subnets, SVD 1x1 conv, bounded actnorm, all with |log-scale| <= 2 (the coupling's
+    # alpha has its own key since)
+    "bounded": {
+        "coupling": "affine",
+        "conv": "svd",
+        "actnorm": "bounded",
+        "spectral_norm": False,
+        "subnet_coeff": 1.0,
+        "spectral_method": "exact",
+        "log_scale_bound": 2.0,
+        "coupling_log_scale_bound": 2.0,
+        "affine_x_bound": 8.0,
+        "prior_log_std_bound": 0.0,  # the unbounded split prior, before issue 22
+    },
+    "linear": {"coupling": "none", "levels": 1, "split_prior": "standard"},
+    "residual": {"block": "residual"},
+}
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """`python -m pipeline study optimum`: trained linear flows against the closed-form optimum (§3.2).
 
 The optimum of the likelihood is fixed by the data; a linear per-position flow (actnorm + 1x1 convs
-after one squeeze: ``model.coupling=none model.levels=1 model.split_prior=standard``) has it in closed
-form, so training must reach it and cannot beat it. Cases:
+after one squeeze: the linear preset of pipeline/flows/config.py) has it in closed form, so
+training must reach it and cannot beat it. Cases:
 
     gaussian   images whose squeezed position vectors are N(0, Σ) with a known Σ (theory.gaussian),
                written as PNG, sharded by `python -m pipeline shards`: the analytic optimum of Σ,
@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import preset_overrides
 from pipeline.study.report import is_number, run_compare, write_csv
 from pipeline.study.runner import (
     Runner,
@@ -37,7 +38,7 @@ from pipeline.study.runner import (
 )
 from pipeline.track.compare import to_markdown
 
-LINEAR = ("model.coupling=none", "model.levels=1", "model.steps=2", "model.split_prior=standard")
+LINEAR = (*preset_overrides("linear"), "model.steps=2")
 # The optimiser settings with which a linear flow reaches the optimum within 0.01 bpd in 300 steps
 # (tests/test_headline.py); the whole train split enters the optimum, no flips (they change R).
 TRAIN = (
@@ -241,6 +242,7 @@ def write_gaussian_shards(setting: Setting, out: Path) -> None:
     import numpy as np
     from PIL import Image
 
+    from pipeline.data.quantise import to_pixels
     from pipeline.theory.gaussian import gaussian_images, random_covariance
 
     r, n = setting.gaussian_resolution, setting.n_bits
@@ -254,8 +256,8 @@ def write_gaussian_shards(setting: Setting, out: Path) -> None:
     src = root / "png"
     src.mkdir(parents=True, exist_ok=True)
     for i, k in enumerate(levels.numpy()):
-        # n-bit levels in the top bits of an 8-bit PNG: the loader's k = v >> (8 - n) gives k back
-        Image.fromarray(np.ascontiguousarray((k << (8 - n)).transpose(1, 2, 0))).save(
+        # n-bit levels in the top bits of an 8-bit PNG: the loader's quantise gives k back
+        Image.fromarray(np.ascontiguousarray(to_pixels(k, n).transpose(1, 2, 0))).save(
             src / f"{i:05d}.png"
         )
     pipeline(

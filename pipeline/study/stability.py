@@ -4,7 +4,7 @@ does it buy where it does not?
 Three arms on the same shards (one ``data.cache``, one ``data.seed``) and the same seeds
 (``train.seed``: initial weights):
 
-    glow       the unconstrained Glow baseline: coupling=affine_exp conv=lu actnorm=unbounded
+    glow       the unconstrained Glow baseline (the glow preset of pipeline/flows/config.py)
     certified  the model section's defaults (no model override: it follows pipeline/flows/config.py)
     bounded    the bounded preset that was the default before issue 14 (pinned to its values)
 
@@ -38,30 +38,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import preset_overrides
 from pipeline.study.report import is_number, run_compare, write_csv
 from pipeline.study.runner import Runner, RunSpec, add_runner_arguments, make_runner, read_jsonl
 from pipeline.track.compare import to_markdown
 
-# The unconstrained blocks; spectral_norm pinned off and the split prior unbounded, so the defaults
-# that bound them stay off Glow.
-GLOW = ("model.coupling=affine_exp", "model.conv=lu", "model.actnorm=unbounded")
-GLOW += ("model.spectral_norm=false", "model.prior_log_std_bound=0")
-# The model defaults before issue 14 (commit ece3d61), every key that shaped a glow step's blocks or
-# their certified range (which the guard's log-det check reads): tanh-bounded affine coupling with
-# plain subnets, SVD 1x1 conv, bounded actnorm, all with |log-scale| <= 2 (the coupling's alpha has
-# its own key since).
-OLD_BOUNDED = (
-    "model.coupling=affine",
-    "model.conv=svd",
-    "model.actnorm=bounded",
-    "model.spectral_norm=false",
-    "model.subnet_coeff=1.0",
-    "model.spectral_method=exact",
-    "model.log_scale_bound=2.0",
-    "model.coupling_log_scale_bound=2.0",
-    "model.affine_x_bound=8.0",
-    "model.prior_log_std_bound=0",  # the unbounded split prior, before issue 22
-)
+# The glow and bounded presets (pipeline/flows/config.py) key by key, as the study's runs had them.
+GLOW = preset_overrides("glow")
+OLD_BOUNDED = preset_overrides("bounded")
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "glow": (
         "unconstrained Glow (exp-scale affine coupling, LU 1x1 conv, unbounded actnorm)",

@@ -1,6 +1,7 @@
 """Theory: linear-flow likelihood optimum, Lipschitz estimates, log-det balance, divergence events.
 
-Imports torch, the standard library and PIL only (docs/design.md §2); each module's docstring has the maths.
+Imports torch, the standard library, PIL and the n-bit rule (pipeline/data/quantise.py) only
+(docs/design.md §2); each module's docstring has the maths.
 """
 
 from pipeline.theory.config import GuardConfig

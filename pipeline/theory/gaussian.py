@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from pipeline.data.quantise import dequantise
 from pipeline.theory.optimum import Optimum, dequantization_variance, optimum_from_correlation
 
 
@@ -63,7 +64,7 @@ def gaussian_images(
     """``num`` images [num, 3, R, R] whose squeeze-s position vectors are i.i.d. N(mean, cov).
 
     dequantize=True gives float32 x = k/2^n - ½ + U(0, 2^-n) in [-½, ½), the loader's layout;
-    dequantize=False gives the uint8 levels k (write PNGs with ``k << (8 - n)``, or pass them to
+    dequantize=False gives the uint8 levels k (write PNGs with ``to_pixels``, or pass them to
     ``optimal_nll`` for the exact noise-integrated optimum of these very images).
     """
     cov = torch.as_tensor(cov, dtype=torch.float64)
@@ -87,7 +88,7 @@ def gaussian_images(
     if not dequantize:
         return k
     u = torch.rand(k.shape, generator=g, dtype=torch.float64)
-    return ((k.to(torch.float64) + u) / 2**n_bits - 0.5).to(torch.float32)
+    return dequantise(k.to(torch.float64), n_bits, u).to(torch.float32)
 
 
 def gaussian_optimum(

@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from pipeline.data.quantise import dequantise
 from pipeline.io import json_safe
 
 Mode = Literal["pooled", "per_image"]
@@ -99,7 +100,7 @@ def levels_to_midpoints(k: torch.Tensor, n_bits: int) -> torch.Tensor:
         raise ValueError(
             f"levels must lie in [0, {2**n_bits - 1}] for n_bits={n_bits}, max is {top}"
         )
-    return (k.to(torch.float64) + 0.5) / 2**n_bits - 0.5
+    return dequantise(k.to(torch.float64), n_bits, 0.5)
 
 
 def closed_form_nll(eigenvalues: torch.Tensor, positions: int) -> torch.Tensor:

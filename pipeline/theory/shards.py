@@ -2,7 +2,7 @@
 
 Shards are the tar files ``<split>-%06d.tar`` written by ``python -m pipeline shards`` (docs/design.md §4),
 each sample a ``<key>.png`` (or jpg) member. Reading them with tarfile + PIL keeps pipeline/theory
-free of the loader; the quantisation matches docs/design.md §3: k = v >> (8 - n) for 8-bit pixel values v.
+free of the loader; the quantisation is the loader's (pipeline/data/quantise.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from pipeline.data.quantise import quantise
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -55,7 +57,7 @@ def iter_levels(
                 data = tar.extractfile(member).read()
                 with Image.open(io.BytesIO(data)) as img:
                     v = np.asarray(img.convert("RGB"), dtype=np.uint8)
-                batch.append(v >> (8 - n_bits))
+                batch.append(quantise(v, n_bits))
                 seen += 1
                 if len(batch) == batch_size:
                     yield _stack(batch)

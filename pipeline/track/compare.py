@@ -34,6 +34,7 @@ class Run:
     tags: dict[str, str]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # by step
     datasets: dict[str, str] = field(default_factory=dict)  # context -> "name (digest)"
+    experiment_id: str = ""
 
     def last(self, key: str) -> float | None:
         points = self.history.get(key)
@@ -77,6 +78,7 @@ def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
             params=dict(r.data.params),
             tags=dict(r.data.tags),
             datasets=dataset_labels(r),
+            experiment_id=r.info.experiment_id,
         )
         for key in r.data.metrics:
             if key.startswith("system/"):  # the node monitors: not a training comparison

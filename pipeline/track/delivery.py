@@ -70,6 +70,7 @@ class State:
     uri: str = ""
     experiment: str = ""
     run_id: str | None = None
+    experiment_id: str | None = None  # the run's, for the link to it in the UI
     metrics_offset: int = 0  # bytes of metrics.jsonl delivered
     outbox_offset: int = 0  # bytes of tracking/outbox.jsonl delivered
     last_step: dict[str, int] = field(default_factory=dict)  # per metric, the last step delivered
@@ -259,7 +260,7 @@ class Delivery:
                 self.experiment_id(), run_name=self.run_name, tags={"node": system.node_id()}
             )
             self.run_id = run.info.run_id
-        self.state.run_id = self.run_id
+        self.state.run_id, self.state.experiment_id = self.run_id, run.info.experiment_id
         self.state.save(self.state_path)
         self.ready = True
 

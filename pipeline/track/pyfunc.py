@@ -4,7 +4,8 @@ MLflow runs this file when the model is logged (pipeline/track/model.py) and aga
 loaded; nothing is pickled. ``load_context`` rebuilds the flow from the resolved config stored with
 the weights (``pipeline.flows.build_flow``) and loads the state dict with
 ``torch.load(weights_only=True)``, so loading a model never runs code from its files. The file
-needs only torch, numpy, pandas, mlflow and ``pipeline.flows`` (logged with the model as code).
+needs only torch, numpy, pandas, mlflow, ``pipeline.flows`` and ``pipeline.data.quantise`` (logged
+with the model as code).
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     scores = model.predict(images)      # pandas DataFrame, one row per image
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
+from pipeline.data.quantise import dequantise, quantise
 from pipeline.flows import ModelConfig, build_flow
 
 
@@ -68,8 +70,8 @@ def to_inputs(images: Any, resolution: int, n_bits: int) -> torch.Tensor:
     a = as_array(images, resolution)
     hwc, chw = (resolution, resolution, 3), (3, resolution, resolution)
     if a.ndim == 4 and a.dtype == np.uint8 and a.shape[1:] == hwc:
-        k = np.ascontiguousarray(a.transpose(0, 3, 1, 2)) >> (8 - n_bits)
-        return torch.from_numpy((k.astype(np.float32) + 0.5) / 2.0**n_bits - 0.5)
+        k = quantise(np.ascontiguousarray(a.transpose(0, 3, 1, 2)), n_bits)
+        return torch.from_numpy(dequantise(k.astype(np.float32), n_bits, 0.5))
     if a.ndim == 4 and np.issubdtype(a.dtype, np.floating) and a.shape[1:] == chw:
         if a.size and not (a.min() >= -0.5 and a.max() < 0.5):
             raise ValueError(

@@ -61,6 +61,7 @@ class MetricsSink:
         self.uri = cfg.uri or default_uri(self.run_dir)
         self.undelivered = 0  # rows and operations close() had to leave for a later sink
         self._run_id = run_id
+        self._experiment_id: str | None = None
         self._jsonl = None
         self._delivery = None
         self._event_counts: Counter[str] = Counter()
@@ -80,6 +81,12 @@ class MetricsSink:
     def run_id(self) -> str | None:
         """The MLflow run; None while a store that was down at start has not come back."""
         return self._delivery.run_id if self._delivery is not None else self._run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The MLflow run's experiment (for the link to the run in the UI); None like run_id."""
+        delivery = self._delivery
+        return delivery.state.experiment_id if delivery is not None else self._experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params already in the run keep their value (MLflow forbids changing one)."""
@@ -188,6 +195,7 @@ class MetricsSink:
             self._run_id = self._delivery.run_id
             self.undelivered = self._delivery.stop(status, self.cfg.flush_timeout_s)
             self._run_id = self._delivery.run_id
+            self._experiment_id = self._delivery.state.experiment_id
             self._delivery = None
 
 

@@ -175,6 +175,7 @@ def finish(run: Run | None, cfg: Config, status: str, **outcome) -> dict:
         "panel": str(panel.resolve()) if panel.is_file() else None,
         "tracking_uri": run.sink.uri if run is not None else None,
         "mlflow_run_id": run.sink.run_id if run is not None else None,
+        "mlflow_experiment_id": run.sink.experiment_id if run is not None else None,
         "checkpoint": str(latest.resolve()) if latest is not None else None,
         # what the main rank's stream skipped (data/bad_samples in metrics.jsonl: all ranks)
         "bad_samples": dict(run.loader.bad_samples) if run is not None else {},
