@@ -707,8 +707,9 @@ def write_report(
         "## Divergence per arm and cell",
         "",
         "Divergence rate: diverged / (finished + diverged), [95% Wilson interval]; steps to "
-        "divergence: where the guard stopped a diverged run (median); val bpd: mean ± sample std "
-        "over the runs that finished (n of them).",
+        "divergence: where the guard stopped a diverged run (median); finished damaged: runs "
+        "that trained to the end but whose final battery found non-finite samples or bpd (they "
+        "count as finished); val bpd: mean ± sample std over the runs that finished (n of them).",
         "",
         to_markdown(*display_table(rows)),
         "## Exploding-inverse battery per arm",
@@ -759,6 +760,7 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[dict]]:
         "runs",
         "diverged",
         "divergence rate [95% CI]",
+        "finished damaged",
         "crashed",
         "median steps to divergence",
         "median first event step",
