@@ -359,7 +359,7 @@ def maybe_diagnose(run: Run, step: int, x: torch.Tensor, saving: bool) -> dict:
             probe = x[: guard.diagnostics_images].nan_to_num()
             with autocast(precision):
                 metrics = flow_diagnostics(run.model, probe, power_iters=guard.power_iters, seed=step)
-        if check:
+        if check and run.check_images is not None:
             start = time.perf_counter()
             metrics.update(sampler_check(run.model, run.check_images))
             metrics["guard/check_seconds"] = time.perf_counter() - start  # its cost, for the record

@@ -179,11 +179,11 @@ def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Pree
     )
 
 
-def first_images(loader, n: int) -> torch.Tensor:
-    """The first ``n`` images of a finite loader's pass (fewer if it holds fewer), on this rank's
-    device: the same images whenever asked (a val loader's ``iter()`` would finish the pass it is
-    in, which a validation cut short by train.val_batches leaves part-read). The loader's position
-    is left as it was, so the next validation sees what it would have."""
+def first_images(loader, n: int) -> torch.Tensor | None:
+    """The first ``n`` images of a finite loader's pass (fewer if it holds fewer; None if none),
+    on this rank's device: the same images whenever asked (a val loader's ``iter()`` would finish
+    the pass it is in, which a validation cut short by train.val_batches leaves part-read). The
+    loader's position is left as it was, so the next validation sees what it would have."""
     position, batches = loader.state_dict(), []
     start = {**position, "batches": 0, "samples": 0}
     loader.load_state_dict({**start, "reader_positions": [0] * len(position["reader_positions"])})
@@ -194,7 +194,7 @@ def first_images(loader, n: int) -> torch.Tensor:
                 break
     finally:
         loader.load_state_dict(position)
-    return torch.cat(batches)[:n].to(dist.device())
+    return torch.cat(batches)[:n].to(dist.device()) if batches else None
 
 
 def log_damaged(run: Run, folder: Path, problem: str) -> None:
