@@ -186,6 +186,7 @@ def test_the_sampler_check_is_deterministic_and_leaves_model_and_rng_as_they_wer
     """The guard's check (theory/battery.sampler_check) runs on the live model of a training run:
     it must not move its mode, its parameters, its buffers or the global RNG (exact resume), and
     the same weights must give the same verdict."""
+    from pipeline.flows.base import reuse_weights
     from pipeline.theory.battery import sampler_check
 
     flow = make_flow(MODELS["bounded"]).train()
@@ -193,6 +194,8 @@ def test_the_sampler_check_is_deterministic_and_leaves_model_and_rng_as_they_wer
     rng = torch.get_rng_state()
     first = sampler_check(flow, data(4))
     assert sampler_check(flow, data(4)) == first and torch.equal(torch.get_rng_state(), rng)
+    with reuse_weights():  # as the loop runs it: the walks share one normalisation, same numbers
+        assert sampler_check(flow, data(4)) == first
     assert flow.training
     assert all(torch.equal(v, before[k]) for k, v in flow.state_dict().items())
     assert first["check/recon_error"] < 1e-5 and first["check/bpd_finite_frac"] == 1.0

@@ -521,10 +521,20 @@ def spectral_groups(module: nn.Module) -> list[list[LipschitzConv2d]]:
 def normalise_groups(groups: list[list[LipschitzConv2d]]) -> None:
     """Prepare every conv's scale for one walk, a group at a time (one batched normalisation per
     level and conv position); `release_groups` ends the walk. With autograd the scales carry
-    the graph to the weights, built once for the group."""
+    the graph to the weights, built once for the group; in eval mode without autograd, walks
+    within one `reuse_weights` scope (the sampler check's forward, encode, decode and sample)
+    share them."""
     for convs in groups:
-        top = group_top(convs, convs[0].training)
-        for conv, scale in zip(convs, group_scales(convs, top).unbind(0), strict=True):
+        updating = convs[0].training
+
+        def scales(convs=convs, updating=updating) -> torch.Tensor:
+            return group_scales(convs, group_top(convs, updating))
+
+        if updating:  # a training walk: the warm-start vectors move, nothing to reuse
+            prepared = scales()
+        else:  # fixed weights and vectors: once per reuse_weights scope without autograd
+            prepared = convs[0]._cache.get("group", [c.weight for c in convs], scales)
+        for conv, scale in zip(convs, prepared.unbind(0), strict=True):
             conv._prepared = scale
 
 

@@ -155,7 +155,8 @@ def sampler_check(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> dic
 
     Deterministic: the same weights give the same numbers (its own generator; the global RNG is
     untouched, so an exact resume stays exact). Cost: one forward, one encode/decode and one
-    sample of len(x) images.
+    sample of len(x) images; inside flows.base.reuse_weights (as the loop calls it) the four
+    walks normalise the subnets' weights once.
     """
     flow = getattr(model, "module", model)
     was_training = flow.training

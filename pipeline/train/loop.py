@@ -18,6 +18,7 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, to_dict
+from pipeline.flows.base import reuse_weights
 from pipeline.theory.battery import battery_damage, exploding_inverse_battery, sampler_check
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.diagnostics import flow_diagnostics, grad_norms
@@ -361,7 +362,8 @@ def maybe_diagnose(run: Run, step: int, x: torch.Tensor, saving: bool) -> dict:
                 metrics = flow_diagnostics(run.model, probe, power_iters=guard.power_iters, seed=step)
         if check and run.check_images is not None:
             start = time.perf_counter()
-            metrics.update(sampler_check(run.model, run.check_images))
+            with reuse_weights():  # its four walks normalise the weights once
+                metrics.update(sampler_check(run.model, run.check_images))
             metrics["guard/check_seconds"] = time.perf_counter() - start  # its cost, for the record
     return dist.broadcast_object(metrics)
 
