@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config, load_saved_config, save_config
-from pipeline.theory import GuardConfig
+from pipeline.theory import DivergenceDetector, GuardConfig
 from pipeline.theory.detector import CHECK_RECON, CHECK_SAMPLES, INVERSE_ERR, LOSS
 from pipeline.train import compat
 from pipeline.train.guard import OK, ROLLBACK, STOP, Guard
@@ -71,3 +71,26 @@ def test_a_checkpoint_saved_before_the_bounded_prior_loads_and_resumes_unbounded
     assert compat.check_resume(tmp_path, same, world_size=1, saved_world_size=1) == []
     with pytest.raises(ConfigError, match=r"model\.prior_log_std_bound: 0\.0 -> 8\.0"):
         compat.check_resume(tmp_path, cfg, world_size=1, saved_world_size=1)
+
+
+def test_a_rollback_restarts_the_log_det_band():
+    """The restored weights' log-dets are not the diverging model's: compared with the band the
+    divergence left, they would look like a jump and roll back again (seen in the stability
+    study before the restart)."""
+    from pipeline.theory.detector import LOGDET_MAX, LOGDET_MIN
+
+    state = TrainState()
+    guard = Guard(GuardConfig(min_history=5), state)
+    for step in range(1, 31):  # a collapse: the extremes settle far below the healthy ones
+        state.step = step
+        guard.observe(state, {LOGDET_MAX: -3.0 - 1e-3 * step, LOGDET_MIN: -4.0})
+    healthy = {LOGDET_MAX: 2.0, LOGDET_MIN: 1.0}
+    jumped = DivergenceDetector(GuardConfig(min_history=5))
+    jumped.load_state_dict(state.detector)
+    assert [e.kind for e in jumped.observe(31, healthy)] == ["logdet_jump"]
+    guard.rolled_back(state)
+    state.step = 31
+    assert guard.observe(state, healthy) == ([], OK)
+    restored = DivergenceDetector(GuardConfig(min_history=5))
+    restored.load_state_dict(state.detector)  # and a resume after the rollback knows it
+    assert restored.logdet_max.values[-1] == 2.0 and len(restored.logdet_max.values) == 1

@@ -234,6 +234,12 @@ class DivergenceDetector:
             self.counts[event.kind] += 1
         return events
 
+    def restart_logdet_band(self) -> None:
+        """Forget the log-det extremes' history (the model changed discontinuously: a rollback);
+        the jump check waits for ``min_history`` new values."""
+        self.logdet_max.values.clear()
+        self.logdet_neg_min.values.clear()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss": list(self.loss.values),

@@ -67,3 +67,10 @@ class Guard:
         ):
             return events, OK
         return events, STOP if state.rollbacks >= self.cfg.max_rollbacks else ROLLBACK
+
+    def rolled_back(self, state: TrainState) -> None:
+        """After a rollback: the restored weights' log-dets are not the diverging ones', so the
+        log-det band starts again from their own history (the loss spike is one-sided, and a
+        restored, higher loss level is absorbed as any level shift)."""
+        self.detector.restart_logdet_band()
+        state.detector = self.detector.state_dict()

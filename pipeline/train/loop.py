@@ -114,6 +114,7 @@ def guard_step(run: Run, metrics: dict) -> bool:
         if action == ROLLBACK:
             for bad, problem in roll_back(run.engine, run.ckpt_root, run.state, run.cfg.guard):
                 log_damaged(run, bad, problem)
+            run.guard.rolled_back(run.state)
         elif action == STOP:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
