@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "synth": "write a folder of procedural face-like images",
     "shards": "image folder -> WebDataset tar shards per resolution",
     "model": "print a model summary: parameters, levels, blocks, bounds",
+    "plan": "what a run will be on N nodes x G GPUs: batches, DeepSpeed JSON, memory per rank, reads",
     "optimum": "closed-form likelihood optimum of linear flows on shards",
     "bench": "benchmarks that print JSON (data, train, scaling)",
     "compare": "table and plots comparing MLflow runs",

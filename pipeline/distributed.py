@@ -128,8 +128,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def deepspeed_config(train: Any, world: int) -> dict:
-    """DeepSpeed's JSON, generated from our train section: the single source of truth."""
+# DeepSpeed's defaults for the zero_optimization keys that size its ZeRO 1/2 gradient bucket
+# (deepspeed/runtime/zero/config.py), for memory plans made without importing it
+ZERO_BUCKET_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "overlap_comm": False,
+    "contiguous_gradients": True,
+}
+
+
+def deepspeed_config(train: Any, world: int, cuda: bool | None = None) -> dict:
+    """DeepSpeed's JSON, generated from our train section: the single source of truth. `cuda`:
+    the JSON for CUDA ranks or CPU ones (default: this machine's)."""
     check_batch(train, world)  # a ConfigError naming the numbers
     global_batch = train.micro_batch * train.grad_accum * world
     cfg: dict[str, Any] = {
@@ -141,7 +151,7 @@ def deepspeed_config(train: Any, world: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() if cuda is None else cuda):
         cfg["zero_allow_untested_optimizer"] = True
     # train.deepspeed's knobs on top; the config refused the keys the pipeline owns
     return deep_merge(cfg, dict(getattr(train, "deepspeed", {}) or {}))

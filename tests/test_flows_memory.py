@@ -17,7 +17,7 @@ import torch
 from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
 from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
-from pipeline.flows.memory import saved_tensor_bytes
+from pipeline.flows.memory import LiveTensors, saved_tensor_bytes
 from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
 
 IMAGE = (3, 8, 8)
@@ -162,6 +162,24 @@ def test_invertible_backward_peak_does_not_grow_with_depth():
     assert invertible[0] == invertible[1] == invertible[2], invertible
     assert store[2] > 3.5 * store[0], store
     assert invertible[2] < store[2] / 5, (invertible, store)
+
+
+def test_live_tensors_counts_allocations_and_tells_per_image_from_weights():
+    """Bytes alive after each allocation, (other, per-image): a view or an in-place op allocates
+    nothing, a freed tensor leaves the count, and only what is computed from the batch with the
+    batch's rows is per-image (a weight-sized product of the batch stays "other")."""
+    x = torch.zeros(5, 100)  # 400 B a row
+    w = torch.zeros(100, 100, requires_grad=True)
+    with LiveTensors([x], 5) as live:
+        h = x @ w  # per-image, 2000 B
+        h.add_(1).view(-1)  # nothing new
+        (w * 2).sum()  # other: 40000 B, then its 4-byte sum; both freed at once
+        live.mark()
+        (x.t() @ h).sum()  # computed from the batch, but [100, 100]: other
+    forward, backward = live.phases
+    assert forward.tolist() == [[0, 0], [0, 2000], [40000, 2000], [40004, 2000]]
+    assert backward.tolist() == [[0, 2000], [40000, 2000], [40004, 2000]]
+    assert live.peak(1.0) == 42004 and live.peak(10.0) == 40004 + 20000
 
 
 def test_residual_steps_fall_back_to_checkpointing():

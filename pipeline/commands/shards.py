@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from pipeline.data.shards import MIN_VAL_SHARDS, UsageError, write_shards
+from pipeline.data.shards import MIN_VAL_SHARDS, SHARD_SIZE, UsageError, write_shards
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="file with one name per line (relative path, with or "
         "without suffix, or bare file name) that form val",
     )
-    p.add_argument("--shard-size", type=int, default=256, help="train samples per shard")
+    p.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="train samples per shard")
     p.add_argument(
         "--val-shard-size",
         type=int,

@@ -58,6 +58,7 @@ MIN_VAL_SHARDS = (
     64  # default val sharding: enough shards for 64 readers when there are images for it
 )
 PRINTED_SKIPS = 20
+SHARD_SIZE = 256  # train samples per shard by default
 
 
 class UsageError(PipelineError, ValueError):
@@ -147,7 +148,7 @@ def write_shards(
     *,
     val_fraction: float = 0.1,
     val_list: str | None = None,
-    shard_size: int = 256,
+    shard_size: int = SHARD_SIZE,
     val_shard_size: int = 0,
     workers: int = 1,
     seed: int = 0,
