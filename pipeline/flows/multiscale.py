@@ -361,12 +361,15 @@ class MultiScaleFlow(nn.Module):
                 linear_run = linear
         return out
 
-    def bound_factors(self) -> list[tuple[int, str, float, float]]:
-        """(level index, name, L, L_inv) of every factor of `factors()`. A run of linear blocks is
-        one c×c matrix M = M_k···M_1 applied at every position (plus a bias), so its exact bounds
-        are σ_max(M) and 1/σ_min(M), at most the product of its blocks' bounds."""
+    def bound_factors(
+        self, factors: list[tuple[int, str, list[FlowBlock]]] | None = None
+    ) -> list[tuple[int, str, float, float]]:
+        """(level index, name, L, L_inv) of every factor of `factors()`, or of the given ones (a
+        level at a time, say). A run of linear blocks is one c×c matrix M = M_k···M_1 applied at
+        every position (plus a bias), so its exact bounds are σ_max(M) and 1/σ_min(M), at most
+        the product of its blocks' bounds."""
         out = []
-        for index, name, blocks in self.factors():
+        for index, name, blocks in self.factors() if factors is None else factors:
             if blocks[0].channel_matrix() is None:
                 out.append((index, name, *blocks[0].lipschitz_bound()))
                 continue
