@@ -10,7 +10,7 @@ bpd      = -log p(x)/(D·ln 2) + n_bits,  D = C·H·W, for x = k/2^n - 1/2 + U(0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -176,14 +176,18 @@ class Level(nn.Module):
         z: torch.Tensor | None,
         temperature: float,
         generator: torch.Generator | None,
+        inverted: Callable[[], object] | None = None,
     ) -> torch.Tensor:
-        """The inverse walk: re-attach (or draw) z, invert the blocks, unsqueeze."""
+        """The inverse walk: re-attach (or draw) z, invert the blocks (calling `inverted` after
+        each), unsqueeze."""
         if self.split is not None:
             h = self.split.inverse(h, z, temperature, generator)
         normalise_groups(self.spectral_groups)
         try:
             for block in reversed(self.steps):
                 h = block.inverse(h)
+                if inverted is not None:
+                    inverted()
         finally:
             release_groups(self.spectral_groups)
         return unsqueeze(h)
@@ -281,12 +285,13 @@ class MultiScaleFlow(nn.Module):
         zs: list[torch.Tensor] | None,
         temperature: float,
         generator: torch.Generator | None,
+        inverted: Callable[[], object] | None = None,
     ) -> torch.Tensor:
         """Invert level by level from the top; a split with no given z draws it from its prior."""
         with frozen(self):
             for index in reversed(range(len(self.levels))):
                 z = zs[index] if zs is not None and index < len(zs) else None
-                h = self.levels[index].inverse(h, z, temperature, generator)
+                h = self.levels[index].inverse(h, z, temperature, generator, inverted)
         return h
 
     def flat_latent(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,16 +312,21 @@ class MultiScaleFlow(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        inverted: Callable[[], object] | None = None,
     ) -> torch.Tensor:
-        """n images: z_top ~ N(0, T²·I), then each split's z ~ N(μ, (T·σ)²) on the way down."""
+        """n images: z_top ~ N(0, T²·I), then each split's z ~ N(μ, (T·σ)²) on the way down;
+        `inverted` is called after each block (a progress bar: minutes per level at 1024²)."""
         param = next(self.parameters(), torch.zeros(()))  # a model may have no parameters at all
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         shape = (n, *self.z_shapes[-1])
         z_top = temperature * torch.randn(
             shape, generator=generator, device=param.device, dtype=dtype
         )
-        return self._decode(z_top, None, temperature, generator)
+        return self._decode(z_top, None, temperature, generator, inverted)
 
     # ----- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
