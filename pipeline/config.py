@@ -339,6 +339,13 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
+def describe_model(cfg: Config) -> str:
+    """The model's size in a few words, for progress lines: '3x256x256, 6 levels x 32 steps,
+    width 512'."""
+    r, m = cfg.data.resolution, cfg.model
+    return f"3x{r}x{r}, {m.levels} levels x {m.steps} steps, width {m.width}"
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}: how the config is logged as MLflow params."""
     flat = {}

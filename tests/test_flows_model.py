@@ -12,7 +12,7 @@ import torch
 
 from pipeline.flows import ActNorm, Coupling, ModelConfig, build_flow, summary
 from pipeline.flows.config import PRESETS
-from pipeline.flows.lipschitz import converge_spectral_norms
+from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
 from tests.conftest import assert_every_parameter_has_a_gradient, assert_save_load_reproduces
 
 IMAGE = (3, 8, 8)
@@ -338,6 +338,20 @@ def test_model_command_prints_the_summary(capsys):
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(["model", "model.levels=9", "data.resolution=16"]) == 2
     assert "level 0" in summary(make_flow("linear"))
+
+
+def test_a_model_as_built_is_certified_without_normalising_its_subnets():
+    """Each coupling's last subnet layer starts at zero, so the subnet is a constant (Lip 0) and
+    the certified bounds need no normalised kernel: no layer is warmed up (eigendecompositions at
+    every frequency, minutes for a 1024² model), and the bounds are those once they are."""
+    torch.manual_seed(0)
+    flow = build_flow(ModelConfig(**TINY), IMAGE, N_BITS).double()
+    convs = [m for m in flow.modules() if isinstance(m, LipschitzConv2d)]
+    as_built = flow.bound_factors()
+    assert not any(conv._warm for conv in convs)
+    flow.eval()(data(2))  # every layer normalised once, as in the first step
+    assert all(conv._warm for conv in convs)
+    assert flow.bound_factors() == as_built
 
 
 def test_linear_runs_are_certified_as_one_matrix():

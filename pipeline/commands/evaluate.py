@@ -9,8 +9,9 @@ import json
 import torch
 from tqdm import tqdm
 
+from pipeline import progress
 from pipeline.data import build_loader, resolve_shards
-from pipeline.train.inference import load_model
+from pipeline.train.inference import open_checkpoint, restore_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,18 +24,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, cfg, folder = load_model(args.checkpoint)
+    folder, cfg = open_checkpoint(args.checkpoint, progress.stage)
     data = cfg.data
     if args.shards:
         data = dataclasses.replace(data, source="shards", shards=args.shards)
-    shards = resolve_shards(data)
+    shards = resolve_shards(data)  # before the model: a missing shard folder fails at once
     loader = build_loader(data, shards, args.split, args.batch_size, rank=0, world_size=1)
+    model = restore_model(folder, cfg, stage=progress.stage)
     total, count = 0.0, 0
     n = loader.batches_per_epoch  # the train stream is endless: one epoch of it
     if args.max_batches:
         n = min(n, args.max_batches)
-    bar = tqdm(loader, desc=f"evaluate {args.split}", unit="batch", total=n, disable=args.json)
-    with torch.no_grad():
+    with (
+        progress.stage(f"evaluating the {args.split} split ({n} x {args.batch_size} images)"),
+        tqdm(loader, f"evaluate {args.split}", total=n, unit="batch", disable=args.json) as bar,
+        torch.no_grad(),
+    ):
         for i, x in enumerate(bar):
             if i >= n:
                 break

@@ -14,10 +14,11 @@ import sys
 
 import torch
 
+from pipeline import progress
 from pipeline.data import ShardError, build_loader, prepare_synthetic, resolve_shards
 from pipeline.io import json_safe
 from pipeline.theory.battery import TEMPERATURES, exploding_inverse_battery
-from pipeline.train.inference import load_model
+from pipeline.train.inference import open_checkpoint, restore_model
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -68,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: --images, --samples and --grad-images must be >= 1", file=sys.stderr)
         return 2
     try:
-        model, cfg, folder = load_model(args.checkpoint)
+        folder, cfg = open_checkpoint(args.checkpoint, progress.stage)
+        # before the model: missing images fail at once
         x_val = val_images(cfg.data, args.shards, max(args.images, args.grad_images))
+        model = restore_model(folder, cfg, stage=progress.stage)
     except (FileNotFoundError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=DTYPES[args.dtype],
         gradients=not args.no_gradients,
+        stage=progress.stage,
     )
     if args.json:
         print(json.dumps(json_safe({"checkpoint": str(folder), **metrics})))

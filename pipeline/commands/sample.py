@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
+from tqdm import tqdm
 
+from pipeline import progress
 from pipeline.train.images import save_grid
 from pipeline.train.inference import load_model
 
@@ -19,10 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, _, folder = load_model(args.checkpoint)
+    model, _, folder = load_model(args.checkpoint, stage=progress.stage)
     generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        x = model.sample(args.n, temperature=args.temperature, generator=generator)
+    blocks = sum(1 for _ in model.blocks())
+    with (
+        progress.stage(f"sampling (n={args.n}, temperature {args.temperature})"),
+        tqdm(total=blocks, desc="inverted", unit="block", file=sys.stderr) as bar,
+        torch.no_grad(),
+    ):
+        x = model.sample(args.n, args.temperature, generator, inverted=bar.update)
     if not torch.isfinite(x).all():
         print(f"warning: {int((~torch.isfinite(x)).sum())} non-finite values in the samples")
     save_grid(x, args.out)

@@ -10,7 +10,7 @@ bpd      = -log p(x)/(D·ln 2) + n_bits,  D = C·H·W, for x = k/2^n - 1/2 + U(0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -186,14 +186,18 @@ class Level(nn.Module):
         z: torch.Tensor | None,
         temperature: float,
         generator: torch.Generator | None,
+        inverted: Callable[[], object] | None = None,
     ) -> torch.Tensor:
-        """The inverse walk: re-attach (or draw) z, invert the blocks, unsqueeze."""
+        """The inverse walk: re-attach (or draw) z, invert the blocks (calling `inverted` after
+        each), unsqueeze."""
         if self.split is not None:
             h = self.split.inverse(h, z, temperature, generator)
         normalise_groups(self.spectral_groups)
         try:
             for block in reversed(self.steps):
                 h = block.inverse(h)
+                if inverted is not None:
+                    inverted()
         finally:
             release_groups(self.spectral_groups)
         return unsqueeze(h)
@@ -291,12 +295,13 @@ class MultiScaleFlow(nn.Module):
         zs: list[torch.Tensor] | None,
         temperature: float,
         generator: torch.Generator | None,
+        inverted: Callable[[], object] | None = None,
     ) -> torch.Tensor:
         """Invert level by level from the top; a split with no given z draws it from its prior."""
         with frozen(self):
             for index in reversed(range(len(self.levels))):
                 z = zs[index] if zs is not None and index < len(zs) else None
-                h = self.levels[index].inverse(h, z, temperature, generator)
+                h = self.levels[index].inverse(h, z, temperature, generator, inverted)
         return h
 
     def flat_latent(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,16 +322,21 @@ class MultiScaleFlow(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        inverted: Callable[[], object] | None = None,
     ) -> torch.Tensor:
-        """n images: z_top ~ N(0, T²·I), then each split's z ~ N(μ, (T·σ)²) on the way down."""
+        """n images: z_top ~ N(0, T²·I), then each split's z ~ N(μ, (T·σ)²) on the way down;
+        `inverted` is called after each block (a progress bar: minutes per level at 1024²)."""
         param = next(self.parameters(), torch.zeros(()))  # a model may have no parameters at all
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         shape = (n, *self.z_shapes[-1])
         z_top = temperature * torch.randn(
             shape, generator=generator, device=param.device, dtype=dtype
         )
-        return self._decode(z_top, None, temperature, generator)
+        return self._decode(z_top, None, temperature, generator, inverted)
 
     # ----- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -371,12 +381,15 @@ class MultiScaleFlow(nn.Module):
                 linear_run = linear
         return out
 
-    def bound_factors(self) -> list[tuple[int, str, float, float]]:
-        """(level index, name, L, L_inv) of every factor of `factors()`. A run of linear blocks is
-        one c×c matrix M = M_k···M_1 applied at every position (plus a bias), so its exact bounds
-        are σ_max(M) and 1/σ_min(M), at most the product of its blocks' bounds."""
+    def bound_factors(
+        self, factors: list[tuple[int, str, list[FlowBlock]]] | None = None
+    ) -> list[tuple[int, str, float, float]]:
+        """(level index, name, L, L_inv) of every factor of `factors()`, or of the given ones (a
+        level at a time, say). A run of linear blocks is one c×c matrix M = M_k···M_1 applied at
+        every position (plus a bias), so its exact bounds are σ_max(M) and 1/σ_min(M), at most
+        the product of its blocks' bounds."""
         out = []
-        for index, name, blocks in self.factors():
+        for index, name, blocks in self.factors() if factors is None else factors:
             if blocks[0].channel_matrix() is None:
                 out.append((index, name, *blocks[0].lipschitz_bound()))
                 continue

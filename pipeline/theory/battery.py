@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -73,9 +74,12 @@ def exploding_inverse_battery(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     gradients: bool = True,
+    stage: Callable[[str], AbstractContextManager] = nullcontext,
 ) -> dict[str, float]:
     """The battery's metrics (module docstring) for `model` (a flow or a DeepSpeed engine wrapping
     one) and validation images `x_val` [B, C, H, W] (at least one; the first n_images are used).
+    `stage(description)` wraps each family, temperature and the gradients (progress.stage in the
+    probe command: a pass of 4 images through a 256² model takes a minute on a CPU core).
 
     Deterministic given `seed`: the off-data inputs and the samples come from seeded generators
     (the inputs on the CPU, so they are the same on every device). Cost: 7·n_images forward and
@@ -93,20 +97,23 @@ def exploding_inverse_battery(
     inputs = input_families(x_val[:n_images].detach().cpu(), n_images, seed)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for name, x in inputs.items():
-            x = x.to(device, dtype)
-            for key, value in probe_inputs(flow, x).items():
-                metrics[f"battery/{name}/{key}"] = value
+            with stage(f"battery: {len(x)} {name} images through x -> z -> x"):
+                x = x.to(device, dtype)
+                for key, value in probe_inputs(flow, x).items():
+                    metrics[f"battery/{name}/{key}"] = value
         generator = torch.Generator(device=device)
         for temperature in temperatures:
-            generator.manual_seed(seed)
-            x = flow.sample(n_samples, temperature=temperature, generator=generator)
-            for key, value in sample_stats(x).items():
-                metrics[f"battery/sample_T{temperature:g}/{key}"] = value
+            with stage(f"battery: {n_samples} samples at T = {temperature:g}"):
+                generator.manual_seed(seed)
+                x = flow.sample(n_samples, temperature=temperature, generator=generator)
+                for key, value in sample_stats(x).items():
+                    metrics[f"battery/sample_T{temperature:g}/{key}"] = value
     del flow
     if gradients:
-        metrics["battery/invertible_grad_rel_error"] = invertible_grad_rel_error(
-            base, x_val[:n_grad].to(device), seed=seed
-        )
+        with stage(f"battery: gradients of {min(n_grad, len(x_val))} images, stored vs invertible"):
+            metrics["battery/invertible_grad_rel_error"] = invertible_grad_rel_error(
+                base, x_val[:n_grad].to(device), seed=seed
+            )
     return metrics
 
 

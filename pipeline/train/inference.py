@@ -5,11 +5,13 @@ Every file is read with ``torch.load(weights_only=True)``: loading a checkpoint 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, load_saved_config
+from pipeline.config import Config, describe_model, load_saved_config
 from pipeline.flows import build_flow
 from pipeline.train import checkpoint as ckpt
 
@@ -47,11 +49,37 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(files[0], map_location="cpu", weights_only=True)["module"]
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Config, Path]:
-    """(flow in eval mode, its resolved config, the step folder) from a checkpoint or run folder."""
-    folder = resolve_checkpoint(path)
-    cfg = load_saved_config(folder / "config.yaml")
+def open_checkpoint(
+    path: str | Path, stage: Callable[[str], AbstractContextManager] = nullcontext
+) -> tuple[Path, Config]:
+    """(step folder, its resolved config) of a checkpoint or run folder, verified."""
+    with stage(f"checking checkpoint {path}"):
+        folder = resolve_checkpoint(path)
+        return folder, load_saved_config(folder / "config.yaml")
+
+
+def restore_model(
+    folder: Path,
+    cfg: Config,
+    device: str = "cpu",
+    stage: Callable[[str], AbstractContextManager] = nullcontext,
+) -> torch.nn.Module:
+    """The flow of `open_checkpoint`'s (folder, cfg) with its weights, in eval mode."""
     r = cfg.data.resolution
-    model = build_flow(cfg.model, (3, r, r), cfg.data.n_bits)
-    model.load_state_dict(load_state_dict(folder))
-    return model.to(device).eval(), cfg, folder
+    with stage(f"building the model of {folder} ({describe_model(cfg)})"):
+        model = build_flow(cfg.model, (3, r, r), cfg.data.n_bits)
+    with stage("loading its weights"):
+        model.load_state_dict(load_state_dict(folder))
+    return model.to(device).eval()
+
+
+def load_model(
+    path: str | Path,
+    device: str = "cpu",
+    stage: Callable[[str], AbstractContextManager] = nullcontext,
+) -> tuple[torch.nn.Module, Config, Path]:
+    """(flow in eval mode, its resolved config, the step folder) from a checkpoint or run folder.
+    `stage(description)` wraps each step: commands pass progress.stage, since checking, building
+    and loading a 1024² model take half a minute on a CPU."""
+    folder, cfg = open_checkpoint(path, stage)
+    return restore_model(folder, cfg, device, stage), cfg, folder
