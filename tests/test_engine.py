@@ -16,11 +16,7 @@ from pipeline.distributed import deepspeed_config, free_port
 from pipeline.flows import build_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.inference import load_model
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
-
-
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_pipeline(*args, timeout=timeout)
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main
 
 
 def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():
@@ -116,23 +112,14 @@ def assert_zero_to_fp32_commands_work(
             assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), (how, name)
 
 
-def test_export_sample_evaluate_from_a_checkpoint(tmp_path):
-    cli(
-        "train",
-        "--config",
-        "configs/debug.yaml",
-        f"run.root={tmp_path}/runs",
-        f"data.cache={tmp_path}/data",
-        "guard.diagnostics_every=0",
-        "train.steps=3",
-    )
-    run = tmp_path / "runs" / "debug"
+def test_export_sample_evaluate_from_a_checkpoint(tiny_run, tmp_path, capsys):
+    run = tiny_run["run_dir"]
     model, cfg, folder = load_model(run)
-    assert folder.name == "step00000003"
+    assert folder.name == "step00000006"  # the run folder's newest complete checkpoint
 
-    cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "model.pt"))
+    run_main(capsys, "export", "--checkpoint", str(run), "--out", str(tmp_path / "model.pt"))
     blob = torch.load(tmp_path / "model.pt", weights_only=True)  # no code runs on load
-    assert blob["step"] == 3
+    assert blob["step"] == 6
     exported_cfg = from_dict(blob["config"])
     r = exported_cfg.data.resolution
     plain = build_flow(exported_cfg.model, (3, r, r), exported_cfg.data.n_bits)
@@ -141,24 +128,17 @@ def test_export_sample_evaluate_from_a_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain.eval()(x)["log_prob"], model(x)["log_prob"])
 
-    cli(
-        "sample",
-        "--checkpoint",
-        str(folder),
-        "--n",
-        "9",
-        "--temperature",
-        "0.7",
-        "--out",
-        str(tmp_path / "grid.png"),
-    )
+    grid = tmp_path / "grid.png"
+    earlier = run / "checkpoints" / "step00000003"  # a step folder, not the newest
+    run_main(capsys, "sample", "--checkpoint", str(earlier), "--n", "9", "--temperature", "0.7",
+             "--out", str(grid))  # fmt: skip
     from PIL import Image
 
-    with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (3 * (r + 2) + 2, 3 * (r + 2) + 2)
+    with Image.open(grid) as image:
+        assert image.size == (3 * (r + 2) + 2, 3 * (r + 2) + 2)
 
-    out = cli("evaluate", "--checkpoint", str(run), "--json")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_main(capsys, "evaluate", "--checkpoint", str(run), "--json")
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["split"] == "val" and result["images"] == 32 and 0 < result["bpd"] < 9
     summary_bpd = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert abs(result["bpd"] - summary_bpd["val/bpd"]) < 1e-4  # same split, same numbers
