@@ -67,6 +67,20 @@ def tiny_run(tmp_path_factory) -> dict:
     return {"root": root, "run_dir": run_dir, "summary": summary, "uri": summary["tracking_uri"]}
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The session's one `mlflow server` (tests/test_track_server.py Server; each start costs
+    ~10-25 s here), for the tracking-server tests and the two-node run that reports to it. A test
+    may kill and relaunch it (same port, same store) but leaves it running."""
+    from tests.test_track_server import Server
+
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    server.launch()
+    server.wait_healthy()
+    yield server
+    server.kill()
+
+
 def run_main(capsys, *args: str) -> str:
     """`python -m pipeline ARGS` in this process (pipeline.__main__.main, the entry point without a
     fresh interpreter: ~2.5 s less per call here); asserts it returns 0, returns its stdout."""
