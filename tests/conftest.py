@@ -67,6 +67,52 @@ def tiny_run(tmp_path_factory) -> dict:
     return {"root": root, "run_dir": run_dir, "summary": summary, "uri": summary["tracking_uri"]}
 
 
+def launch_two_ranks(root: Path, port: int, *overrides: str) -> tuple[dict, str]:
+    """`launch/local.sh --config configs/debug.yaml` on 2 CPU ranks, run root and data cache under
+    ``root``; (its summary, its stdout). Fails the test, with the output's tail, unless it exits 0."""
+    summary = root / "summary.json"
+    out = subprocess.run(
+        [
+            str(ROOT / "launch" / "local.sh"),
+            "--config",
+            "configs/debug.yaml",
+            f"run.root={root}/runs",
+            f"data.cache={root}/data",
+            *overrides,
+            "--summary-json",
+            str(summary),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC="2"),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(summary.read_text()), out.stdout
+
+
+TWO_RANK_PORT = 29651
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory) -> dict:
+    """The session's one plain 2-rank run under the DeepSpeed launcher (each launch costs ~20 s
+    here): debug.yaml with ZeRO 1, fp32, 2 micro-batches per step, diagnostics every 3 steps and
+    DeepSpeed's wall-clock timers on; read by the launcher test (tests/test_train.py) and the ZeRO 1
+    case of tests/test_engine.py. Keys: summary, stdout, port (its MASTER_PORT)."""
+    summary, stdout = launch_two_ranks(
+        tmp_path_factory.mktemp("two-ranks"),
+        TWO_RANK_PORT,
+        "train.zero_stage=1",
+        "train.precision=fp32",
+        "train.grad_accum=2",
+        "guard.diagnostics_every=3",
+        "train.deepspeed.wall_clock_breakdown=true",
+    )
+    return {"summary": summary, "stdout": stdout, "port": TWO_RANK_PORT}
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """The session's one `mlflow server` (tests/test_track_server.py Server; each start costs

@@ -16,7 +16,7 @@ from pipeline.distributed import deepspeed_config, free_port
 from pipeline.flows import build_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.inference import load_model
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main
+from tests.conftest import PYTHON, env_for_subprocess, launch_two_ranks, run_main
 
 
 def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():
@@ -30,40 +30,13 @@ def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():
         deepspeed_config(train, world=2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "zero, precision, accum",
-    [(1, "fp32", 2), (2, "bf16", 1)],
-    ids=["zero1-fp32-accum2", "zero2-bf16"],
-)
-def test_zero_stages_precisions_and_accumulation_on_two_ranks(tmp_path, zero, precision, accum):
-    summary = tmp_path / "summary.json"
-    out = subprocess.run(
-        [
-            str(ROOT / "launch" / "local.sh"),
-            "--config",
-            "configs/debug.yaml",
-            f"run.root={tmp_path}/runs",
-            f"data.cache={tmp_path}/data",
-            f"train.zero_stage={zero}",
-            f"train.precision={precision}",
-            f"train.grad_accum={accum}",
-            "guard.diagnostics_every=3",
-            "--summary-json",
-            str(summary),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(MASTER_PORT=str(29650 + zero), PYTHON=PYTHON, NPROC="2"),
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "ActNorm data-dependent init identical on 2 rank(s)" in out.stdout
+def assert_zero_run(s: dict, stdout: str, port: int) -> tuple[Path, dict, dict]:
+    """A finished 2-rank ZeRO run; returns (its checkpoint, DeepSpeed's fp32 state dict of it, our
+    loaded model's state dict)."""
+    assert "ActNorm data-dependent init identical on 2 rank(s)" in stdout
     # DeepSpeed's CPU shared-memory all-reduce segments (~66 MB each) are not left behind in RAM
-    leftover = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{29650 + zero}_"
+    leftover = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(leftover)]
-    s = json.loads(summary.read_text())
     assert s["status"] == "finished" and s["skipped_steps"] == 0 and 0 < s["final_val_bpd"] < 9
     rows = [json.loads(r) for r in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/bpd" in r]
@@ -78,8 +51,25 @@ def test_zero_stages_precisions_and_accumulation_on_two_ranks(tmp_path, zero, pr
     ours = model.state_dict()
     for name, tensor in fp32.items():
         assert torch.equal(tensor.float(), ours[name].float()), name
-    if zero == 2:  # the commands too, once: each costs a DeepSpeed import
-        assert_zero_to_fp32_commands_work(ckpt, set(fp32), ours, tmp_path)
+    return ckpt, fp32, ours
+
+
+@pytest.mark.slow
+def test_zero_1_fp32_and_accumulation_on_two_ranks(two_rank_run):
+    """ZeRO 1, fp32, 2 micro-batches per step: the session's 2-rank run (tests/conftest.py)."""
+    run = two_rank_run
+    assert_zero_run(run["summary"], run["stdout"], port=run["port"])
+
+
+@pytest.mark.slow
+def test_zero_2_and_bf16_on_two_ranks(tmp_path):
+    port = 29652
+    s, stdout = launch_two_ranks(
+        tmp_path, port, "train.zero_stage=2", "train.precision=bf16", "guard.diagnostics_every=3"
+    )
+    ckpt, fp32, ours = assert_zero_run(s, stdout, port=port)
+    # the commands too, once: each costs a DeepSpeed import
+    assert_zero_to_fp32_commands_work(ckpt, set(fp32), ours, tmp_path)
 
 
 def assert_zero_to_fp32_commands_work(
