@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,105 @@ def run_pipeline(*args: str, timeout: float = 600, **env: str) -> subprocess.Com
         env=env_for_subprocess(**env),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+REGISTERED_MODEL = "lipflow-test-flow"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """The session's one trained tiny model: a debug.yaml run (6 steps, checkpoints at steps 0, 3
+    and 6, MLflow in the SQLite store of its run root, its model logged and registered as
+    REGISTERED_MODEL), trained once for every test that needs "a trained checkpoint" (probe,
+    export, sample, evaluate, the MLflow model). Tests read it; the MLflow model tests also add to
+    its store (tests/test_track_model.py); anything that would change its folders works on a copy.
+    Keys: root (data/ and runs/ under it), run_dir, summary, uri."""
+    root = tmp_path_factory.mktemp("tiny")
+    run_pipeline(
+        "train",
+        "--config",
+        "configs/debug.yaml",
+        f"run.root={root}/runs",
+        f"data.cache={root}/data",
+        "run.name=tiny",
+        "guard.battery_images=0",
+        f"tracking.register_model={REGISTERED_MODEL}",
+    )
+    run_dir = root / "runs" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"root": root, "run_dir": run_dir, "summary": summary, "uri": summary["tracking_uri"]}
+
+
+def launch_two_ranks(root: Path, port: int, *overrides: str) -> tuple[dict, str]:
+    """`launch/local.sh --config configs/debug.yaml` on 2 CPU ranks, run root and data cache under
+    ``root``; (its summary, its stdout). Fails the test, with the output's tail, unless it exits 0."""
+    summary = root / "summary.json"
+    out = subprocess.run(
+        [
+            str(ROOT / "launch" / "local.sh"),
+            "--config",
+            "configs/debug.yaml",
+            f"run.root={root}/runs",
+            f"data.cache={root}/data",
+            *overrides,
+            "--summary-json",
+            str(summary),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC="2"),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(summary.read_text()), out.stdout
+
+
+TWO_RANK_PORT = 29651
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory) -> dict:
+    """The session's one plain 2-rank run under the DeepSpeed launcher (each launch costs ~20 s
+    here): debug.yaml with ZeRO 1, fp32, 2 micro-batches per step, diagnostics every 3 steps and
+    DeepSpeed's wall-clock timers on; read by the launcher test (tests/test_train.py) and the ZeRO 1
+    case of tests/test_engine.py. Keys: summary, stdout, port (its MASTER_PORT)."""
+    summary, stdout = launch_two_ranks(
+        tmp_path_factory.mktemp("two-ranks"),
+        TWO_RANK_PORT,
+        "train.zero_stage=1",
+        "train.precision=fp32",
+        "train.grad_accum=2",
+        "guard.diagnostics_every=3",
+        "train.deepspeed.wall_clock_breakdown=true",
+    )
+    return {"summary": summary, "stdout": stdout, "port": TWO_RANK_PORT}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The session's one `mlflow server` (tests/test_track_server.py Server; each start costs
+    ~10-25 s here), for the tracking-server tests and the two-node run that reports to it. A test
+    may kill and relaunch it (same port, same store) but leaves it running."""
+    from tests.test_track_server import Server
+
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    server.launch()
+    server.wait_healthy()
+    yield server
+    server.kill()
+
+
+def run_main(capsys, *args: str) -> str:
+    """`python -m pipeline ARGS` in this process (pipeline.__main__.main, the entry point without a
+    fresh interpreter: ~2.5 s less per call here); asserts it returns 0, returns its stdout."""
+    from pipeline.__main__ import main
+
+    capsys.readouterr()  # what earlier calls printed is not this one's
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-3000:]
     return out
 
 

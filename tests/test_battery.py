@@ -19,7 +19,6 @@ from pipeline.__main__ import main
 from pipeline.flows import ActNorm, ModelConfig, build_flow
 from pipeline.io import json_safe
 from pipeline.theory.battery import FAMILIES, exploding_inverse_battery
-from tests.conftest import run_pipeline
 
 IMAGE = (3, 8, 8)
 N_BITS = 5
@@ -149,17 +148,8 @@ def test_an_ill_conditioned_inverse_shows_in_reconstruction_samples_and_gradient
     assert bounded["battery/invertible_grad_rel_error"] < GRAD_TOL
 
 
-def test_probe_command_on_a_trained_checkpoint(tmp_path, capsys):
-    run_pipeline(
-        "train",
-        "--config",
-        "configs/debug.yaml",
-        f"run.root={tmp_path}",
-        "run.name=tiny",
-        f"data.cache={tmp_path}/data",
-        "tracking.enabled=false",
-    )
-    run_dir = tmp_path / "tiny"
+def test_probe_command_on_a_trained_checkpoint(tiny_run, tmp_path, capsys):
+    run_dir = tiny_run["run_dir"]
     sizes = ["--images", "4", "--samples", "4", "--grad-images", "2"]
     assert main(["probe", "--checkpoint", str(run_dir), "--json", *sizes]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -176,7 +166,7 @@ def test_probe_command_on_a_trained_checkpoint(tmp_path, capsys):
     assert str(step) in table and "sample_T3" in table and "noise_10x" in table
     assert "invertible_grad" not in table
 
-    for bad in (tmp_path / "missing", tmp_path / "data"):
+    for bad in (tmp_path / "missing", tiny_run["root"] / "data"):
         assert main(["probe", "--checkpoint", str(bad)]) == 2
         *stages, err = capsys.readouterr().err.strip().splitlines()  # progress, then the error
         assert err.startswith("error:") and all(line.endswith(" ...") for line in stages), err

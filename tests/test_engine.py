@@ -16,11 +16,7 @@ from pipeline.distributed import deepspeed_config, free_port
 from pipeline.flows import build_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.inference import load_model
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
-
-
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_pipeline(*args, timeout=timeout)
+from tests.conftest import PYTHON, env_for_subprocess, launch_two_ranks, run_main
 
 
 def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():
@@ -34,40 +30,13 @@ def test_deepspeed_json_is_derived_and_batch_arithmetic_checked():
         deepspeed_config(train, world=2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "zero, precision, accum",
-    [(1, "fp32", 2), (2, "bf16", 1)],
-    ids=["zero1-fp32-accum2", "zero2-bf16"],
-)
-def test_zero_stages_precisions_and_accumulation_on_two_ranks(tmp_path, zero, precision, accum):
-    summary = tmp_path / "summary.json"
-    out = subprocess.run(
-        [
-            str(ROOT / "launch" / "local.sh"),
-            "--config",
-            "configs/debug.yaml",
-            f"run.root={tmp_path}/runs",
-            f"data.cache={tmp_path}/data",
-            f"train.zero_stage={zero}",
-            f"train.precision={precision}",
-            f"train.grad_accum={accum}",
-            "guard.diagnostics_every=3",
-            "--summary-json",
-            str(summary),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(MASTER_PORT=str(29650 + zero), PYTHON=PYTHON, NPROC="2"),
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "ActNorm data-dependent init identical on 2 rank(s)" in out.stdout
+def assert_zero_run(s: dict, stdout: str, port: int) -> tuple[Path, dict, dict]:
+    """A finished 2-rank ZeRO run; returns (its checkpoint, DeepSpeed's fp32 state dict of it, our
+    loaded model's state dict)."""
+    assert "ActNorm data-dependent init identical on 2 rank(s)" in stdout
     # DeepSpeed's CPU shared-memory all-reduce segments (~66 MB each) are not left behind in RAM
-    leftover = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{29650 + zero}_"
+    leftover = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(leftover)]
-    s = json.loads(summary.read_text())
     assert s["status"] == "finished" and s["skipped_steps"] == 0 and 0 < s["final_val_bpd"] < 9
     rows = [json.loads(r) for r in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/bpd" in r]
@@ -82,8 +51,25 @@ def test_zero_stages_precisions_and_accumulation_on_two_ranks(tmp_path, zero, pr
     ours = model.state_dict()
     for name, tensor in fp32.items():
         assert torch.equal(tensor.float(), ours[name].float()), name
-    if zero == 2:  # the commands too, once: each costs a DeepSpeed import
-        assert_zero_to_fp32_commands_work(ckpt, set(fp32), ours, tmp_path)
+    return ckpt, fp32, ours
+
+
+@pytest.mark.slow
+def test_zero_1_fp32_and_accumulation_on_two_ranks(two_rank_run):
+    """ZeRO 1, fp32, 2 micro-batches per step: the session's 2-rank run (tests/conftest.py)."""
+    run = two_rank_run
+    assert_zero_run(run["summary"], run["stdout"], port=run["port"])
+
+
+@pytest.mark.slow
+def test_zero_2_and_bf16_on_two_ranks(tmp_path):
+    port = 29652
+    s, stdout = launch_two_ranks(
+        tmp_path, port, "train.zero_stage=2", "train.precision=bf16", "guard.diagnostics_every=3"
+    )
+    ckpt, fp32, ours = assert_zero_run(s, stdout, port=port)
+    # the commands too, once: each costs a DeepSpeed import
+    assert_zero_to_fp32_commands_work(ckpt, set(fp32), ours, tmp_path)
 
 
 def assert_zero_to_fp32_commands_work(
@@ -116,23 +102,14 @@ def assert_zero_to_fp32_commands_work(
             assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), (how, name)
 
 
-def test_export_sample_evaluate_from_a_checkpoint(tmp_path):
-    cli(
-        "train",
-        "--config",
-        "configs/debug.yaml",
-        f"run.root={tmp_path}/runs",
-        f"data.cache={tmp_path}/data",
-        "guard.diagnostics_every=0",
-        "train.steps=3",
-    )
-    run = tmp_path / "runs" / "debug"
+def test_export_sample_evaluate_from_a_checkpoint(tiny_run, tmp_path, capsys):
+    run = tiny_run["run_dir"]
     model, cfg, folder = load_model(run)
-    assert folder.name == "step00000003"
+    assert folder.name == "step00000006"  # the run folder's newest complete checkpoint
 
-    cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "model.pt"))
+    run_main(capsys, "export", "--checkpoint", str(run), "--out", str(tmp_path / "model.pt"))
     blob = torch.load(tmp_path / "model.pt", weights_only=True)  # no code runs on load
-    assert blob["step"] == 3
+    assert blob["step"] == 6
     exported_cfg = from_dict(blob["config"])
     r = exported_cfg.data.resolution
     plain = build_flow(exported_cfg.model, (3, r, r), exported_cfg.data.n_bits)
@@ -141,24 +118,17 @@ def test_export_sample_evaluate_from_a_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain.eval()(x)["log_prob"], model(x)["log_prob"])
 
-    cli(
-        "sample",
-        "--checkpoint",
-        str(folder),
-        "--n",
-        "9",
-        "--temperature",
-        "0.7",
-        "--out",
-        str(tmp_path / "grid.png"),
-    )
+    grid = tmp_path / "grid.png"
+    earlier = run / "checkpoints" / "step00000003"  # a step folder, not the newest
+    run_main(capsys, "sample", "--checkpoint", str(earlier), "--n", "9", "--temperature", "0.7",
+             "--out", str(grid))  # fmt: skip
     from PIL import Image
 
-    with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (3 * (r + 2) + 2, 3 * (r + 2) + 2)
+    with Image.open(grid) as image:
+        assert image.size == (3 * (r + 2) + 2, 3 * (r + 2) + 2)
 
-    out = cli("evaluate", "--checkpoint", str(run), "--json")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_main(capsys, "evaluate", "--checkpoint", str(run), "--json")
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["split"] == "val" and result["images"] == 32 and 0 < result["bpd"] < 9
     summary_bpd = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert abs(result["bpd"] - summary_bpd["val/bpd"]) < 1e-4  # same split, same numbers

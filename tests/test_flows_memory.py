@@ -18,7 +18,7 @@ from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
 from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
 from pipeline.flows.memory import LiveTensors, saved_tensor_bytes
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main
 
 IMAGE = (3, 8, 8)
 N_BITS = 5
@@ -293,40 +293,46 @@ def test_training_entry_point_with_invertible_memory_matches_store(tmp_path):
         assert abs(a["optim/grad_norm"] - b["optim/grad_norm"]) <= 1e-4 * a["optim/grad_norm"]
 
 
-def bench(*args: str, timeout: float = 600) -> dict:
-    return json.loads(run_pipeline("bench", *args, timeout=timeout).stdout)
+def bench(capsys, *args: str) -> dict:
+    """`python -m pipeline bench ARGS` in this process (its measurements run in subprocesses)."""
+    return json.loads(run_main(capsys, "bench", *args))
 
 
 TINY_BENCH = ["--levels", "2", "--width", "8", "--batch", "2", "--repeats", "1"]
+MODES = {"store", "checkpoint", "invertible"}
 
 
+# Plumbing and JSON shape, not numbers: one resolution, one depth, the smallest batch search.
 @pytest.mark.slow
-def test_bench_train_prints_json_for_every_mode_resolution_and_depth():
-    out = bench("train", "--resolutions", "16", "--depths", "1,2", "--depth-resolution", "16",
+def test_bench_train_prints_json_for_every_mode_resolution_and_depth(capsys):
+    out = bench(capsys, "train", "--resolutions", "16", "--depths", "1", "--depth-resolution", "16",
                 *TINY_BENCH)  # fmt: skip
     rows = out["by_resolution"] + out["by_depth"]
-    assert len(rows) == 9 and all("error" not in r for r in rows), rows
+    assert len(rows) == 6 and all("error" not in r for r in rows), rows
+    for grid in (out["by_resolution"], out["by_depth"]):
+        assert {r["mode"] for r in grid} == MODES
+    assert [r["model"] for r in out["by_depth"]] == [{"levels": 2, "width": 8, "steps": 1}] * 3
     by_mode = {r["mode"]: r for r in out["by_resolution"]}
     assert by_mode["invertible"]["saved_bytes"] < by_mode["store"]["saved_bytes"]
     assert by_mode["invertible"]["executed_flops"] > by_mode["invertible"]["model_flops"]
     assert all(r["images_per_s"] > 0 and 0 < r["matmul_fraction"] < 1 for r in rows)
     assert out["matmul_flop_s"] > 0 and len(out["machine"]["load_avg_1_5_15"]) == 3
 
-    capped = bench("train", "--resolutions", "16", "--modes", "invertible", "--max-batch",
-                   "--max-batch-cap", "4", *TINY_BENCH)  # fmt: skip
+    capped = bench(capsys, "train", "--resolutions", "16", "--modes", "invertible", "--max-batch",
+                   "--max-batch-cap", "2", *TINY_BENCH)  # fmt: skip
     (row,) = capped["max_batch"]
-    assert row["max_batch"] == 4 and row["capped"] and row["marginal_bytes_per_image"] is not None
+    assert row["max_batch"] == 2 and row["capped"] and row["marginal_bytes_per_image"] is not None
 
-    profile = bench("train", "--profile", "--resolutions", "16", "--profile-batch", "2",
+    profile = bench(capsys, "train", "--profile", "--resolutions", "16", "--profile-batch", "2",
                     "--profile-steps", "1", "--modes", "store,invertible", *TINY_BENCH)  # fmt: skip
     assert set(profile["profile"]) == {"store", "invertible"}
     assert profile["profile"]["store"]["top_ops_self_cpu"]
 
 
 @pytest.mark.slow
-def test_bench_scaling_prints_json_for_one_and_two_ranks():
-    out = bench("scaling", "--steps", "4", "--log-every", "2", "--comm-steps", "2", "--rounds", "1",
-                timeout=900)  # fmt: skip
+def test_bench_scaling_prints_json_for_one_and_two_ranks(capsys):
+    out = bench(capsys, "scaling", "--steps", "4", "--log-every", "2", "--comm-steps", "2",
+                "--rounds", "1")  # fmt: skip
     assert [r["ranks"] for r in out["train"]] == [1, 2] == [r["ranks"] for r in out["comm"]]
     assert all("error" not in r for r in out["train"] + out["comm"]), out
     assert all(r["images_per_s_best"] > 0 for r in out["train"])

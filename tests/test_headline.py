@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.study.optimum import LINEAR
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from tests.conftest import run_pipeline
+from tests.conftest import run_main, run_pipeline
 
 R, N_BITS = 16, 5
 TRAIN = [
@@ -26,13 +26,9 @@ TRAIN = [
 ]
 
 
-def cli(*args: str) -> str:
-    return run_pipeline(*args, timeout=900, MASTER_PORT="29660").stdout
-
-
-def train_and_measure(tmp_path, name: str, *overrides: str) -> tuple[float, float]:
+def train_and_measure(tmp_path, capsys, name: str, *overrides: str) -> tuple[float, float]:
     """(the trained flow's bpd over the whole train split, the loop's theory/optimum_bpd)."""
-    cli(
+    run_pipeline(
         "train",
         "--config",
         "configs/debug.yaml",
@@ -43,29 +39,27 @@ def train_and_measure(tmp_path, name: str, *overrides: str) -> tuple[float, floa
         f"data.n_bits={N_BITS}",
         *TRAIN,
         *overrides,
+        timeout=900,
+        MASTER_PORT="29660",
     )
     run = tmp_path / "runs" / name
-    result = json.loads(
-        cli(
-            "evaluate", "--checkpoint", str(run), "--split", "train", "--json", "--batch-size", "64"
-        )
-        .strip()
-        .splitlines()[-1]
-    )
+    evaluate = ["evaluate", "--checkpoint", str(run), "--split", "train", "--json"]
+    result = json.loads(run_main(capsys, *evaluate, "--batch-size", "64").strip().splitlines()[-1])
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     optimum = next(r["theory/optimum_bpd"] for r in rows if "theory/optimum_bpd" in r)
     return result["bpd"], optimum
 
 
 @pytest.mark.slow
-def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path):
+def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path, capsys):
     cov = random_covariance(12, n_bits=N_BITS, seed=3)
     levels = gaussian_images(1024, cov, resolution=R, n_bits=N_BITS, seed=4, dequantize=False)
     src = tmp_path / "gauss"
     src.mkdir()
     for i, k in enumerate(levels.numpy()):
         Image.fromarray((k << (8 - N_BITS)).transpose(1, 2, 0)).save(src / f"{i:05d}.png")
-    cli(
+    run_main(
+        capsys,
         "shards",
         "--src",
         str(src),
@@ -81,7 +75,12 @@ def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path
     )
 
     achieved, optimum = train_and_measure(
-        tmp_path, "gauss", *LINEAR, "data.source=shards", f"data.shards={tmp_path}/shards/{R}"
+        tmp_path,
+        capsys,
+        "gauss",
+        *LINEAR,
+        "data.source=shards",
+        f"data.shards={tmp_path}/shards/{R}",
     )
     analytic = gaussian_optimum(cov, resolution=R, n_bits=N_BITS).bpd
     print(
@@ -94,11 +93,11 @@ def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path
 
 
 @pytest.mark.slow
-def test_linear_flow_reaches_it_on_faces_and_a_nonlinear_flow_beats_it(tmp_path):
+def test_linear_flow_reaches_it_on_faces_and_a_nonlinear_flow_beats_it(tmp_path, capsys):
     faces = ["data.synthetic_train=1024", "data.synthetic_val=128"]
-    linear, optimum = train_and_measure(tmp_path, "linear", *faces, *LINEAR)
+    linear, optimum = train_and_measure(tmp_path, capsys, "linear", *faces, *LINEAR)
     assert -2e-3 < linear - optimum < 0.01, (linear, optimum)
-    nonlinear, same_optimum = train_and_measure(tmp_path, "glow", *faces)
+    nonlinear, same_optimum = train_and_measure(tmp_path, capsys, "glow", *faces)
     assert same_optimum == optimum
     print(
         f"faces {R}x{R}: optimum {optimum:.4f}, linear {linear:.4f}, nonlinear {nonlinear:.4f} "

@@ -184,8 +184,16 @@ def train_bpd_steps(run: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, port", [("deepspeed", 29741), ("torchrun", 29742)])
-def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path, launcher, port):
-    first = run_two_nodes(tmp_path, launcher, port)
+def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path, launcher, port, request):
+    """Under DeepSpeed the nodes also report to a tracking server (the session's) with system
+    metrics on: node 0's sink monitors node 0; node 1's local rank 0 joins the same MLflow run
+    once rank 0 has broadcast its id, which only works through a store both nodes reach."""
+    tracked = launcher == "deepspeed"
+    server = request.getfixturevalue("mlflow_server") if tracked else None
+    tracking = (
+        (f"tracking.uri={server.uri}", "tracking.system_metrics_interval_s=0.5") if tracked else ()
+    )
+    first = run_two_nodes(tmp_path, launcher, port, *tracking, system_metrics=tracked)
     run = tmp_path / "runs" / "debug"
     assert "fresh start" in first
     assert (run / "checkpoints" / "latest").read_text() == "step00000006"
@@ -195,39 +203,21 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path, launcher
     assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
     assert yaml.safe_load((ckpt / "config.yaml").read_text())["train"]["steps"] == 6
     assert train_bpd_steps(run) == list(range(1, 7))
+    if tracked:
+        assert_every_node_sent_system_metrics(server.uri, first)
 
-    second = run_two_nodes(tmp_path, launcher, port, "train.steps=9")
+    second = run_two_nodes(tmp_path, launcher, port, *tracking, "train.steps=9",
+                           system_metrics=tracked)  # fmt: skip
     assert "resumed from" in second and "step00000006" in second
     assert (run / "checkpoints" / "latest").read_text() == "step00000009"
     assert train_bpd_steps(run) == list(range(1, 10))  # contiguous across the restart
 
 
-@pytest.mark.slow
-def test_every_node_sends_its_system_metrics_to_a_shared_tracking_server(tmp_path):
-    """Node 0's sink monitors node 0; node 1's local rank 0 joins the same MLflow run once rank 0
-    has broadcast its id, which only works through a store both nodes reach (a server)."""
+def assert_every_node_sent_system_metrics(uri: str, node0_log: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tests.test_track_server import Server
-
-    (tmp_path / "server").mkdir()
-    server = Server(tmp_path / "server")
-    server.launch()
-    try:
-        server.wait_healthy()
-        out = run_two_nodes(
-            tmp_path,
-            "deepspeed",
-            29743,
-            f"tracking.uri={server.uri}",
-            "tracking.system_metrics_interval_s=0.5",
-            "train.steps=12",
-            system_metrics=True,
-        )
-        run_id = re.search(r"\(run ([0-9a-f]{32})\)", out).group(1)
-        metrics = MlflowClient(server.uri).get_run(run_id).data.metrics
-    finally:
-        server.kill()
+    run_id = re.search(r"\(run ([0-9a-f]{32})\)", node0_log).group(1)
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
     for node in ("node0", "node1"):
         assert f"system/{node}/cpu_utilization_percentage" in metrics, sorted(metrics)
     assert "train/bpd" in metrics

@@ -1,9 +1,9 @@
 """A trained flow in MLflow: its model (pyfunc from code, registered) and the data it saw.
 
-One debug run (a few seconds) is trained once for the module with ``tracking.register_model``; the
-tests read what it left in its SQLite store through MlflowClient, load the model in a fresh
-process elsewhere (``runs:/RUN/model``) and compare its predictions with ``evaluate`` and with the
-flow's own forward, and log a second model with ``export --mlflow``.
+The session's tiny run (tests/conftest.py ``tiny_run``: debug.yaml with ``tracking.register_model``)
+is the trained flow; the tests read what it left in its SQLite store through MlflowClient, load the
+model in a fresh process elsewhere (``runs:/RUN/model``) and compare its predictions with
+``evaluate`` and with the flow's own forward, and log a second model with ``export --mlflow``.
 """
 
 from __future__ import annotations
@@ -18,27 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PYTHON, env_for_subprocess, run_pipeline
+from tests.conftest import PYTHON, REGISTERED_MODEL, env_for_subprocess, run_main
 
-REGISTERED = "lipflow-test-flow"
+REGISTERED = REGISTERED_MODEL
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("model")
-    run_pipeline(
-        "train",
-        "--config",
-        "configs/debug.yaml",
-        f"run.root={root}/runs",
-        f"data.cache={root}/data",
-        "run.name=tiny",
-        "guard.battery_images=0",
-        f"tracking.register_model={REGISTERED}",
-    )
-    run_dir = root / "runs" / "tiny"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"root": root, "run_dir": run_dir, "summary": summary, "uri": summary["tracking_uri"]}
+def trained(tiny_run) -> dict:
+    return tiny_run
 
 
 def client(trained):
@@ -78,10 +65,10 @@ def test_the_finished_run_logs_and_registers_its_model(trained):
     assert int(version.version) == 1 and model.model_id in version.source
 
 
-def test_the_model_loads_in_a_fresh_process_and_scores_like_evaluate(trained):
+def test_the_model_loads_in_a_fresh_process_and_scores_like_evaluate(trained, capsys):
     run_dir, run_id = trained["run_dir"], trained["summary"]["mlflow_run_id"]
     evaluated = json.loads(
-        run_pipeline("evaluate", "--checkpoint", str(run_dir), "--json").stdout.splitlines()[-1]
+        run_main(capsys, "evaluate", "--checkpoint", str(run_dir), "--json").splitlines()[-1]
     )
     got = in_fresh_process(
         trained,
@@ -147,10 +134,10 @@ def test_predict_refuses_images_it_cannot_score():
     assert one.shape == (1, 3, 16, 16) and torch.allclose(one, torch.tensor(0.5 - 1 / 64))
 
 
-def test_export_logs_a_model_to_the_existing_run(trained):
+def test_export_logs_a_model_to_the_existing_run(trained, capsys):
     run_id = trained["summary"]["mlflow_run_id"]
-    out = run_pipeline("export", "--checkpoint", str(trained["run_dir"]), "--mlflow")
-    assert f"runs:/{run_id}/model" in out.stdout
+    out = run_main(capsys, "export", "--checkpoint", str(trained["run_dir"]), "--mlflow")
+    assert f"runs:/{run_id}/model" in out
     c = client(trained)
     models = c.search_logged_models([c.get_run(run_id).info.experiment_id])
     assert len(models) == 2 and {m.source_run_id for m in models} == {run_id}

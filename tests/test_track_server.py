@@ -1,7 +1,8 @@
 """The metrics sink against a real `mlflow server` process on 127.0.0.1, killed and restarted mid-run.
 
-Every server start costs ~25 s here (imports), so one server per module; the outage test kills and
-restarts it and leaves it running.
+Every server start costs ~25 s here (imports), so one server per session (tests/conftest.py
+mlflow_server, shared with tests/test_launch.py); the outage test kills and restarts it and leaves
+it running.
 """
 
 from __future__ import annotations
@@ -87,13 +88,9 @@ class Server:
         self.proc = None
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow-server"))
-    srv.launch()
-    srv.wait_healthy()
-    yield srv
-    srv.kill()
+@pytest.fixture
+def server(mlflow_server):
+    return mlflow_server
 
 
 def wait_for_steps(uri: str, run_id: str, key: str, steps: list[int], timeout_s: float) -> list:

@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import PYTHON, ROOT, env_for_subprocess
 
 
-def train(tmp_path, *overrides: str, launcher: list[str] | None = None, port: int = 29631):
+def train(tmp_path, *overrides: str):
     summary = tmp_path / f"summary-{len(list(tmp_path.glob('summary-*')))}.json"
     args = [
         "--config",
@@ -22,14 +22,13 @@ def train(tmp_path, *overrides: str, launcher: list[str] | None = None, port: in
         str(summary),
         *overrides,
     ]
-    cmd = launcher + args if launcher else [PYTHON, "-m", "pipeline", "train", *args]
     out = subprocess.run(
-        cmd,
+        [PYTHON, "-m", "pipeline", "train", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
-        env=env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON),
+        env=env_for_subprocess(MASTER_PORT="29631"),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(summary.read_text()), out.stdout
@@ -86,16 +85,13 @@ def test_single_process_run_then_resume_continues_the_same_mlflow_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_under_the_deepspeed_launcher(tmp_path):
-    summary, stdout = train(
-        tmp_path,
-        "train.deepspeed.wall_clock_breakdown=true",
-        launcher=[str(ROOT / "launch" / "local.sh")],
-        port=29632,
-    )
+def test_two_cpu_ranks_under_the_deepspeed_launcher(two_rank_run):
+    """launch/local.sh, 2 ranks: the session's 2-rank run (tests/conftest.py; ZeRO 1, 2
+    micro-batches per step), shared with the ZeRO 1 test of tests/test_engine.py."""
+    summary, stdout = two_rank_run["summary"], two_rank_run["stdout"]
     check_run_folder(summary, steps=6)
-    # DeepSpeed's own knob went through to the engine: its timers print at every step.
-    assert stdout.count("time (ms) | fwd_microstep") == 6, stdout[-3000:]
+    # DeepSpeed's own knob went through to the engine: its timers print at every micro-step.
+    assert stdout.count("time (ms) | fwd_microstep") == 6 * 2, stdout[-3000:]
     from mlflow.tracking import MlflowClient
 
     params = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
