@@ -66,7 +66,7 @@ def test_a_rank_dying_in_native_code_leaves_its_python_stack(tmp_path):
     assert "Fatal Python error: Aborted" in err and "pipeline/commands/synth.py" in err, err[-2000:]
 
 
-def test_ctrl_c_inside_a_stage_ends_a_long_native_call_within_seconds():
+def test_ctrl_c_inside_a_stage_ends_a_long_native_call_within_seconds(sigint_reaches_children):
     """Python sees SIGINT only between bytecodes: inside one long torch call (an eigensolve of
     ~10 s here) the entry point's watcher prints the stage's one line and exits 130 instead."""
     script = (
