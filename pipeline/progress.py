@@ -62,7 +62,8 @@ def end_stuck_interrupts(grace_s: float = 2.0) -> None:
             entry = _STAGES[-1]
             time.sleep(grace_s)
             if any(e is entry for e in _STAGES):  # still inside: stuck in a native call
-                print(f"error: {_message(entry[0])}", file=sys.stderr, flush=True)
+                # on a line of its own: a progress bar may hold the current one
+                print(f"\nerror: {_message(entry[0])}", file=sys.stderr, flush=True)
                 os._exit(Interrupted.exit_code)
 
     threading.Thread(target=watch, name="end-stuck-interrupts", daemon=True).start()
