@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from pipeline import progress
 from pipeline.errors import PipelineError
 
 # name -> one-line help; the command is the module pipeline.commands.<name>.
@@ -79,4 +80,5 @@ if __name__ == "__main__":
     # A rank that dies in native code (SIGSEGV, SIGABRT from a C++ terminate, ...) prints the Python
     # stack of every thread first: the one clue a week-long job's log will have.
     faulthandler.enable(all_threads=True)
+    progress.end_stuck_interrupts()  # Ctrl-C inside a stage ends it within seconds
     sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,16 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def sigint_reaches_children():
+    """A suite started in the background (nohup, `&` in a script) ignores SIGINT, and a child
+    inherits that: one whose Ctrl-C is under test gets Python's own handler instead (a handled
+    signal is reset to the default at exec, where Python installs it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def run_pipeline(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:

@@ -69,6 +69,28 @@ def test_a_rank_dying_in_native_code_leaves_its_python_stack(tmp_path):
     assert "Fatal Python error: Aborted" in err and "pipeline/commands/synth.py" in err, err[-2000:]
 
 
+def test_ctrl_c_inside_a_stage_ends_a_long_native_call_within_seconds(sigint_reaches_children):
+    """Python sees SIGINT only between bytecodes: inside one long torch call (an eigensolve of
+    ~10 s here) the entry point's watcher prints the stage's one line and exits 130 instead."""
+    script = (
+        "import torch; from pipeline import progress; progress.end_stuck_interrupts(); "
+        "torch.set_num_threads(1); a = torch.randn(3000, 3000, dtype=torch.float64)\n"
+        "with progress.stage('an eigensolve'): torch.linalg.eigh(a @ a.T); print('finished')"
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env=env_for_subprocess(),
+    )  # fmt: skip
+    assert proc.stderr.readline() == "an eigensolve ...\n"
+    time.sleep(0.5)  # inside the eigensolve
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 5 and proc.returncode == 130, (out, err)
+    assert err.strip() == "error: interrupted during an eigensolve; nothing was written", err
+    assert not out
+
+
 def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
     out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)

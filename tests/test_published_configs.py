@@ -23,6 +23,7 @@ from pipeline.train import checkpoint as ckpt
 from tests.conftest import PYTHON, ROOT, env_for_subprocess
 from tests.data_helpers import write_set
 
+pytestmark = pytest.mark.usefixtures("sigint_reaches_children")
 CONFIGS = ["configs/celebahq-256.yaml", "configs/celebahq-1024.yaml"]
 FIRST_OUTPUT_S = 60
 
