@@ -73,24 +73,39 @@ def test_a_checkpoint_saved_before_the_bounded_prior_loads_and_resumes_unbounded
         compat.check_resume(tmp_path, cfg, world_size=1, saved_world_size=1)
 
 
-def test_a_rollback_restarts_the_log_det_band():
-    """The restored weights' log-dets are not the diverging model's: compared with the band the
-    divergence left, they would look like a jump and roll back again (seen in the stability
-    study before the restart)."""
+def test_a_rollback_restores_the_targets_histories():
+    """The restored weights' curves are the target checkpoint's: compared with the history the
+    divergence left, their log-dets would look like a jump, and after a rollback to step 0 the
+    initial loss like a spike, and the guard would roll back again until its rollbacks ran out
+    (both seen: the stability study before the band was restarted, the demo at lr 3e-3 before
+    the histories were restored)."""
     from pipeline.theory.detector import LOGDET_MAX, LOGDET_MIN
+
+    def healthy(step: int) -> dict:
+        return {LOSS: 4.0 - 0.01 * step, LOGDET_MAX: 2.0, LOGDET_MIN: 1.0}
 
     state = TrainState()
     guard = Guard(GuardConfig(min_history=5), state)
-    for step in range(1, 31):  # a collapse: the extremes settle far below the healthy ones
+    for step in range(1, 11):
         state.step = step
-        guard.observe(state, {LOGDET_MAX: -3.0 - 1e-3 * step, LOGDET_MIN: -4.0})
-    healthy = {LOGDET_MAX: 2.0, LOGDET_MIN: 1.0}
+        assert guard.observe(state, healthy(step)) == ([], OK)
+    saved = dict(state.detector)  # the checkpoint at step 10
+    for step in range(11, 41):  # a collapse: the extremes settle far below the healthy ones
+        state.step = step
+        guard.observe(state, {LOSS: 2.0, LOGDET_MAX: -3.0 - 1e-3 * step, LOGDET_MIN: -4.0})
     jumped = DivergenceDetector(GuardConfig(min_history=5))
     jumped.load_state_dict(state.detector)
-    assert [e.kind for e in jumped.observe(31, healthy)] == ["logdet_jump"]
-    guard.rolled_back(state)
-    state.step = 31
-    assert guard.observe(state, healthy) == ([], OK)
+    assert {e.kind for e in jumped.observe(41, healthy(11))} == {"logdet_jump", "loss_spike"}
+    counts = dict(guard.detector.counts)
+    state.recent_events, state.failed_checks = [], 0  # as loop.roll_back does
+    guard.rolled_back(state, saved)
+    state.step = 41
+    assert guard.observe(state, healthy(11)) == ([], OK)
+    assert guard.detector.counts == counts  # the events seen stay counted
     restored = DivergenceDetector(GuardConfig(min_history=5))
     restored.load_state_dict(state.detector)  # and a resume after the rollback knows it
-    assert restored.logdet_max.values[-1] == 2.0 and len(restored.logdet_max.values) == 1
+    assert list(restored.logdet_max.values) == [2.0] * 11
+    guard.rolled_back(state, {})  # to step 0: nothing known yet, no verdict for min_history steps
+    for step in range(42, 47):
+        state.step = step
+        assert guard.observe(state, healthy(0)) == ([], OK)

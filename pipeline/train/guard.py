@@ -68,9 +68,10 @@ class Guard:
             return events, OK
         return events, STOP if state.rollbacks >= self.cfg.max_rollbacks else ROLLBACK
 
-    def rolled_back(self, state: TrainState) -> None:
-        """After a rollback: the restored weights' log-dets are not the diverging ones', so the
-        log-det band starts again from their own history (the loss spike is one-sided, and a
-        restored, higher loss level is absorbed as any level shift)."""
-        self.detector.restart_logdet_band()
+    def rolled_back(self, state: TrainState, histories: dict) -> None:
+        """After a rollback: the detector's curves go back to ``histories``, the target
+        checkpoint's (its TrainState.detector). Against the diverged run's history the restored
+        weights look like a jump (log-dets) or a spike (a rollback to step 0 brings back the
+        initial loss): each check would roll back again until the rollbacks ran out."""
+        self.detector.restore_histories(histories)
         state.detector = self.detector.state_dict()

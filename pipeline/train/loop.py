@@ -112,9 +112,10 @@ def guard_step(run: Run, metrics: dict) -> bool:
         )
     try:
         if action == ROLLBACK:
-            for bad, problem in roll_back(run.engine, run.ckpt_root, run.state, run.cfg.guard):
+            target, damaged = roll_back(run.engine, run.ckpt_root, run.state, run.cfg.guard)
+            for bad, problem in damaged:
                 log_damaged(run, bad, problem)
-            run.guard.rolled_back(run.state)
+            run.guard.rolled_back(run.state, checkpoint.read_state(target).detector)
         elif action == STOP:
             raise DivergenceStop(f"diverged after {run.state.rollbacks} rollbacks")
     except DivergenceStop as stop:
@@ -369,9 +370,11 @@ def maybe_diagnose(run: Run, step: int, x: torch.Tensor, saving: bool) -> dict:
     return dist.broadcast_object(metrics)
 
 
-def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) -> list:
+def roll_back(
+    engine, ckpt_root: Path, state: TrainState, guard: GuardConfig
+) -> tuple[Path, list]:
     """Restore the last good weights and optimizer state, cut the LR; the step count and data go on.
-    Returns the checkpoints passed over as damaged (folder, first mismatch)."""
+    Returns the checkpoint restored and those passed over as damaged (folder, first mismatch)."""
     damaged = []
     target = checkpoint.find_good(ckpt_root, damaged=damaged)
     repeat = target is not None and checkpoint.step_of(target) == state.rollback_step
@@ -395,7 +398,7 @@ def roll_back(engine, ckpt_root: Path, state: TrainState, guard: GuardConfig) ->
         f"guard: rolled back to {target.name}, LR scale now {state.lr_scale:g} "
         f"(rollback {state.rollbacks}/{guard.max_rollbacks})"
     )
-    return damaged
+    return target, damaged
 
 
 def event_metrics(state: TrainState) -> dict:
