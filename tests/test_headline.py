@@ -89,7 +89,9 @@ def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path
 @pytest.mark.slow
 def test_linear_flow_reaches_it_on_faces_and_a_nonlinear_flow_beats_it(tmp_path, capsys):
     faces = ("data.synthetic_train=1024", "data.synthetic_val=128")
-    train(tmp_path, {"linear": (*faces, *LINEAR), "glow": faces})
+    # beside the linear flow's 300 steps, the nonlinear one's first 100 (measured: 0.8 bpd below the
+    # optimum by then, 1.1 after 300) keep the pair as long as the linear run alone
+    train(tmp_path, {"linear": (*faces, *LINEAR), "glow": (*faces, "train.steps=100")})
     linear, optimum = measure(tmp_path, capsys, "linear")
     assert -2e-3 < linear - optimum < 0.01, (linear, optimum)
     nonlinear, same_optimum = measure(tmp_path, capsys, "glow")
