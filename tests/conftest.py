@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,33 @@ def run_pipeline(*args: str, timeout: float = 600, **env: str) -> subprocess.Com
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def run_together(
+    commands: dict[str, tuple[list[str], dict[str, str]]], timeout: float = 600
+) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command (name: (argv, environment)) at once from the repository root and wait
+    for all; returns {name: its CompletedProcess, text output}, whatever the exit codes. For a
+    test's independent single-process runs: each is one process of one thread, so two of them use
+    both cores here and take about as long as one. Runs that bind a MASTER_PORT need one each."""
+    procs = {}
+    with contextlib.ExitStack() as files:
+        for name, (argv, env) in commands.items():
+            out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, env=env)
+            procs[name] = proc, out, err
+        deadline, done = time.monotonic() + timeout, {}
+        try:
+            for name, (proc, out, err) in procs.items():
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                out.seek(0), err.seek(0)
+                done[name] = subprocess.CompletedProcess(proc.args, code, out.read(), err.read())
+        finally:
+            for proc, _, _ in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return done
 
 
 REGISTERED_MODEL = "lipflow-test-flow"

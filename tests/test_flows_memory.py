@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import weakref
 
 import pytest
@@ -18,7 +17,7 @@ from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
 from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
 from pipeline.flows.memory import LiveTensors, saved_tensor_bytes
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main
+from tests.conftest import PYTHON, env_for_subprocess, run_main, run_together
 
 IMAGE = (3, 8, 8)
 N_BITS = 5
@@ -265,19 +264,24 @@ def test_every_parameter_has_a_dimension_for_deepspeed(name):
     assert all(p.dim() > 0 for p in flow.parameters())
 
 
-def train_rows(tmp_path, memory: str, zero_stage: int) -> list[dict]:
-    run = tmp_path / f"{memory}{zero_stage}"
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", "train", "--config", "configs/debug.yaml",
-         f"run.root={run}", f"data.cache={tmp_path}/data", f"model.memory={memory}",
-         f"train.zero_stage={zero_stage}", "train.steps=3", "tracking.enabled=false",
-         "train.optimum_images=0", "train.samples=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env_for_subprocess(),
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert f"memory: {memory}" in (run / "debug" / "config.yaml").read_text()
-    lines = (run / "debug" / "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if "train/bpd" in row]
+def train_rows(tmp_path, runs: dict[str, int]) -> dict[str, list[dict]]:
+    """Train each memory mode (memory: ZeRO stage) for 3 steps, side by side (one core each);
+    {memory: its train rows}."""
+    commands = {}
+    for memory, zero_stage in runs.items():
+        argv = [PYTHON, "-m", "pipeline", "train", "--config", "configs/debug.yaml",
+                f"run.root={tmp_path / memory}", f"data.cache={tmp_path}/data",
+                f"model.memory={memory}", f"train.zero_stage={zero_stage}", "train.steps=3",
+                "tracking.enabled=false", "train.optimum_images=0", "train.samples=4"]  # fmt: skip
+        commands[memory] = argv, env_for_subprocess()
+    rows = {}
+    for memory, out in run_together(commands, timeout=300).items():
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        run = tmp_path / memory / "debug"
+        assert f"memory: {memory}" in (run / "config.yaml").read_text()
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        rows[memory] = [row for row in map(json.loads, lines) if "train/bpd" in row]
+    return rows
 
 
 def test_training_entry_point_with_invertible_memory_matches_store(tmp_path):
@@ -285,8 +289,8 @@ def test_training_entry_point_with_invertible_memory_matches_store(tmp_path):
     gradient norms at steps 1..3 (float32; measured |Δbpd| ≤ 1e-6). ZeRO 1, whose weight updates
     the parameters' version counters do not see: a stale cached W would show from step 2 (it did:
     Δbpd 1.5e-2)."""
-    store = train_rows(tmp_path, "store", zero_stage=0)
-    invertible = train_rows(tmp_path, "invertible", zero_stage=1)
+    rows = train_rows(tmp_path, {"store": 0, "invertible": 1})
+    store, invertible = rows["store"], rows["invertible"]
     assert [r["step"] for r in invertible] == [r["step"] for r in store] == [1, 2, 3]
     for a, b in zip(store, invertible, strict=True):
         assert abs(a["train/bpd"] - b["train/bpd"]) <= 1e-5, (a["step"], a, b)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.study.optimum import LINEAR
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from tests.conftest import run_main, run_pipeline
+from tests.conftest import PYTHON, env_for_subprocess, run_main, run_together
 
 R, N_BITS = 16, 5
 TRAIN = [
@@ -26,22 +26,21 @@ TRAIN = [
 ]
 
 
-def train_and_measure(tmp_path, capsys, name: str, *overrides: str) -> tuple[float, float]:
+def train(tmp_path, runs: dict[str, tuple[str, ...]]) -> None:
+    """`python -m pipeline train` of each run (name: overrides) under <tmp_path>/runs, all at once:
+    each is one process of one thread, so two take about as long as one on the two cores."""
+    commands = {}
+    for port, (name, overrides) in enumerate(runs.items(), 29660):
+        argv = [PYTHON, "-m", "pipeline", "train", "--config", "configs/debug.yaml",
+                f"run.root={tmp_path}/runs", f"run.name={name}", f"data.cache={tmp_path}/data",
+                f"data.resolution={R}", f"data.n_bits={N_BITS}", *TRAIN, *overrides]  # fmt: skip
+        commands[name] = argv, env_for_subprocess(MASTER_PORT=str(port))
+    for name, out in run_together(commands, timeout=900).items():
+        assert out.returncode == 0, f"{name}:\n" + out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def measure(tmp_path, capsys, name: str) -> tuple[float, float]:
     """(the trained flow's bpd over the whole train split, the loop's theory/optimum_bpd)."""
-    run_pipeline(
-        "train",
-        "--config",
-        "configs/debug.yaml",
-        f"run.root={tmp_path}/runs",
-        f"run.name={name}",
-        f"data.cache={tmp_path}/data",
-        f"data.resolution={R}",
-        f"data.n_bits={N_BITS}",
-        *TRAIN,
-        *overrides,
-        timeout=900,
-        MASTER_PORT="29660",
-    )
     run = tmp_path / "runs" / name
     evaluate = ["evaluate", "--checkpoint", str(run), "--split", "train", "--json"]
     result = json.loads(run_main(capsys, *evaluate, "--batch-size", "64").strip().splitlines()[-1])
@@ -74,14 +73,9 @@ def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path
         "--quiet",
     )
 
-    achieved, optimum = train_and_measure(
-        tmp_path,
-        capsys,
-        "gauss",
-        *LINEAR,
-        "data.source=shards",
-        f"data.shards={tmp_path}/shards/{R}",
-    )
+    shards = ("data.source=shards", f"data.shards={tmp_path}/shards/{R}")
+    train(tmp_path, {"gauss": (*LINEAR, *shards)})
+    achieved, optimum = measure(tmp_path, capsys, "gauss")
     analytic = gaussian_optimum(cov, resolution=R, n_bits=N_BITS).bpd
     print(
         f"gaussian {R}x{R}: analytic {analytic:.4f}, data optimum {optimum:.4f}, "
@@ -94,10 +88,13 @@ def test_linear_flow_reaches_the_closed_form_optimum_on_gaussian_images(tmp_path
 
 @pytest.mark.slow
 def test_linear_flow_reaches_it_on_faces_and_a_nonlinear_flow_beats_it(tmp_path, capsys):
-    faces = ["data.synthetic_train=1024", "data.synthetic_val=128"]
-    linear, optimum = train_and_measure(tmp_path, capsys, "linear", *faces, *LINEAR)
+    faces = ("data.synthetic_train=1024", "data.synthetic_val=128")
+    # beside the linear flow's 300 steps, the nonlinear one's first 100 (measured: 0.8 bpd below the
+    # optimum by then, 1.1 after 300) keep the pair as long as the linear run alone
+    train(tmp_path, {"linear": (*faces, *LINEAR), "glow": (*faces, "train.steps=100")})
+    linear, optimum = measure(tmp_path, capsys, "linear")
     assert -2e-3 < linear - optimum < 0.01, (linear, optimum)
-    nonlinear, same_optimum = train_and_measure(tmp_path, capsys, "glow", *faces)
+    nonlinear, same_optimum = measure(tmp_path, capsys, "glow")
     assert same_optimum == optimum
     print(
         f"faces {R}x{R}: optimum {optimum:.4f}, linear {linear:.4f}, nonlinear {nonlinear:.4f} "

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from pipeline.train import checkpoint
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_together
 
 LAUNCHER = [str(ROOT / "launch" / "local.sh")]
 
 
-def launch(tmp_path, name, *overrides, ranks=1, port=29641, check=True, timeout=600):
+def launch_command(tmp_path, name, *overrides, ranks=1, port=29641) -> tuple[list, dict]:
+    """(argv, environment) of a debug.yaml run <tmp_path>/runs/<name>, summary <name>.json."""
     args = [
         "--config",
         "configs/debug.yaml",
@@ -30,7 +31,11 @@ def launch(tmp_path, name, *overrides, ranks=1, port=29641, check=True, timeout=
         *overrides,
     ]
     cmd = LAUNCHER + args if ranks > 1 else [PYTHON, "-m", "pipeline", "train", *args]
-    env = env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC=str(ranks))
+    return cmd, env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC=str(ranks))
+
+
+def launch(tmp_path, name, *overrides, ranks=1, port=29641, check=True, timeout=600):
+    cmd, env = launch_command(tmp_path, name, *overrides, ranks=ranks, port=port)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -73,32 +78,18 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
     assert checkpoint.find_good(root, before=3) is None
 
 
-def test_lr_spike_rolls_back_cuts_the_lr_and_finishes(tmp_path):
-    launch(
-        tmp_path,
-        "spike",
+# The guard tests' runs, independent of each other: started together (one core each) by the module
+# fixture below, each test reads its own.
+GUARD_RUNS = {
+    "spike": (
         "train.steps=30",
         "train.save_every=5",
         "faults.lr_spike_step=15",
         "faults.lr_spike_steps=3",
         "guard.min_history=5",
         "guard.rollback_events=2",
-    )
-    s = summary(tmp_path, "spike")
-    assert s["status"] == "finished" and s["rollbacks"] >= 1
-    # the sampler check at the save of step 15 sees the first spiked update (reconstruction error
-    # ~3e3), the next step's loss spikes (finite since the prior's log σ is bounded)
-    assert s["event_counts"]["inverse_error"] >= 1 and s["event_counts"]["loss_spike"] >= 1
-    bpd = bpd_by_step(tmp_path, "spike")
-    assert sorted(bpd) == list(range(1, 31))  # one row per step, none repeated by the rollback
-    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path, "spike").values())
-    assert bpd[30] < bpd[1]  # it recovered and kept learning
-
-
-def test_guard_stops_with_a_diverged_summary_when_rollbacks_run_out(tmp_path):
-    out = launch(
-        tmp_path,
-        "stop",
+    ),
+    "stop": (
         "train.steps=30",
         "train.save_every=5",
         "faults.lr_spike_step=15",
@@ -107,13 +98,56 @@ def test_guard_stops_with_a_diverged_summary_when_rollbacks_run_out(tmp_path):
         "guard.min_history=5",
         "guard.rollback_events=1",
         "guard.max_rollbacks=1",
-        check=False,
-    )
+    ),
+    # keep_last=1 and events right after a checkpoint (see the escalation test)
+    "deep": (
+        "train.steps=40",
+        "train.save_every=4",
+        "train.keep_last=1",
+        "faults.lr_spike_step=10",
+        "faults.lr_spike_steps=40",
+        "faults.lr_spike_factor=1e5",
+        "guard.min_history=5",
+        "guard.rollback_events=1",
+        "guard.max_rollbacks=3",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def guard_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """(the runs' root, {name: its finished process}) of GUARD_RUNS."""
+    root = tmp_path_factory.mktemp("guard")
+    commands = {
+        name: launch_command(root, name, *overrides, port=29646 + i)
+        for i, (name, overrides) in enumerate(GUARD_RUNS.items())
+    }
+    return root, run_together(commands)
+
+
+def test_lr_spike_rolls_back_cuts_the_lr_and_finishes(guard_runs):
+    root, runs = guard_runs
+    out = runs["spike"]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    s = summary(root, "spike")
+    assert s["status"] == "finished" and s["rollbacks"] >= 1
+    # the sampler check at the save of step 15 sees the first spiked update (reconstruction error
+    # ~3e3), the next step's loss spikes (finite since the prior's log σ is bounded)
+    assert s["event_counts"]["inverse_error"] >= 1 and s["event_counts"]["loss_spike"] >= 1
+    bpd = bpd_by_step(root, "spike")
+    assert sorted(bpd) == list(range(1, 31))  # one row per step, none repeated by the rollback
+    assert all(torch.isfinite(w).all() for w in final_weights(root, "spike").values())
+    assert bpd[30] < bpd[1]  # it recovered and kept learning
+
+
+def test_guard_stops_with_a_diverged_summary_when_rollbacks_run_out(guard_runs):
+    root, runs = guard_runs
+    out = runs["stop"]
     assert out.returncode != 0
     assert out.returncode == 3 and "Traceback" not in out.stderr
     assert "error: diverged after 1 rollbacks" in out.stderr and "summary.json" in out.stderr
-    s = summary(tmp_path, "stop")
-    assert s == json.loads((tmp_path / "runs" / "stop" / "summary.json").read_text())
+    s = summary(root, "stop")
+    assert s == json.loads((root / "runs" / "stop" / "summary.json").read_text())
     assert s["status"] == "diverged" and s["rollbacks"] == 1 and s["final_val_bpd"] is None
     assert s["event_counts"]["non_finite_loss"] >= 1 and s["last_events"]
     assert s["checkpoint"] and s["mlflow_run_id"]
@@ -162,7 +196,7 @@ TWO_RANKS = ("train.steps=8", "train.save_every=4", "faults.nan_step=3", "faults
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory) -> Path:
+def nan_run(tmp_path_factory) -> Path:
     """The NaN test's run, and the uninterrupted reference of the exact-resume test (each 2-rank
     launch costs ~20 s here); run name "nan" under the returned root."""
     root = tmp_path_factory.mktemp("two-ranks")
@@ -171,19 +205,19 @@ def two_rank_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_nan_on_one_rank_is_skipped_on_every_rank(two_rank_run):
-    s = summary(two_rank_run, "nan")
+def test_nan_on_one_rank_is_skipped_on_every_rank(nan_run):
+    s = summary(nan_run, "nan")
     assert s["status"] == "finished" and s["skipped_steps"] == 1 and s["steps"] == 8
-    kinds = {(e["step"], e["kind"]) for e in events(two_rank_run, "nan")}
+    kinds = {(e["step"], e["kind"]) for e in events(nan_run, "nan")}
     assert (3, "non_finite_loss") in kinds
-    assert all(torch.isfinite(w).all() for w in final_weights(two_rank_run, "nan").values())
+    assert all(torch.isfinite(w).all() for w in final_weights(nan_run, "nan").values())
 
 
 @pytest.mark.slow
-def test_exact_resume_after_sigkill_two_ranks(two_rank_run):
+def test_exact_resume_after_sigkill_two_ranks(nan_run):
     """Killed right after the checkpoint of step 4, resumed: bitwise the uninterrupted run (the
     NaN run above: its skipped step 3 comes before the checkpoint)."""
-    root = two_rank_run  # the same data, another run folder
+    root = nan_run  # the same data, another run folder
     crashed = launch(root, "crash", *TWO_RANKS, "faults.sigkill_step=4", ranks=2, port=29644,
                      check=False)  # fmt: skip
     assert crashed.returncode != 0
@@ -204,9 +238,17 @@ def test_exact_resume_under_zero_2_and_bf16(tmp_path):
     ZeRO-stage enum, fragment addresses) that a weights-only load refuses unless allowed by name:
     without that, such runs could not resume at all. Resumed = uninterrupted, bitwise."""
     common = ("train.steps=6", "train.save_every=4", "train.zero_stage=2", "train.precision=bf16")
-    launch(tmp_path, "straight", *common, port=29645)
-    crashed = launch(tmp_path, "resumed", *common, "faults.sigkill_step=4", port=29645, check=False)
-    assert crashed.returncode != 0
+    runs = run_together(  # the uninterrupted run and the one killed, side by side
+        {
+            "straight": launch_command(tmp_path, "straight", *common, port=29645),
+            "crashed": launch_command(
+                tmp_path, "resumed", *common, "faults.sigkill_step=4", port=29649
+            ),
+        }
+    )
+    straight_run = runs["straight"]
+    assert straight_run.returncode == 0, straight_run.stdout[-3000:] + straight_run.stderr[-3000:]
+    assert runs["crashed"].returncode != 0
     out = launch(tmp_path, "resumed", *common, port=29645)
     assert "resumed from" in out.stdout and "step00000004" in out.stdout
     straight, resumed = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
@@ -223,32 +265,20 @@ def test_step_of_inverts_tag_for(tmp_path):
         checkpoint.step_of(tmp_path / "latest")
 
 
-def test_escalation_reaches_its_depth_when_rotation_has_removed_older_checkpoints(tmp_path):
+def test_escalation_reaches_its_depth_when_rotation_has_removed_older_checkpoints(guard_runs):
     """keep_last=1 and events right after a checkpoint: that checkpoint is marked suspect after one
     rollback and every older one was rotated away. The initial weights (step 0) are never rotated
     away, so the guard still tries the LR at 1/2, 1/4, 1/8 before it stops."""
-    out = launch(
-        tmp_path,
-        "deep",
-        "train.steps=40",
-        "train.save_every=4",
-        "train.keep_last=1",
-        "faults.lr_spike_step=10",
-        "faults.lr_spike_steps=40",
-        "faults.lr_spike_factor=1e5",
-        "guard.min_history=5",
-        "guard.rollback_events=1",
-        "guard.max_rollbacks=3",
-        check=False,
-    )
-    s = summary(tmp_path, "deep")
+    root, runs = guard_runs
+    out = runs["deep"]
+    s = summary(root, "deep")
     assert out.returncode == 3 and s["status"] == "diverged", out.stdout[-2000:]
     assert s["rollbacks"] == 3 and s["lr_scale"] == pytest.approx(1 / 8)
     targets = [
         line.split()[4].rstrip(",") for line in out.stdout.splitlines() if "rolled back" in line
     ]
     assert len(targets) == 3 and targets[0] == "step00000008"
-    kept = sorted(p.name for p in (tmp_path / "runs" / "deep" / "checkpoints").glob("step*"))
+    kept = sorted(p.name for p in (root / "runs" / "deep" / "checkpoints").glob("step*"))
     assert kept[0] == "step00000000"  # never rotated away
 
 

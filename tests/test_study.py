@@ -14,18 +14,18 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.study import optimum, stability
 from pipeline.study.runner import Runner, RunSpec
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main, run_together
+
+
+def study_command(*args: str, port: str) -> tuple[list[str], dict[str, str]]:
+    """`python -m pipeline study ARGS`: (argv, environment); its runs' ports start at ``port``."""
+    env = env_for_subprocess(MASTER_PORT=port, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
+    return [PYTHON, "-m", "pipeline", "study", *args], env
 
 
 def study(*args: str, port: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "pipeline", "study", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(MASTER_PORT=port, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false"),
-    )
+    argv, env = study_command(*args, port=port)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -411,15 +411,38 @@ def test_a_runs_outcome_is_its_summary_and_nothing_else(tmp_path):
         assert result["study"] == spec.meta and result["returncode"] == returncode
 
 
+# The two arms whose model overrides only the stability study trains (the certified arm is the
+# model defaults every other training test runs).
+STABILITY_ARMS = ("glow", "bounded")
+
+
+@pytest.fixture(scope="module")
+def quick_studies(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Both quick studies, started together: the stability study's 4 runs two at a time (each its
+    own port: 29931, 29932) beside the optimum study's one at a time keep both cores busy, where
+    one after the other left a core idle most of the optimum study. {name: (out, its process)}."""
+    root = tmp_path_factory.mktemp("studies")
+    outs = {"stability": root / "stability", "optimum": root / "optimum"}
+    stability_args = ["--quick", "--arms", *STABILITY_ARMS, "--jobs", "2"]
+    done = run_together(
+        {
+            "stability": study_command(
+                "stability", *stability_args, "--out", str(outs["stability"]), port="29931"
+            ),
+            "optimum": study_command(
+                "optimum", "--quick", "--out", str(outs["optimum"]), port="29934"
+            ),
+        }
+    )
+    return {name: (out, done[name]) for name, out in outs.items()}
+
+
 @pytest.mark.slow
-def test_stability_study_quick_records_divergence_battery_and_resumes(tmp_path, capsys):
-    out = tmp_path / "stability"
-    # The two arms whose model overrides only this study trains (the certified arm is the model
-    # defaults every other training test runs): 4 runs, two at once (each its own port).
-    arms = ("glow", "bounded")
-    quick = ["stability", "--quick", "--arms", *arms, "--out", str(out)]
-    first = study(*quick, "--jobs", "2", port="29931")
+def test_stability_study_quick_records_divergence_battery_and_resumes(quick_studies, capsys):
+    out, first = quick_studies["stability"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    arms = STABILITY_ARMS
+    quick = ["stability", "--quick", "--arms", *arms, "--out", str(out)]
 
     columns, rows = read_csv(out / "stability.csv")
     assert columns == stability.TABLE_COLUMNS
@@ -493,9 +516,8 @@ def test_stability_study_quick_records_divergence_battery_and_resumes(tmp_path, 
 
 
 @pytest.mark.slow
-def test_optimum_study_quick_compares_linear_flows_with_the_closed_form(tmp_path):
-    out = tmp_path / "optimum"
-    done = study("optimum", "--quick", "--out", str(out), port="29932")
+def test_optimum_study_quick_compares_linear_flows_with_the_closed_form(quick_studies):
+    out, done = quick_studies["optimum"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     columns, rows = read_csv(out / "optimum.csv")
