@@ -9,8 +9,9 @@ Policy (thresholds and escalation both in cfg.guard):
   - ``rollback_events`` steps with events within ``rollback_window`` steps: restore the last good
     checkpoint (saved with no event in its window), multiply the LR by ``rollback_lr_factor``; the
     data stream moves on, so the batches that led to the divergence are not replayed. If events
-    recur before a newer good checkpoint exists, the last target is marked bad (it may hold weights
-    already damaged by a step whose loss was still finite) and the next older one is used;
+    recur within ``rollback_window`` steps of a rollback, before a newer good checkpoint exists,
+    the last target is marked bad (it may hold weights already damaged by a step whose loss was
+    still finite) and the next older one is used (train/loop.rollback_target);
   - inverse-error or sampler events (MODEL_KINDS: the model no longer inverts or samples) at
     ``diagnostic_events`` checks in a row (diagnostics and checkpoint steps, where alone they are
     measured): roll back as above, however few steps had events. They come every 25-100 steps,

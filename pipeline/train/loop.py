@@ -370,16 +370,21 @@ def maybe_diagnose(run: Run, step: int, x: torch.Tensor, saving: bool) -> dict:
     return dist.broadcast_object(metrics)
 
 
-def roll_back(
-    engine, ckpt_root: Path, state: TrainState, guard: GuardConfig
-) -> tuple[Path, list]:
-    """Restore the last good weights and optimizer state, cut the LR; the step count and data go on.
-    Returns the checkpoint restored and those passed over as damaged (folder, first mismatch)."""
+def rollback_target(ckpt_root: Path, state: TrainState, guard: GuardConfig) -> tuple[Path, list]:
+    """The checkpoint a rollback restores: the last good one, unless it is the last rollback's
+    target and the events came back within ``guard.rollback_window`` steps of that rollback (its
+    weights may be damaged: it is marked suspect and the next older good one is used). Events
+    later than that are a new excursion, and the steps trained since vouch for the target.
+    Returns it and the checkpoints passed over as damaged; DivergenceStop when none is left."""
     damaged = []
     target = checkpoint.find_good(ckpt_root, damaged=damaged)
-    repeat = target is not None and checkpoint.step_of(target) == state.rollback_step
+    repeat = (
+        target is not None
+        and checkpoint.step_of(target) == state.rollback_step
+        and state.step - state.rolled_back_at <= guard.rollback_window
+    )
     if repeat and state.rollback_step > 0:  # the initial weights (step 0) cannot be damaged
-        checkpoint.mark_suspect(target)  # events came back right after it: it may hold bad weights
+        checkpoint.mark_suspect(target)
         target = checkpoint.find_good(ckpt_root, before=state.rollback_step, damaged=damaged)
     for bad, problem in damaged:
         say(f"guard: checkpoint {bad} is damaged ({problem}); not a rollback target")
@@ -387,9 +392,19 @@ def roll_back(
         raise DivergenceStop(
             f"guard asked for a rollback but {ckpt_root} has no good checkpoint left"
         )
+    return target, damaged
+
+
+def roll_back(
+    engine, ckpt_root: Path, state: TrainState, guard: GuardConfig
+) -> tuple[Path, list]:
+    """Restore the rollback target's weights and optimizer state, cut the LR; the step count and
+    data go on. Returns the checkpoint restored and those passed over as damaged (folder, first
+    mismatch)."""
+    target, damaged = rollback_target(ckpt_root, state, guard)
     checkpoint.load_engine(engine, target)
     state.rollbacks += 1
-    state.rollback_step = checkpoint.step_of(target)
+    state.rollback_step, state.rolled_back_at = checkpoint.step_of(target), state.step
     state.lr_scale *= guard.rollback_lr_factor  # the schedule reads it from the state
     state.recent_events, state.failed_checks = [], 0
     engine.lr_scheduler.last_epoch = state.step - 1

@@ -16,6 +16,7 @@ class TrainState:
     lr_scale: float = 1.0  # product of the rollback LR cuts so far
     rollbacks: int = 0
     rollback_step: int = -1  # the step of the last rollback target (-1: none yet)
+    rolled_back_at: int = -1  # the step at which the last rollback happened (-1: none yet)
     skipped_steps: int = 0
     recent_events: list = field(default_factory=list)  # steps of recent guard events (the window)
     event_counts: dict = field(default_factory=dict)  # kind -> count over the whole run
