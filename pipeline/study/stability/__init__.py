@@ -18,7 +18,7 @@ experiment; a run the guard stops is "diverged", and its ``steps`` are the steps
 After training, every run that finished gets the exploding-inverse battery (docs/design.md §3.6,
 pipeline/theory/battery.py) on its final checkpoint, and every diverged run on its last good one
 (the newest complete checkpoint not marked suspect): from the run's summary when the loop put it
-there, else from `python -m pipeline probe --checkpoint ... --json`.
+there, else from `python -m pipeline probe --checkpoint ... --json-out PATH` (the object it writes).
 
 Outputs in ``--out``: stability.md; stability.csv (one row per arm x cell: divergence rate with its
 95% Wilson interval, steps to divergence, val bpd), battery.csv (one row per arm and kind of

@@ -3,7 +3,6 @@ else a probe of its final or last good checkpoint; and the headline numbers the 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -57,11 +56,12 @@ def add_battery(runner: Runner, spec: RunSpec, result: dict, probe: tuple[str, .
         result["battery_error"] = f"no checkpoint to probe under {root}"
         return True
     try:
-        out = runner.pipeline(["probe", "--checkpoint", str(folder), "--json", *probe], spec.name)
+        metrics = runner.pipeline_json(
+            ["probe", "--checkpoint", str(folder), "--json", *probe], spec.name
+        )
     except RuntimeError as e:
         result["battery_error"] = str(e)
         return True
-    metrics = json.loads(out.strip().splitlines()[-1])
     result["battery"] = {k: as_float(v) for k, v in metrics.items() if k.startswith("battery/")}
     result["battery_source"] = source
     result["battery_checkpoint"] = str(folder)
