@@ -134,6 +134,22 @@ def test_export_sample_evaluate_from_a_checkpoint(tiny_run, tmp_path, capsys):
     assert abs(result["bpd"] - summary_bpd["val/bpd"]) < 1e-4  # same split, same numbers
 
 
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("evaluate", ["--max-batches", "1"]),
+        ("probe", ["--images", "2", "--samples", "2", "--no-gradients"]),
+    ],
+)
+def test_json_out_writes_the_object_json_prints(tiny_run, tmp_path, capsys, command, options):
+    # what a study reads as the command's result: the file, not a line of stdout
+    path = tmp_path / "result.json"
+    args = [command, "--checkpoint", str(tiny_run["run_dir"]), *options]
+    printed = run_main(capsys, *args, "--json", "--json-out", str(path))
+    assert json.loads(path.read_text()) == json.loads(printed)
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_model(tmp_path)

@@ -306,11 +306,9 @@ class ProbingRunner(Runner):
 
     probed: list[list[str]]
 
-    def pipeline(self, args, name):
+    def pipeline_json(self, args, name):
         self.probed.append(args)
-        return "probe log line\n" + json.dumps(
-            {"checkpoint": args[2], **battery(recon="inf"), "battery/normal/bpd": "nan"}
-        )
+        return {"checkpoint": args[2], **battery(recon="inf"), "battery/normal/bpd": "nan"}
 
 
 def test_a_diverged_run_gets_the_battery_of_its_last_good_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,14 +62,22 @@ def max_rss_bytes() -> int:
 
 
 def run_json(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
-    """Run a command whose last stdout line is JSON; its stderr passes through."""
-    out = subprocess.run(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout, check=False
-    )
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        return {"error": f"exit {out.returncode}", "stdout_tail": out.stdout[-2000:]}
-    return json.loads(lines[-1])
+    """Run a command that writes its JSON result to the file ``--json-out PATH`` names (appended
+    here); that object, read from the file, not from stdout. Its stderr passes through."""
+    with tempfile.TemporaryDirectory(prefix="lipflow-bench-") as tmp:
+        path = Path(tmp) / "result.json"
+        out = subprocess.run(
+            [*cmd, "--json-out", str(path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+        if out.returncode != 0 or not path.is_file():
+            return {"error": f"exit {out.returncode}", "stdout_tail": out.stdout[-2000:]}
+        return json.loads(path.read_text())
 
 
 def python() -> str:

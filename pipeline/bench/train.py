@@ -57,6 +57,7 @@ from pipeline.bench.common import (
 from pipeline.config import load_config
 from pipeline.data.quantise import dequantise
 from pipeline.flows import build_flow
+from pipeline.io import atomic_write_text
 
 MODES = ("store", "checkpoint", "invertible")
 
@@ -88,6 +89,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-batch", type=int, default=32)
     p.add_argument("--profile-steps", type=int, default=10, help="timed steps before profiling")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec of one measurement
+    p.add_argument("--json-out", help=argparse.SUPPRESS)  # the worker's result (run_json)
     return p.parse_args(argv)
 
 
@@ -343,7 +345,10 @@ def profile(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))), flush=True)
+        result = json.dumps(measure(json.loads(args.worker)))
+        if args.json_out:
+            atomic_write_text(args.json_out, result + "\n")
+        print(result, flush=True)
         return 0
     if args.profile:
         emit(profile(args))

@@ -1,4 +1,5 @@
-"""`python -m pipeline evaluate --checkpoint DIR [--shards DIR]`: validation bits/dim, one process."""
+"""`python -m pipeline evaluate --checkpoint DIR [--shards DIR] [--json] [--json-out PATH]`:
+validation bits/dim, one process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from pipeline import progress
 from pipeline.data import build_loader, resolve_shards
+from pipeline.io import atomic_write_text
 from pipeline.train.inference import open_checkpoint, restore_model
 
 
@@ -21,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--json-out",
+        metavar="PATH",
+        help="also write the result as JSON to PATH (atomically): what a caller reads",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         "shards": str(shards),
         "checkpoint": str(folder),
     }
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(result) + "\n")
     print(
         json.dumps(result)
         if args.json

@@ -1,4 +1,5 @@
-"""`python -m pipeline probe --checkpoint RUN [--json]`: the exploding-inverse battery on a checkpoint.
+"""`python -m pipeline probe --checkpoint RUN [--json] [--json-out PATH]`: the exploding-inverse
+battery on a checkpoint.
 
 Reconstruction error and finiteness of bpd on validation images and off-data inputs, samples at
 several temperatures, and invertible-mode gradients against stored activations
@@ -16,7 +17,7 @@ import torch
 
 from pipeline import progress
 from pipeline.data import ShardError, build_loader, prepare_synthetic, resolve_shards
-from pipeline.io import json_safe
+from pipeline.io import atomic_write_text, json_safe
 from pipeline.theory.battery import TEMPERATURES, exploding_inverse_battery
 from pipeline.train.inference import open_checkpoint, restore_model
 
@@ -50,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument(
+        "--json-out",
+        metavar="PATH",
+        help="also write that JSON object to PATH (atomically): what a caller reads as its result",
+    )
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -88,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
         gradients=not args.no_gradients,
         stage=progress.stage,
     )
+    result = json.dumps(json_safe({"checkpoint": str(folder), **metrics}))
+    if args.json_out:
+        atomic_write_text(args.json_out, result + "\n")
     if args.json:
-        print(json.dumps(json_safe({"checkpoint": str(folder), **metrics})))
+        print(result)
     else:
         print(f"exploding-inverse battery of {folder} ({args.dtype}; gradients float32)")
         print(format_table(metrics))

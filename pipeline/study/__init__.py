@@ -2,7 +2,7 @@
 
     stability   Glow, the certified default and the old bounded preset across the learning-rate
                 transition with and without clipping and in bf16, on the same shards: divergence
-                rates, the exploding-inverse battery, final bpd per arm (stability.py)
+                rates, the exploding-inverse battery, final bpd per arm (stability/)
     optimum     linear flows on Gaussian images of known covariance and on synthetic faces at two
                 resolutions against the closed-form optimum of docs/design.md §3.2 (optimum.py)
     cost        FLOPs per training image of a config's model and the GPU-hours that implies, an

@@ -33,6 +33,7 @@ from pipeline.study.runner import (
     add_runner_arguments,
     make_runner,
     pipeline,
+    pipeline_json,
     read_jsonl,
     write_json,
 )
@@ -313,7 +314,7 @@ def measure(
     elif report_only:
         return row, result
     else:
-        stdout = pipeline(
+        evaluation = pipeline_json(
             [
                 "evaluate",
                 "--checkpoint",
@@ -326,7 +327,6 @@ def measure(
             ],
             runner.log_path(spec.name),
         )
-        evaluation = json.loads(stdout.strip().splitlines()[-1])
         write_json(cached, evaluation)
     row["train images"] = evaluation["images"]
     row["achieved (train)"] = evaluation["bpd"]

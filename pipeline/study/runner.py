@@ -23,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -128,10 +129,11 @@ class Runner:
         self.save(spec, result)
         return result, False
 
-    def pipeline(self, args: list[str], name: str) -> str:
-        """Another `python -m pipeline` command for run ``name`` (e.g. a probe of its checkpoint),
-        logged to the run's log; its stdout (RuntimeError if it fails)."""
-        return pipeline(args, self.log_path(name), self.env)
+    def pipeline_json(self, args: list[str], name: str) -> dict:
+        """Another `python -m pipeline` command for run ``name`` that writes its JSON result to
+        ``--json-out`` (e.g. a probe of its checkpoint), logged to the run's log; that object
+        (RuntimeError if it fails)."""
+        return pipeline_json(args, self.log_path(name), self.env)
 
     def save(self, spec: RunSpec, result: dict) -> None:
         """(Re)write the run's result file (e.g. with what the study added after training)."""
@@ -263,6 +265,20 @@ def pipeline(args: list[str], log: Path, env: dict[str, str] | None = None) -> s
             + "\n".join((out.stdout + out.stderr).strip().splitlines()[-15:])
         )
     return out.stdout
+
+
+def pipeline_json(args: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
+    """Run a `python -m pipeline` command that takes ``--json-out PATH`` (probe, evaluate), logged
+    as ``pipeline`` does; the JSON object it wrote to PATH, read from the file, never from stdout
+    (RuntimeError if it fails or writes none)."""
+    with tempfile.TemporaryDirectory(prefix="lipflow-json-") as tmp:
+        path = Path(tmp) / "result.json"
+        pipeline([*args, "--json-out", str(path)], log, env)
+        if not path.is_file():
+            raise RuntimeError(
+                f"python -m pipeline {args[0]} exited 0 but wrote no result; see {log}"
+            )
+        return json.loads(path.read_text())
 
 
 def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
