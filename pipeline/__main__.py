@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub)
     try:  # overrides may come before or after options
         args = sub.parse_intermixed_args(argv[1:])
-    except TypeError:  # parsers with a REMAINDER argument (bench) cannot intermix
+    except TypeError:  # parsers with subcommands (bench, study) cannot intermix
         args = sub.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)

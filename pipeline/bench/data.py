@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.bench import standalone
 from pipeline.data import DataConfig, build_loader, dequantise, quantise
 from pipeline.data.images import encode_png
 from pipeline.data.shards import write_shards
@@ -55,8 +56,7 @@ def rate(images: int, seconds: float) -> float:
     return round(images / seconds, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1024, help="images")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--n-bits", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best counts")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     w, b = args.workers, args.batch_size
 
@@ -146,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.bench.data [options]`: the same as `python -m pipeline bench data`."""
+    return standalone("data", __doc__.splitlines()[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -97,10 +97,7 @@ class Arm:
     warmup_s: float = 0.0  # wall time of the warm-up steps (a +compile arm compiles in them)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline bench peer", description=__doc__.splitlines()[0]
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default="32,64,128", help=f"of {', '.join(SETTINGS)}")
     p.add_argument("--arms", default=DEFAULT_ARMS, help="preset[:memory],...; all: every pair")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
@@ -132,10 +129,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", help="also write the JSON here, rewritten after each setting (partial results)"
     )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.settings, args.rounds, args.steps, args.warmup = "quick", 2, 1, 1
-    return args
 
 
 def arm_names(text: str) -> list[str]:
@@ -474,8 +467,9 @@ def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
     return {"setting": {"name": setting, **dataclasses.asdict(s), "threads": threads}, **out}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.settings, args.rounds, args.steps, args.warmup = "quick", 2, 1, 1
     settings = [v.strip() for v in args.settings.split(",") if v.strip()]
     unknown = [v for v in settings if v not in SETTINGS]
     if unknown:

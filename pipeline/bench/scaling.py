@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.bench import standalone
 from pipeline.bench.common import ROOT, emit, machine, python
 from pipeline.distributed import free_port
 
@@ -49,10 +50,7 @@ QUIET_RUN = [
 ]
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline bench scaling", description=__doc__.splitlines()[0]
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--steps", type=int, default=30, help="training steps of the real run")
@@ -63,7 +61,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="config overrides for both, e.g. model.width=32")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
 
 
 def env(nproc: int, port: int) -> dict:
@@ -255,8 +252,7 @@ def worker(args) -> None:
     dist.teardown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def run(args: argparse.Namespace) -> int:
     if args.worker:
         worker(args)
         return 0
@@ -274,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     result["load_avg_after"] = machine(1)["load_avg_1_5_15"]
     emit(result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.bench.scaling [options]` (the comm workers: --worker): as `python -m
+    pipeline bench scaling`."""
+    return standalone("scaling", __doc__.splitlines()[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench import standalone
 from pipeline.bench.common import (
     emit,
     machine,
@@ -66,10 +67,7 @@ def csv_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline bench train", description=__doc__.splitlines()[0]
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/demo.yaml", help="model section and n_bits")
     p.add_argument("--resolutions", type=csv_ints, default=[32, 64, 128, 256])
     p.add_argument("--depths", type=csv_ints, default=[2, 4, 8, 16], help="steps per level")
@@ -90,7 +88,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=10, help="timed steps before profiling")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec of one measurement
     p.add_argument("--json-out", help=argparse.SUPPRESS)  # the worker's result (run_json)
-    return p.parse_args(argv)
 
 
 # ----- one configuration, in its own process ---------------------------------------------------
@@ -342,8 +339,7 @@ def profile(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def run(args: argparse.Namespace) -> int:
     if args.worker:
         result = json.dumps(measure(json.loads(args.worker)))
         if args.json_out:
@@ -385,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     result["load_avg_after"] = machine(args.threads)["load_avg_1_5_15"]
     emit(result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.bench.train [options]` (the measurements: --worker SPEC): as `python -m
+    pipeline bench train`."""
+    return standalone("train", __doc__.splitlines()[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

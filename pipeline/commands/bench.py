@@ -1,4 +1,13 @@
-"""`python -m pipeline bench <name> [args]`: run the benchmark pipeline/bench/<name>.py (prints JSON)."""
+"""`python -m pipeline bench <data|peer|scaling|train> [options]`: benchmarks that print JSON.
+
+    python -m pipeline bench train                   # a training step per memory mode, ~7 min
+    python -m pipeline bench scaling                 # 1 vs 2 DeepSpeed ranks, ~2 min
+    python -m pipeline bench data                    # the data loader, ~1 min
+    python -m pipeline bench peer --quick            # lipflow against normflows, seconds
+
+Each benchmark has its own options (``python -m pipeline bench train --help``); BENCHMARKS.md has
+the numbers and the command lines that made them.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +15,39 @@ import argparse
 import contextlib
 import importlib
 
-from pipeline.bench import NAMES
+BENCHES: dict[str, tuple[str, str]] = {
+    "data": (
+        "pipeline.bench.data",
+        "data loader throughput: the streaming loader against a PIL loop and an image-folder "
+        "Dataset",
+    ),
+    "peer": (
+        "pipeline.bench.peer",
+        "lipflow against normflows' Glow at matched architecture: step time per preset, memory "
+        "mode and torch.compile",
+    ),
+    "scaling": (
+        "pipeline.bench.scaling",
+        "data-parallel scaling, 1 vs 2 DeepSpeed ranks: images/s and the all-reduce's share of a "
+        "step",
+    ),
+    "train": (
+        "pipeline.bench.train",
+        "training-step throughput, memory and FLOPs per memory mode, against resolution and depth",
+    ),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=NAMES, help="benchmark: " + ", ".join(NAMES))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    sub = p.add_subparsers(dest="bench", metavar="<bench>", required=True)
+    for name, (module, help_) in BENCHES.items():
+        q = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(q)
 
 
 def run(args: argparse.Namespace) -> int:
-    bench = importlib.import_module(f"pipeline.bench.{args.name}")
+    bench = importlib.import_module(BENCHES[args.bench][0])
+    del args.bench  # a benchmark's JSON reports its own options (vars(args)), nothing more
     with contextlib.suppress(BrokenPipeError):  # `... | head` is not a failure
-        return int(bench.main(args.args) or 0)
+        return int(bench.run(args) or 0)
     return 0

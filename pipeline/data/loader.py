@@ -24,6 +24,10 @@ epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (d
     h-flip            train only, probability 1/2; u and the flip come from rng(seed, epoch, key)
     chunk             train: B samples -> one tensor; val: single samples (batched by the rank)
 
+``read_chunks`` chains them; each is a function below (``verify``, ``check_counts``, ``one_pass``,
+``raw_samples``, ``position``, ``decode``, ``to_inputs``, ``chunked``) taking what it shares with
+the others, the reader's shards, counts and bad-sample handler, as one ``ReaderEpoch``.
+
 Equal batches on every rank: each reader yields exactly ``chunks_per_reader`` chunks per epoch,
 computed from the manifest's per-shard counts as the worst case over all shard permutations, so no
 rank waits in a collective at an epoch end. The rank takes chunks from its readers round-robin
@@ -35,6 +39,7 @@ the very next batch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -246,6 +251,189 @@ def to_input(pixels: np.ndarray, n_bits: int, rng: np.random.Generator, flip: bo
     return np.minimum(x, BELOW_HALF, out=x)
 
 
+@dataclass(frozen=True)
+class ReaderEpoch:
+    """What the stages of one reader's stream for one epoch share: the reader's shards in reading
+    order (``urls``) with their manifest counts and digests, where it is (``where``, for messages)
+    and its bad-sample handler, whose counts travel with the next chunk."""
+
+    plan: StreamPlan
+    epoch: int
+    reader: int
+    urls: list[str]
+    expected: dict[str, int]  # url -> the manifest's sample count
+    digests: dict[str, str | None]  # url -> the manifest's sha256
+    per_pass: int  # samples in one pass over the shards, by the manifest
+    where: str
+    bad: BadSamples
+
+    @classmethod
+    def of(cls, plan: StreamPlan, epoch: int, reader: int) -> ReaderEpoch:
+        """Shard order, split by node, split by worker (``StreamPlan.reader_shards``)."""
+        shard_ids = plan.reader_shards(epoch, reader)
+        where = f"{plan.split} rank {plan.rank} reader {reader} epoch {epoch}"
+        return cls(
+            plan=plan,
+            epoch=epoch,
+            reader=reader,
+            urls=[plan.urls[i] for i in shard_ids],
+            expected={plan.urls[i]: plan.counts[i] for i in shard_ids},
+            digests={plan.urls[i]: plan.sha256[i] for i in shard_ids},
+            per_pass=sum(plan.counts[i] for i in shard_ids),
+            where=where,
+            bad=BadSamples(where),
+        )
+
+
+def verify(src: Iterator[dict], r: ReaderEpoch, rejected: set[str]) -> Iterator[dict]:
+    """Shards ``{"url": ...}`` -> the same, less those whose sha256 is not the manifest's: each of
+    those is added to ``rejected`` and reported to ``r.bad`` as a bad shard."""
+    for shard in src:
+        url, want = shard["url"], r.digests[shard["url"]]
+        try:
+            got = shard_digest(url) if want else want
+        except OSError:
+            got = want  # unreadable: the tar stage reports it as it reports any
+        if got != want:
+            rejected.add(url)
+            detail = f"sha256 {got[:16]}... is not the manifest's {want[:16]}..."
+            r.bad.bad_shard(url, r.expected[url], detail)
+            continue
+        yield shard
+
+
+def check_counts(src: Iterator[dict], r: ReaderEpoch, rejected: set[str]) -> Iterator[dict]:
+    """Samples of ``r.urls`` in order -> the same samples; each sample a shard lost short of its
+    manifest count is counted "missing_sample" once the shard is done (shards in ``rejected`` are
+    counted as bad shards already)."""
+    # tarfile reads a tar cut at a header boundary as a clean end: only the manifest's count
+    # reveals the lost samples
+    done = iter(r.urls)
+    url, n = next(done, None), 0
+    for sample in itertools.chain(src, [None]):
+        while url is not None and (sample is None or sample["__url__"] != url):
+            if n < r.expected[url] and url not in rejected:
+                detail = f"{url} yielded {n} of its {r.expected[url]} samples"
+                r.bad.add("missing_sample", detail, r.expected[url] - n)
+            url, n = next(done, None), 0
+        if sample is None:
+            return
+        n += 1
+        yield sample
+
+
+def one_pass(r: ReaderEpoch, index: int, rejected: set[str]) -> wds.DataPipeline:
+    """Pass ``index`` over the reader's shards -> raw samples ``{"__key__", "__url__", "png"}``,
+    buffer-shuffled (train); the shards that failed their checksum are added to ``rejected``."""
+    plan = r.plan
+    return wds.DataPipeline(
+        # this reader's shards: shard order, split by node, split by worker (reader_shards)
+        wds.SimpleShardList(r.urls),
+        # a shard whose bytes are not the manifest's -> skipped, named, counted
+        functools.partial(verify, r=r, rejected=rejected),
+        # tar members -> {"__key__", "png"} samples; bad shards/members -> the named handler
+        wds.tarfile_to_samples(handler=r.bad.handler),
+        # samples a shard lost without an exception (cut at a header) -> the named handler
+        functools.partial(check_counts, r=r, rejected=rejected),
+        # buffer shuffle on raw bytes, before any decode work
+        wds.shuffle(
+            plan.shuffle_buffer,
+            initial=plan.shuffle_buffer,
+            rng=random.Random(mix("buffer", plan.seed, r.epoch, plan.rank, r.reader, index)),
+        )
+        if plan.shuffle
+        else None,
+    )
+
+
+def raw_samples(r: ReaderEpoch) -> Iterator[dict]:
+    """The reader's raw samples, pass after pass (a refill pass is only reached when bad samples
+    left the reader short of its quota, and is counted). A pass that yields nothing is a
+    ShardError: all shards failed their checksum, or none is readable."""
+    for index in itertools.count():
+        if index:
+            r.bad.add("refill_pass", f"reading {len(r.urls)} shards again")
+        n, rejected = 0, set()
+        for sample in one_pass(r, index, rejected):
+            n += 1
+            yield sample
+        if n == 0 and rejected == set(r.urls):
+            names = ", ".join(sorted(Path(u).name for u in rejected))
+            raise ShardError(
+                f"{r.where}: no intact shard left: {names} in {Path(r.urls[0]).parent} do not "
+                f"match the sha256 in its manifest.json (corrupted or changed since written); "
+                f"{REWRITE}"
+            )
+        if n == 0:
+            raise ShardError(f"{r.where}: no readable sample in shards {r.urls}")
+
+
+def position(src: Iterator[dict], r: ReaderEpoch, skip: int) -> Iterator[dict]:
+    """Raw samples -> the same numbered in ``"__pos__"``, less the first ``skip`` (consumed
+    before a resume: dropped undecoded, their bad-sample counts with them)."""
+    for pos, sample in enumerate(src):
+        if pos < skip:
+            if pos == skip - 1:  # reported with the consumed chunks before the resume
+                r.bad.take()
+                r.bad.take_shards()
+            continue
+        sample["__pos__"] = pos
+        yield sample
+
+
+def decode(src: Iterator[dict], r: ReaderEpoch) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Numbered raw samples -> (key, pos, uint8 pixels [R, R, 3]); a sample without an image, or
+    one that does not decode to R×R, is counted and skipped. More skips in a row than a pass and a
+    shuffle buffer hold is a ShardError."""
+    plan, streak = r.plan, 0
+    for sample in src:
+        data = sample.get("png", sample.get("jpg", sample.get("jpeg")))
+        try:
+            if data is None:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                raise SkipImage("no_image", f"{sample['__key__']} has members {members}")
+            pixels = decode_rgb_array(data, plan.resolution)
+        except SkipImage as e:
+            r.bad.add(e.reason, f"{sample['__key__']} in {sample.get('__url__')}: {e.detail}")
+            streak += 1
+            if streak > r.per_pass + plan.shuffle_buffer:
+                raise ShardError(f"{r.where}: no decodable image in shards {r.urls}") from e
+            continue
+        streak = 0
+        yield sample["__key__"], sample["__pos__"], pixels
+
+
+def to_inputs(
+    src: Iterator[tuple[str, int, np.ndarray]], r: ReaderEpoch
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(key, pos, pixels) -> (pos, float32 [3, R, R]): quantised, dequantised and (train) maybe
+    flipped, the noise and the flip from rng(seed, epoch, key) (``to_input``)."""
+    plan = r.plan
+    for key, pos, pixels in src:
+        rng = np.random.default_rng(mix("sample", plan.seed, r.epoch, key))
+        flip = plan.hflip and bool(rng.random() < 0.5)
+        yield pos, to_input(pixels, plan.n_bits, rng, flip)
+
+
+def chunked(
+    src: Iterator[tuple[int, np.ndarray]], r: ReaderEpoch, start: int
+) -> Iterator[tuple[torch.Tensor, dict]]:
+    """(pos, x) -> chunks ``start .. chunks_per_reader - 1``: ``plan.chunk`` inputs stacked, with
+    their metadata (epoch, reader, index, the raw position after the chunk, and the bad-sample
+    counts and bad shards since the previous chunk)."""
+    plan = r.plan
+    index, parts = start, []
+    for pos, x in src:
+        parts.append(x)
+        if len(parts) == plan.chunk:
+            meta = {"epoch": r.epoch, "reader": r.reader, "index": index, "pos": pos + 1}
+            meta["bad"], meta["bad_shards"] = r.bad.take(), r.bad.take_shards()
+            yield torch.from_numpy(np.stack(parts)), meta
+            parts, index = [], index + 1
+            if index == plan.chunks_per_reader:
+                return
+
+
 def read_chunks(
     plan: StreamPlan, epoch: int, reader: int, start: int, skip: int
 ) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
@@ -253,136 +441,19 @@ def read_chunks(
     docstring); ``skip`` raw samples, the reader's saved position, are dropped undecoded."""
     if start >= plan.chunks_per_reader:
         return
-    shard_ids = plan.reader_shards(epoch, reader)
-    urls = [plan.urls[i] for i in shard_ids]
-    where = f"{plan.split} rank {plan.rank} reader {reader} epoch {epoch}"
-    bad = BadSamples(where)
-    per_pass = sum(plan.counts[i] for i in shard_ids)
-
-    expected = {plan.urls[i]: plan.counts[i] for i in shard_ids}
-    digests = {plan.urls[i]: plan.sha256[i] for i in shard_ids}
-
-    def verify(rejected: set[str]) -> Callable[[Iterator[dict]], Iterator[dict]]:
-        def stage(src: Iterator[dict]) -> Iterator[dict]:
-            for shard in src:
-                url, want = shard["url"], digests[shard["url"]]
-                try:
-                    got = shard_digest(url) if want else want
-                except OSError:
-                    got = want  # unreadable: the tar stage reports it as it reports any
-                if got != want:
-                    rejected.add(url)
-                    detail = f"sha256 {got[:16]}... is not the manifest's {want[:16]}..."
-                    bad.bad_shard(url, expected[url], detail)
-                    continue
-                yield shard
-
-        return stage
-
-    def check_counts(rejected: set[str]) -> Callable[[Iterator[dict]], Iterator[dict]]:
-        # tarfile reads a tar cut at a header boundary as a clean end: only the manifest's count
-        # reveals the lost samples, so compare each shard's yield with it once the shard is done
-        def stage(src: Iterator[dict]) -> Iterator[dict]:
-            done = iter(urls)
-            url, n = next(done, None), 0
-            for sample in itertools.chain(src, [None]):
-                while url is not None and (sample is None or sample["__url__"] != url):
-                    if n < expected[url] and url not in rejected:  # counted as a bad shard
-                        detail = f"{url} yielded {n} of its {expected[url]} samples"
-                        bad.add("missing_sample", detail, expected[url] - n)
-                    url, n = next(done, None), 0
-                if sample is None:
-                    return
-                n += 1
-                yield sample
-
-        return stage
-
-    def one_pass(index: int, rejected: set[str]) -> wds.DataPipeline:
-        return wds.DataPipeline(
-            # this reader's shards: shard order, split by node, split by worker (reader_shards)
-            wds.SimpleShardList(urls),
-            # a shard whose bytes are not the manifest's -> skipped, named, counted
-            verify(rejected),
-            # tar members -> {"__key__", "png"} samples; bad shards/members -> the named handler
-            wds.tarfile_to_samples(handler=bad.handler),
-            # samples a shard lost without an exception (cut at a header) -> the named handler
-            check_counts(rejected),
-            # buffer shuffle on raw bytes, before any decode work
-            wds.shuffle(
-                plan.shuffle_buffer,
-                initial=plan.shuffle_buffer,
-                rng=random.Random(mix("buffer", plan.seed, epoch, plan.rank, reader, index)),
-            )
-            if plan.shuffle
-            else None,
-        )
-
-    def raw_samples() -> Iterator[dict]:
-        for index in itertools.count():
-            if index:  # only reached when bad samples left the reader short
-                bad.add("refill_pass", f"reading {len(urls)} shards again")
-            n, rejected = 0, set()
-            for sample in one_pass(index, rejected):
-                n += 1
-                yield sample
-            if n == 0 and rejected == set(urls):
-                names = ", ".join(sorted(Path(u).name for u in rejected))
-                raise ShardError(
-                    f"{where}: no intact shard left: {names} in {Path(urls[0]).parent} do not "
-                    f"match the sha256 in its manifest.json (corrupted or changed since written); "
-                    f"{REWRITE}"
-                )
-            if n == 0:
-                raise ShardError(f"{where}: no readable sample in shards {urls}")
-
-    def position(src: Iterator[dict]) -> Iterator[dict]:
-        for pos, sample in enumerate(src):
-            if pos < skip:
-                if pos == skip - 1:  # reported with the consumed chunks before the resume
-                    bad.take()
-                    bad.take_shards()
-                continue
-            sample["__pos__"] = pos
-            yield sample
-
-    def decode(src: Iterator[dict]) -> Iterator[tuple[str, int, np.ndarray]]:
-        streak = 0
-        for sample in src:
-            data = sample.get("png", sample.get("jpg", sample.get("jpeg")))
-            try:
-                if data is None:
-                    members = sorted(k for k in sample if not k.startswith("__"))
-                    raise SkipImage("no_image", f"{sample['__key__']} has members {members}")
-                pixels = decode_rgb_array(data, plan.resolution)
-            except SkipImage as e:
-                bad.add(e.reason, f"{sample['__key__']} in {sample.get('__url__')}: {e.detail}")
-                streak += 1
-                if streak > per_pass + plan.shuffle_buffer:
-                    raise ShardError(f"{where}: no decodable image in shards {urls}") from e
-                continue
-            streak = 0
-            yield sample["__key__"], sample["__pos__"], pixels
-
-    def to_inputs(src: Iterator[tuple[str, int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
-        for key, pos, pixels in src:
-            rng = np.random.default_rng(mix("sample", plan.seed, epoch, key))
-            flip = plan.hflip and bool(rng.random() < 0.5)
-            yield pos, to_input(pixels, plan.n_bits, rng, flip)
-
-    def chunked(src: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[torch.Tensor, dict]]:
-        index, parts = start, []
-        for pos, x in src:
-            parts.append(x)
-            if len(parts) == plan.chunk:
-                meta = {"epoch": epoch, "reader": reader, "index": index, "pos": pos + 1}
-                meta["bad"], meta["bad_shards"] = bad.take(), bad.take_shards()
-                yield torch.from_numpy(np.stack(parts)), meta
-                parts, index = [], index + 1
-                if index == plan.chunks_per_reader:
-                    return
-
-    yield from wds.DataPipeline(raw_samples, position, decode, to_inputs, chunked)
+    r = ReaderEpoch.of(plan, epoch, reader)
+    yield from wds.DataPipeline(
+        # verified shards -> raw samples, buffer-shuffled (train), pass after pass if need be
+        functools.partial(raw_samples, r),
+        # numbered; on resume the consumed ones are dropped here, undecoded
+        functools.partial(position, r=r, skip=skip),
+        # png -> uint8 pixels; bad images counted and skipped
+        functools.partial(decode, r=r),
+        # quantise, dequantise, h-flip
+        functools.partial(to_inputs, r=r),
+        # chunks with their metadata, up to the reader's quota
+        functools.partial(chunked, r=r, start=start),
+    )
 
 
 def keep(item: Any) -> Any:
