@@ -27,9 +27,9 @@ COMMANDS: dict[str, str] = {
     "model": "print a model summary: parameters, levels, blocks, bounds",
     "plan": "what a run will be on N nodes x G GPUs: batches, DeepSpeed JSON, memory per rank, reads",
     "optimum": "closed-form likelihood optimum of linear flows on shards",
-    "bench": "benchmarks that print JSON (data, train, scaling)",
+    "bench": "benchmarks that print JSON (data, train, scaling, peer)",
     "compare": "table and plots comparing MLflow runs",
-    "study": "reproduce the paper's claims: stability and optimum studies",
+    "study": "reproduce the paper's claims: stability, optimum and cost studies",
     "probe": "exploding-inverse battery on a checkpoint: reconstruction, OOD bpd, samples, gradients",
     "config": "print the resolved config tree (defaults < YAML < overrides)",
 }
