@@ -283,12 +283,17 @@ def test_certify_rungs_and_fallback(c_out, c_in):
     )
     assert (lagging >= exact).all() and (lagging <= exact * 1.01 * rounding).all()
 
-    for fraction in (0.99, 0.5):
+    for fraction in (0.99, 0.45, 0.1):  # a later rung of the ladder; below its top, Frobenius
         lower = fraction * exact
         bound = spectral.certify(grams, lower)
-        assert (bound >= exact).all(), fraction  # the Frobenius fallback, still certified
-        assert (bound > lower * (1 + spectral.SLACKS[-1]) * rounding).all()  # no rung passed
+        assert (bound >= exact).all(), fraction  # every rung and the fallback certify
         torch.testing.assert_close(bound, reference_certify(grams, lower), rtol=1e-12, atol=0)
+        rungs = [lower * (1 + slack) * rounding for slack in spectral.SLACKS]
+        above = [r for r in rungs if (r >= exact).all()]
+        if above:  # the lowest rung above the maximum, never more than one rung's step over it
+            torch.testing.assert_close(bound, above[0], rtol=1e-12, atol=0)
+        else:
+            assert fraction == 0.1 and (bound > rungs[-1]).all()  # no rung passed
 
     # any lower in between is also certified
     for fraction in torch.linspace(0.0, 1.0, 21, dtype=DT):
@@ -314,6 +319,26 @@ def test_certify_tests_later_rungs_at_the_candidates_only():
     assert rung.tolist() == [len(spectral.SLACKS)] * 2  # the Frobenius norm bounds the top
     _, rung = spectral.certify(grams, exact, with_rung=True, candidates=order[:, 1:3])
     assert rung.tolist() == [0, 0]
+
+
+def test_certify_picks_the_frequencies_that_failed_the_first_rung():
+    """The normaliser's route (at_failures=k): the later rungs go to the k frequencies where the
+    first failed with the largest Frobenius norms, wherever the Rayleigh quotients point. For
+    lower bounds 0.995-0.8 of the maximum (1 to 15 of the 42 frequencies fail the first rung)
+    that finds the frequencies that bound it: the same bound and rung as testing every
+    frequency, not the Frobenius norm. Any lower bound stays certified."""
+    w = kernel(6, 5, seed=3, batch=(3,))
+    grams = spectral.symbol_grams(w, spectral.Frequencies(7, 6, 1.0))
+    exact = torch.linalg.eigvalsh(grams)[..., -1].amax(-1)
+    for fraction in (0.995, 0.9, 0.8):
+        lower = fraction * exact
+        everywhere, rung = spectral.certify(grams, lower, with_rung=True)
+        picked, picked_rung = spectral.certify(grams, lower, with_rung=True, at_failures=4)
+        assert (rung > 0).all() and (rung < len(spectral.SLACKS)).all()
+        torch.testing.assert_close(picked, everywhere, rtol=1e-14, atol=0)
+        assert picked_rung.tolist() == rung.tolist()
+    for fraction in torch.linspace(0.0, 1.0, 21, dtype=DT):
+        assert (spectral.certify(grams, fraction * exact, at_failures=4) >= exact).all()
 
 
 def test_certify_zero_kernel():

@@ -143,8 +143,9 @@ class Normaliser:
         kept = following if update else v
         _tock("power", start, weights)
         start = _tick(weights)
-        candidates = quotients.topk(min(spectral.CANDIDATES, quotients.shape[-1]), -1).indices
-        bound, rung = spectral.certify(grams, lower, with_rung=True, candidates=candidates)
+        bound, rung = spectral.certify(
+            grams, lower, with_rung=True, at_failures=spectral.CANDIDATES
+        )
         bound = bound * self.inflation
         # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
         factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))

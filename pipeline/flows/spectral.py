@@ -42,9 +42,11 @@ eigen-decomposition of every frequency's Gram, far too costly per step. Instead 
 keeps a vector from the previous step (a warm start), refined by power steps; the largest
 Rayleigh quotient λ_R is a lower bound, and one batched Cholesky factorisation of μI - G(ω) at
 μ = λ_R·(1 + slack) certifies λ_max(G(ω)) < μ wherever it succeeds (a factorisation backward
-stable in fp32: μ is inflated by 4·m·2⁻²³ for its rounding). Where it fails, the Frobenius norm
-‖G(ω)‖_F ≥ λ_max stands in: certified, looser (training normalises that layer a little more
-for one step). Every choice (which frequency, which bound) is a tensor op: no .item(), no
+stable in fp32: μ is inflated by 4·m·2⁻²³ for its rounding). Where it fails, a ladder of wider
+margins (SLACKS) is tried at those frequencies, and past its top the Frobenius norm
+‖G(ω)‖_F ≥ λ_max stands in: certified, looser (up to √m·λ_max). A lagging vector can take tens
+of steps to catch up, and with the Frobenius norm as the only stand-in the layer's scale jumped
+when it did: the ladder keeps those jumps to a rung's step. Every choice (which frequency, which bound) is a tensor op: no .item(), no
 branch on values, so the normaliser compiles into one graph and never waits for the device.
 
 **Gram iteration** (Delattre, Barthélemy, Araujo & Allauzen 2023; with zero padding, Delattre,
@@ -67,9 +69,14 @@ import torch
 GRID = 32
 GRID_SAVING = 2
 # the Cholesky certificate's rungs, relative margins above the warm-start Rayleigh quotient: the
-# first, tested at every frequency, holds on almost every step; the second, tested only at the
-# CANDIDATES frequencies with the largest quotients, where a warm vector lags (near-equal tops)
-SLACKS = (1e-4, 1e-2)
+# first, tested at every frequency, holds on almost every step; the later ones are tested only at
+# the CANDIDATES frequencies where the first failed (a warm vector lags: near-equal tops, or a new
+# top at another frequency), in one factorisation. A ladder, so that the bound moves by a rung's
+# step (≤ 1.5x on σ̂ between neighbours) when a lagging
+# vector catches up: with the Frobenius norm as the only stand-in (up to √m·λ_max), a layer's
+# scale jumped by up to ~2x between steps and a 32² model's loss with it (+0.3 bits/dim for
+# several steps at any learning rate; BENCHMARKS §7)
+SLACKS = (1e-4, 1e-2, 0.05, 0.2, 0.5, 1.0, 3.0)
 CANDIDATES = 4
 # multiply-adds symbol_grams' "offsets" route must save to pay for its ~25 extra small
 # operations (~0.25 ms on a CPU core): below that, the single-matmul "products" route is faster
@@ -298,37 +305,47 @@ def certify(
     slacks: tuple[float, ...] = SLACKS,
     with_rung: bool = False,
     candidates: torch.Tensor | None = None,
+    at_failures: int = 0,
 ):
     """[...]: a certified upper bound on max_ω λ_max(G(ω)) over the frequency axis (-3) of
     [..., F, m, m] Grams, given `lower` [...] ≤ it (the best Rayleigh quotient). Rung j tests
     μ_j = lower·(1 + slacks[j]) by a Cholesky factorisation of μ_j·I - G(ω): the first rung at
-    every frequency (one batched factorisation), the later ones only at `candidates` [..., k]
-    (frequency indices, e.g. those with the largest quotients: where the first rung can fail
-    when a warm vector lags; all frequencies if None). A frequency's bound is the lowest rung
-    that passed there, or ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring).
-    Branch-free; a zero kernel gets 0. `with_rung`: also the rung that bounded the maximum
-    ([...]: len(slacks) = the Frobenius norm somewhere), a diagnostic."""
+    every frequency (one batched factorisation), the later ones (one more) only at `candidates`
+    [..., k] (frequency indices), or, with `at_failures` = k > 0, at the k frequencies where the
+    first rung failed with the largest ‖G(ω)‖_F (a lagging warm vector's own quotient is low, so
+    the quotients cannot point at it; the Frobenius norm bounds where λ_max can be large); at
+    every frequency if neither. A frequency's bound is the lowest rung that passed there, or
+    ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring). Branch-free; a zero kernel gets
+    0. `with_rung`: also the rung that bounded the maximum ([...]: len(slacks) = the Frobenius
+    norm somewhere), a diagnostic."""
     m, n_freq = grams.shape[-1], grams.shape[-3]
-    mus = [lower * (1 + slack) for slack in slacks]
     real = torch.view_as_real(grams) if grams.is_complex() else grams[..., None]
     frobenius = real.square().sum((-3, -2, -1)).sqrt().to(lower.dtype)  # [..., F]
-    bound = frobenius.maximum(lower[..., None])
-    rung = torch.full_like(bound, float(len(slacks)))
-    for index in reversed(range(len(slacks))):  # the lowest rung that passes wins
-        if index == 0 or candidates is None:
-            tested, where = grams, None
-        else:
-            where = candidates[..., None, None].expand(*candidates.shape, m, m)
-            tested = grams.gather(-3, where)  # [..., k, m, m]
-        shifted = -tested
-        shifted.diagonal(dim1=-2, dim2=-1).add_(mus[index][..., None, None].to(grams.dtype))
-        passed = torch.linalg.cholesky_ex(shifted).info == 0
-        if where is not None:  # back to [..., F]: untested frequencies did not pass
-            passed = torch.zeros(
-                (*passed.shape[:-1], n_freq), dtype=torch.bool, device=passed.device
-            ).scatter(-1, candidates, passed)
-        bound = torch.where(passed, mus[index][..., None], bound)
-        rung = torch.where(passed, float(index), rung)
+    mus = lower[..., None] * (1 + torch.tensor(slacks, dtype=lower.dtype, device=lower.device))
+    eye = torch.eye(m, dtype=grams.dtype, device=grams.device)
+    # the first rung at every frequency
+    first = torch.linalg.cholesky_ex(mus[..., :1, None, None].to(grams.dtype) * eye - grams)
+    passed = first.info == 0  # [..., F]
+    bound = torch.where(passed, mus[..., :1], frobenius.maximum(lower[..., None]))
+    rung = torch.where(passed, 0.0, float(len(slacks)))
+    if len(slacks) > 1:  # the later rungs at the candidates, in one batched factorisation
+        if candidates is None and at_failures:
+            failed = torch.where(passed, torch.full_like(frobenius, -math.inf), frobenius)
+            candidates = failed.topk(min(at_failures, n_freq), -1).indices
+        elif candidates is None:
+            candidates = torch.arange(n_freq, device=grams.device).expand(*passed.shape)
+        where = candidates[..., None, None].expand(*candidates.shape, m, m)
+        tested = grams.gather(-3, where)[..., None, :, :, :]  # [..., 1, k, m, m]
+        later = mus[..., 1:, None, None, None].to(grams.dtype)  # [..., R, 1, 1, 1]
+        ok = torch.linalg.cholesky_ex(later * eye - tested).info == 0  # [..., R, k]
+        # the lowest passing rung (argmax finds the first True); none: the Frobenius norm
+        lowest = ok.to(torch.uint8).argmax(-2, keepdim=True)  # [..., 1, k]
+        mu = mus[..., 1:].gather(-1, lowest[..., 0, :])  # [..., k]
+        fresh = ok.any(-2) & ~passed.gather(-1, candidates)
+        at = torch.zeros_like(passed).scatter(-1, candidates, fresh)
+        bound = torch.where(at, torch.zeros_like(bound).scatter(-1, candidates, mu), bound)
+        rung_at = torch.zeros_like(rung).scatter(-1, candidates, 1.0 + lowest[..., 0, :].to(rung))
+        rung = torch.where(at, rung_at, rung)
     top = bound.amax(-1)
     certified = top * (1 + 4 * m * _EPS32)
     if not with_rung:
