@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
         "shards": str(shards),
         "checkpoint": str(folder),
     }
+    text = json.dumps(result)
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(result) + "\n")
+        atomic_write_text(args.json_out, text + "\n")
     print(
-        json.dumps(result)
+        text
         if args.json
         else f"{args.split} bits/dim {result['bpd']:.4f} "
         f"over {count} images ({shards}) from {folder}"

@@ -46,8 +46,9 @@ stable in fp32: μ is inflated by 4·m·2⁻²³ for its rounding). Where it fai
 margins (SLACKS) is tried at those frequencies, and past its top the Frobenius norm
 ‖G(ω)‖_F ≥ λ_max stands in: certified, looser (up to √m·λ_max). A lagging vector can take tens
 of steps to catch up, and with the Frobenius norm as the only stand-in the layer's scale jumped
-when it did: the ladder keeps those jumps to a rung's step. Every choice (which frequency, which bound) is a tensor op: no .item(), no
-branch on values, so the normaliser compiles into one graph and never waits for the device.
+when it did: the ladder keeps those jumps to a rung's step. Every choice (which frequency, which
+bound) is a tensor op: no .item(), no branch on values, so the normaliser compiles into one graph
+and never waits for the device.
 
 **Gram iteration** (Delattre, Barthélemy, Araujo & Allauzen 2023; with zero padding, Delattre,
 Barthélemy & Allauzen 2024) bounds σ_max(A) ≤ ‖G_t‖_F^(1/2^t), G_0 = A, G_{i+1} = G_i^H·G_i:
@@ -72,10 +73,9 @@ GRID_SAVING = 2
 # first, tested at every frequency, holds on almost every step; the later ones are tested only at
 # the CANDIDATES frequencies where the first failed (a warm vector lags: near-equal tops, or a new
 # top at another frequency), in one factorisation. A ladder, so that the bound moves by a rung's
-# step (≤ 1.5x on σ̂ between neighbours) when a lagging
-# vector catches up: with the Frobenius norm as the only stand-in (up to √m·λ_max), a layer's
-# scale jumped by up to ~2x between steps and a 32² model's loss with it (+0.3 bits/dim for
-# several steps at any learning rate; BENCHMARKS §7)
+# step (≤ 1.5x on σ̂ between neighbours) when a lagging vector catches up: with the Frobenius norm
+# as the only stand-in (up to √m·λ_max), a layer's scale jumped by up to ~2x between steps and a
+# 32² model's loss with it (+0.3 bits/dim for several steps at any learning rate; BENCHMARKS §7)
 SLACKS = (1e-4, 1e-2, 0.05, 0.2, 0.5, 1.0, 3.0)
 CANDIDATES = 4
 # multiply-adds symbol_grams' "offsets" route must save to pay for its ~25 extra small
