@@ -14,6 +14,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	@# DeepSpeed JIT-compiles its CPU ranks' shared-memory all-reduce at the first launch (~1 min on
+	@# 2 cores, then cached in ~/.cache/torch_extensions): build it here, so that the demo's clock
+	@# and the tests' timeouts do not pay for it.
+	DS_ACCELERATOR=cpu $(BIN)/python -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	@touch $(STAMP)
 
 demo: setup
