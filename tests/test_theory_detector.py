@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 
 import pytest
 
@@ -191,3 +192,36 @@ def test_the_log_det_band_follows_a_steady_rise():
     assert lagged >= 3  # the same curve against the untrended level: a rollback's worth
     jump = [e.kind for e in detector.observe(200, {LOGDET_MAX: curve(200) + 0.5})]
     assert jump == [LOGDET_JUMP]
+
+
+# The batch's log|det J|/D maximum over the first 40 steps of a demo-shaped run (4 levels × 5
+# steps, width 48, 2 ranks × 16 images, lr 2.5e-3 with a 100-step warm-up; per-step metrics of
+# `launch/local.sh ... train.log_every=1`): it falls for 10 steps, then turns and rises by
+# 0.03-0.05 a step as the LR grows.
+DEMO_WARMUP_LOGDET_MAX = [
+    2.2814, 2.2795, 2.2763, 2.2708, 2.2643, 2.2562, 2.2501, 2.2378, 2.2328, 2.2249,
+    2.2263, 2.2301, 2.2266, 2.2469, 2.2568, 2.2681, 2.2955, 2.3163, 2.3522, 2.4098,
+    2.4354, 2.4829, 2.4863, 2.4878, 2.5474, 2.5622, 2.5807, 2.669, 2.6898, 2.7355,
+    2.6942, 2.7378, 2.7445, 2.7785, 2.7984, 2.8596, 2.8062, 2.8659, 2.8509, 2.9298,
+]  # fmt: skip
+
+
+def test_the_log_det_band_follows_a_curve_that_turns():
+    """A slope read from the medians of the last two windows saw this V as flat and raised jumps
+    at steps 21 and 22 (one short of a rollback to step 0); the robust line through the last 10
+    values follows the turn, and a jump on top of the rise still fires."""
+    detector = DivergenceDetector(GuardConfig())
+    for step, value in enumerate(DEMO_WARMUP_LOGDET_MAX, start=1):
+        assert detector.observe(step, {LOGDET_MAX: value}) == [], step
+    jump = detector.observe(41, {LOGDET_MAX: DEMO_WARMUP_LOGDET_MAX[-1] + 0.05 + 0.3})
+    assert [e.kind for e in jump] == [LOGDET_JUMP]
+
+
+def test_the_trend_level_is_the_robust_line_through_the_last_values():
+    history = RobustHistory(100, 10, 20, floor=0.02, relative_floor=False, trend=True)
+    line = [1.0 + 0.25 * i for i in range(10)]
+    assert history.level(line) == pytest.approx(1.0 + 0.25 * 10)
+    outlier = [*line[:-1], 100.0]  # one wild value moves neither the slope nor the intercept
+    assert history.level(outlier) == pytest.approx(1.0 + 0.25 * 10)
+    flat = RobustHistory(100, 10, 20, floor=0.02, relative_floor=False)
+    assert flat.level(line) == pytest.approx(statistics.median(line))

@@ -113,12 +113,15 @@ class Event:
 class RobustHistory:
     """The last ``window`` finite values and a one-sided robust threshold level + z·scale.
 
-    With ``trend``, the level follows the curve's recent slope: the median of the last
-    ``level_window`` values carried forward to the next step at the rate between that median and
-    the median of the ``level_window`` values before them. A plain median lags a steadily moving
-    curve by about level_window/2 steps; early in training the log-det extremes rise by up to
-    0.04 nats/dim a step (demo model at lr 3e-3, docs/design.md §5), so the lag alone crossed an
-    8·0.02 band and raised jumps that were only learning. The noise scale then comes from the same
+    With ``trend``, the level follows the curve: the Theil-Sen line through the last
+    ``level_window`` values (the median of their pairwise slopes; the intercept the median of the
+    values less that slope), read at the next step. A plain median lags a steadily moving curve by
+    about level_window/2 steps; early in training the log-det extremes rise by up to 0.04 nats/dim
+    a step (demo model at lr 3e-3, docs/design.md §5), so the lag alone crossed an 8·0.02 band and
+    raised jumps that were only learning. The line uses only the last level_window values because
+    the curve turns: the demo's maximum falls for its first 10 steps and then rises at 0.03-0.05 a
+    step as the warm-up's LR grows (a slope from the medians of the last two windows read that V
+    as flat and raised jumps at steps 21-22). The noise scale then comes from the last
     2·level_window values: early steps change faster than the flat start the window still holds."""
 
     def __init__(
@@ -138,15 +141,14 @@ class RobustHistory:
         self.trend = trend
 
     def level(self, values: list[float]) -> float:
-        n = self.level_window
-        level = statistics.median(values[-n:])
-        before = values[-2 * n : -n]
-        if not self.trend or not before:
-            return level
-        # the windows' centres lie (n + 1)/2 and n + (p + 1)/2 steps before the next value, p the
-        # earlier window's length: (n + p)/2 steps apart
-        slope = (level - statistics.median(before)) / ((n + len(before)) / 2)
-        return level + slope * (n + 1) / 2
+        recent = values[-self.level_window :]
+        if not self.trend or len(recent) < 2:
+            return statistics.median(recent)
+        slope = statistics.median(
+            (b - a) / (j - i) for i, a in enumerate(recent) for j, b in enumerate(recent) if j > i
+        )
+        intercept = statistics.median(v - slope * i for i, v in enumerate(recent))
+        return intercept + slope * len(recent)
 
     def threshold(self, z: float) -> float | None:
         """None until ``min_history`` values are known."""
