@@ -213,7 +213,8 @@ def test_the_log_det_band_follows_a_curve_that_turns():
     detector = DivergenceDetector(GuardConfig())
     for step, value in enumerate(DEMO_WARMUP_LOGDET_MAX, start=1):
         assert detector.observe(step, {LOGDET_MAX: value}) == [], step
-    jump = detector.observe(41, {LOGDET_MAX: DEMO_WARMUP_LOGDET_MAX[-1] + 0.05 + 0.3})
+    on_trend = DEMO_WARMUP_LOGDET_MAX[-1] + 0.05  # the next step's value were the rise to go on
+    jump = detector.observe(41, {LOGDET_MAX: on_trend + 0.3})
     assert [e.kind for e in jump] == [LOGDET_JUMP]
 
 
