@@ -39,6 +39,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def say(msg: str) -> None:
+    """A line of the run's story, printed once: by the main rank."""
+    if is_main():
+        print(msg, flush=True)
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, load_config, save_config
 from pipeline.flows import ModelConfig, build_flow
 from pipeline.flows.config import PRESETS
 from pipeline.train import compat
-from pipeline.train.build import build_model
+from pipeline.train.run import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOW = PRESETS["glow"]

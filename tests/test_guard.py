@@ -29,7 +29,7 @@ def actions(guard: Guard, state: TrainState, checks: dict[int, dict]) -> list[tu
         if action != OK:
             out.append((step, action))
             state.rollbacks += action == ROLLBACK
-            state.recent_events, state.failed_checks = [], 0  # as loop.roll_back does
+            state.recent_events, state.failed_checks = [], 0  # as Guard.roll_back does
     return out
 
 
@@ -96,12 +96,12 @@ def test_a_rollback_restores_the_targets_histories():
     jumped = DivergenceDetector(GuardConfig(min_history=5))
     jumped.load_state_dict(state.detector)
     assert {e.kind for e in jumped.observe(41, healthy(11))} == {"logdet_jump", "loss_spike"}
-    counts = dict(guard.detector.counts)
-    state.recent_events, state.failed_checks = [], 0  # as loop.roll_back does
+    counts = dict(state.event_counts)
+    state.recent_events, state.failed_checks = [], 0  # as Guard.roll_back does
     guard.rolled_back(state, saved)
     state.step = 41
     assert guard.observe(state, healthy(11)) == ([], OK)
-    assert guard.detector.counts == counts  # the events seen stay counted
+    assert state.event_counts == counts  # the events seen stay counted
     restored = DivergenceDetector(GuardConfig(min_history=5))
     restored.load_state_dict(state.detector)  # and a resume after the rollback knows it
     assert list(restored.logdet_max.values) == [2.0] * 11

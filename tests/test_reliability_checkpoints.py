@@ -347,18 +347,18 @@ def test_a_rollback_target_is_condemned_only_when_events_return_soon_after_it(tm
     steps later are a new excursion (seen in a demo trial: a rollback 450 healthy steps after the
     first went back to step 0), so the target stands."""
     from pipeline.theory import GuardConfig
-    from pipeline.train.loop import rollback_target
+    from pipeline.train.guard import rollback_target
     from pipeline.train.state import TrainState
 
     first, second = fake_checkpoint(tmp_path, 0), fake_checkpoint(tmp_path, 700)
     guard = GuardConfig()
     state = TrainState(step=819)
-    assert rollback_target(tmp_path, state, guard) == (second, [])
+    assert rollback_target(tmp_path, state, guard) == second
     state.rollback_step, state.rolled_back_at = 700, 819
     state.step = 1271
-    assert rollback_target(tmp_path, state, guard) == (second, [])
+    assert rollback_target(tmp_path, state, guard) == second
     assert not checkpoint.is_suspect(second)
     state.rolled_back_at = 1271
     state.step = 1271 + guard.rollback_window
-    assert rollback_target(tmp_path, state, guard) == (first, [])
+    assert rollback_target(tmp_path, state, guard) == first
     assert checkpoint.is_suspect(second)

@@ -50,7 +50,7 @@ def test_a_store_that_cannot_be_created_degrades_then_gets_the_backlog(tmp_path)
     sink.log_params({"train.lr": 1e-3})
     for step in range(1, 4):
         sink.log(step, {"train/bpd": 5.0 - step})
-    sink.log_event({"kind": "loss_spike", "step": 2, "value": 9.0})
+    sink.log_event({"kind": "loss_spike", "step": 2, "value": 9.0}, {"loss_spike": 1})
     assert not sink.flush(1.5)  # retried meanwhile, still failing
     assert [r["step"] for r in jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 2]
 

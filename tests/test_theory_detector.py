@@ -72,7 +72,6 @@ def test_a_clean_run_produces_no_events():
         for step, metrics in clean_run(seed=seed):
             events += detector.observe(step, metrics)
         assert events == []
-        assert sum(detector.counts.values()) == 0
 
 
 # below: the event's value lies below its threshold (a lower limit was crossed)
@@ -105,7 +104,6 @@ def test_each_injected_fault_gives_its_event_at_its_step(kind, fault, below):
     detector = DivergenceDetector(GuardConfig())
     events = run(detector, {300: fault}, rank=5)
     assert [(e.step, e.kind, e.rank) for e in events] == [(300, kind, 5)]
-    assert detector.counts[kind] == 1
     event = events[0]
     if kind.startswith("non_finite"):
         assert not math.isfinite(event.value) and event.threshold == math.inf
@@ -157,7 +155,7 @@ def test_state_dict_resumes_exactly():
         detector = first if step < 300 else resumed
         events += detector.observe(step, metrics)
     assert events == expected
-    assert resumed.counts == straight.counts
+    assert resumed.state_dict() == straight.state_dict()
 
 
 def test_event_to_dict():

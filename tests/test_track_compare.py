@@ -47,7 +47,7 @@ def make_run(root, name: str, lr: float, width: int, with_diagnostics: bool, eve
         for kind, at in events:
             if at == step:
                 counts[kind] = counts.get(kind, 0) + 1
-                sink.log_event({"kind": kind, "step": step, "value": 1.0, "count": counts[kind]})
+                sink.log_event({"kind": kind, "step": step, "value": 1.0}, counts)
                 rollbacks += kind == "non_finite_grad"
         if step % 2 == 1:  # log_every=2: events at even steps fall between log rows
             continue

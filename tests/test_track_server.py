@@ -110,7 +110,10 @@ def test_sink_logs_to_a_real_server(server, tmp_path):
     sink.log_params({"train.lr": 3e-4, "model.levels": 3})
     for step in range(1, 21):
         sink.log(step, {"train/bpd": 6.0 - step / 10, "speed/images_per_s": 100.0 + step})
-    sink.log_event({"kind": "grad_norm_spike", "step": 12, "value": 40.0, "threshold": 9.0})
+    sink.log_event(
+        {"kind": "grad_norm_spike", "step": 12, "value": 40.0, "threshold": 9.0},
+        {"grad_norm_spike": 1},
+    )
     (tmp_path / "config.yaml").write_text("train:\n  lr: 3.0e-4\n")
     sink.log_artifact(tmp_path / "config.yaml")
     sink.log_summary({"final_val_bpd": 4.1})
@@ -166,7 +169,7 @@ def test_outages_lose_no_step_and_do_not_block_logging(server, tmp_path, capsys)
     for _ in range(100):
         log(sink, "down")
         time.sleep(0.02)
-    sink.log_event({"kind": "loss_spike", "step": step})
+    sink.log_event({"kind": "loss_spike", "step": step}, {"loss_spike": 1})
     sink.set_tags({"phase": "outage"})
     assert sink.pending() > 0
     server.launch()  # same port, same backend store

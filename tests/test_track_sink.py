@@ -73,9 +73,17 @@ def test_default_sqlite_store_gets_params_metrics_events_artifacts_and_summary(
     for step in range(1, 6):
         loss = float("nan") if step == 4 else 5.0 - step / 10
         sink.log(step, {"train/bpd": loss, "optim/lr": 1e-3 * step})
-    sink.log_event({"kind": "loss_spike", "step": 3, "value": 9.0, "threshold": 6.0, "rank": 0})
-    sink.log_event({"kind": "non_finite_loss", "step": 4, "value": float("nan"), "rank": 0})
-    sink.log_event({"kind": "loss_spike", "step": 5, "value": 8.0, "threshold": 6.0, "rank": 0})
+    # the caller's tally after each event (the run's TrainState.event_counts)
+    counts = {"loss_spike": 1}
+    sink.log_event(
+        {"kind": "loss_spike", "step": 3, "value": 9.0, "threshold": 6.0, "rank": 0}, counts
+    )
+    counts["non_finite_loss"] = 1
+    sink.log_event({"kind": "non_finite_loss", "step": 4, "value": math.nan, "rank": 0}, counts)
+    counts["loss_spike"] = 2
+    sink.log_event(
+        {"kind": "loss_spike", "step": 5, "value": 8.0, "threshold": 6.0, "rank": 0}, counts
+    )
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"not really a png")
     sink.log_artifact(grid, "samples")
@@ -83,7 +91,7 @@ def test_default_sqlite_store_gets_params_metrics_events_artifacts_and_summary(
     sink.set_tags({"guard.policy": "rollback"})
     sink.log_summary({"final_val_bpd": 4.5, "steps": 5, "best": float("inf")})
     with pytest.raises(ValueError, match="event kind"):
-        sink.log_event({"kind": "bad kind!", "step": 5})
+        sink.log_event({"kind": "bad kind!", "step": 5}, {"bad kind!": 1})
     sink.close()
     assert sink.undelivered == 0
 
@@ -145,7 +153,7 @@ def test_a_campaign_of_restarts_is_one_run_with_every_step_once(tmp_path):
     sink.log_params({"train.steps": 40})
     for step in range(1, 11):
         sink.log(step, {"train/bpd": value(0, step)})
-    sink.log_event({"kind": "loss_spike", "step": 7})
+    sink.log_event({"kind": "loss_spike", "step": 7}, {"loss_spike": 1})
     sink.close("KILLED")  # e.g. preempted; its last checkpoint was at step 8
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
@@ -160,7 +168,7 @@ def test_a_campaign_of_restarts_is_one_run_with_every_step_once(tmp_path):
         for step in range(ckpt + 1, last + 1):
             sink.log(step, {"train/bpd": value(attempt, step)})
         if attempt == 2:
-            assert sink.log_event({"kind": "loss_spike", "step": 27}) == 2
+            sink.log_event({"kind": "loss_spike", "step": 27}, {"loss_spike": 2})
         sink.close()
 
     client = MlflowClient(uri)
@@ -248,12 +256,13 @@ from pipeline.track.sink import MetricsSink
 root = Path({str(tmp_path)!r})
 other = MetricsSink(root / "rank1", TrackingConfig(), is_main=False, run_name="x")
 other.log_params({{"a": 1}}); other.log(1, {{"train/bpd": 1.0}}); other.set_tags({{"t": 1}})
-assert other.log_event({{"kind": "loss_spike", "step": 1}}) == 0 and other.log_summary({{}}) is None
+other.log_event({{"kind": "loss_spike", "step": 1}}, {{"loss_spike": 1}})
+assert other.log_summary({{}}) is None
 other.log_artifact(root / "nothing.png"); other.close()
 assert other.run_id is None and not (root / "rank1").exists()
 
 off = MetricsSink(root / "off", TrackingConfig(enabled=False), is_main=True, run_name="off")
-off.log_params({{"a": 1}}); off.log(1, {{"train/bpd": 1.0}}); off.log_event({{"kind": "k", "step": 1}})
+off.log_params({{"a": 1}}); off.log(1, {{"train/bpd": 1.0}}); off.log_event({{"kind": "k", "step": 1}}, {{"k": 1}})
 off.close()
 assert off.run_id is None and "mlflow" not in sys.modules
 print(sorted(p.name for p in root.rglob("*")))

@@ -184,7 +184,7 @@ def worker(args) -> None:
     from pipeline import distributed as dist
     from pipeline.config import load_config
     from pipeline.data.quantise import dequantise
-    from pipeline.train.build import build_model, build_optimizer
+    from pipeline.train.run import build_model, build_optimizer
     from pipeline.train.state import TrainState
 
     torch.set_num_threads(1)

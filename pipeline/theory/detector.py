@@ -66,16 +66,6 @@ LOGDET_BOUND = "logdet_bound"
 LOGDET_JUMP = "logdet_jump"
 INVERSE_ERROR = "inverse_error"
 SAMPLER = "sampler"
-KINDS = (
-    NON_FINITE_LOSS,
-    NON_FINITE_GRAD,
-    LOSS_SPIKE,
-    GRAD_NORM_SPIKE,
-    LOGDET_BOUND,
-    LOGDET_JUMP,
-    INVERSE_ERROR,
-    SAMPLER,
-)
 # the kinds that say the model no longer inverts or samples: seen only at diagnostics and
 # checkpoint steps, escalated by the guard on their own
 MODEL_KINDS = (INVERSE_ERROR, SAMPLER)
@@ -192,11 +182,13 @@ class DivergenceDetector:
         )
         jump = (cfg.window, cfg.level_window, cfg.min_history, cfg.logdet_jump_floor)
         self.logdet_max = RobustHistory(*jump, relative_floor=False, trend=True)
-        self.logdet_neg_min = RobustHistory(*jump, relative_floor=False, trend=True)  # collapse rises
-        self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.logdet_neg_min = RobustHistory(
+            *jump, relative_floor=False, trend=True
+        )  # collapse rises
 
     def observe(self, step: int, metrics: dict[str, Any], rank: int = 0) -> list[Event]:
-        """Check one step's metrics; return its events (empty for a healthy step) and count them."""
+        """Check one step's metrics; return its events (empty for a healthy step). Counting them
+        is the caller's: the guard keeps the run's one tally in its TrainState."""
         cfg = self.cfg
         events: list[Event] = []
 
@@ -261,27 +253,22 @@ class DivergenceDetector:
         if CHECK_BPD in metrics and (finite := _scalar(metrics[CHECK_BPD])) < 1:
             emit(SAMPLER, 1.0 - finite, 0.0)
 
-        for event in events:
-            self.counts[event.kind] += 1
         return events
 
     HISTORIES = ("loss", "log_grad", "logdet_max", "logdet_neg_min")
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: list(getattr(self, name).values) for name in self.HISTORIES} | {
-            "counts": dict(self.counts)
-        }
+        return {name: list(getattr(self, name).values) for name in self.HISTORIES}
 
     def restore_histories(self, state: dict[str, Any]) -> None:
-        """The curves' histories as a ``state_dict`` saved them (an absent one starts empty: the
-        log-det bands in checkpoints from before issue 22, everything in an empty dict); the event
-        counts stay as they are. A rollback restores the target checkpoint's histories: the
-        restored model is compared with the curves that led to it, not with the divergence."""
+        """The curves' histories as a ``state_dict`` saved them; an absent one starts empty (an
+        empty dict: nothing known yet; older checkpoints lack the log-det bands and carry a
+        "counts" entry, which is not a history). A rollback restores the target checkpoint's
+        histories: the restored model is compared with the curves that led to it, not with the
+        divergence."""
         for name in self.HISTORIES:
             history = getattr(self, name).values
             history.clear()
             history.extend(float(v) for v in state.get(name, []))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.restore_histories(state)
-        self.counts = dict.fromkeys(KINDS, 0) | {k: int(v) for k, v in state["counts"].items()}
+    load_state_dict = restore_histories

@@ -11,9 +11,9 @@ Each split of the set (train, val) is one MLflow dataset, logged with the contex
     schema   uint8 images [-1, res, res, 3]
     profile  images, resolution, shards, image format, where the images came from
 
-so runs on different data differ in the UI's Datasets column and in ``compare``'s table. The sink
-logs them when it opens a run folder (from the run's config.yaml, through the outbox, so a store
-that is down gets them later); MLflow keeps one input per run and dataset, so a resume adds none.
+so runs on different data differ in the UI's Datasets column and in ``compare``'s table. Run
+assembly logs them with the shard folder it resolved (through the sink's outbox, so a store that is
+down gets them later); MLflow keeps one input per run and dataset, so a resume adds none.
 """
 
 from __future__ import annotations
@@ -75,19 +75,13 @@ def shard_datasets(shards_dir: Path) -> list[dict[str, str]]:
     return datasets
 
 
-def run_datasets(run_dir: Path) -> list[dict[str, str]]:
-    """The datasets of the run whose folder is ``run_dir``, from its config.yaml; [] for a folder
-    without one (a sink used on its own). Never raises: lineage must not stop a run."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return []
+def run_datasets(shards_dir: Path) -> list[dict[str, str]]:
+    """``shard_datasets`` for a training run, which must not stop for lineage: [] and a warning
+    if the shard folder's manifest cannot be read."""
     try:
-        from pipeline.config import load_config
-        from pipeline.data import resolve_shards
-
-        return shard_datasets(resolve_shards(load_config(path).data))
+        return shard_datasets(shards_dir)
     except Exception as e:
-        log.warning("dataset lineage not logged for %s: %s", run_dir, str(e)[:300])
+        log.warning("dataset lineage not logged for %s: %s", shards_dir, str(e)[:300])
         return []
 
 

@@ -18,8 +18,7 @@ retrying while the store is unreachable (pipeline/track/delivery.py). One run fo
 run: the run id is saved in tracking/state.json as soon as the run exists and wins over the
 ``run_id`` argument (which comes from a checkpoint, and is None when the store was down until after
 the last save). A new sink on the folder, e.g. a resumed run, sends what an earlier one left behind;
-``MetricsSink(run_dir, cfg, True, name).close()`` does only that. A folder holding the run's
-config.yaml also gets its shard set's train and val splits as dataset inputs (lineage.py).
+``MetricsSink(run_dir, cfg, True, name).close()`` does only that.
 """
 
 from __future__ import annotations
@@ -28,11 +27,11 @@ import json
 import re
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pipeline.io import atomic_write_text, json_safe
+from pipeline.track import system
 from pipeline.track.config import TrackingConfig
 from pipeline.track.journal import open_journal
 from pipeline.track.lineage import run_datasets
@@ -54,7 +53,15 @@ class MetricsSink:
         is_main: bool,
         run_name: str,
         run_id: str | None = None,
+        shards: Path | None = None,
+        params: dict[str, Any] | None = None,
+        monitor_node: bool = False,
     ):
+        """``shards``: the run's shard folder, whose splits become the run's dataset inputs
+        (lineage.py; MLflow keeps one per run and dataset, so a resume adds none); ``params``: the
+        run's parameters. ``monitor_node`` (a rank other than the main one, local rank 0 of its
+        node): MLflow system metrics of this node into the run ``run_id``, if the store is shared
+        (a tracking server: another node cannot reach the main node's SQLite file)."""
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.is_main = is_main
@@ -64,18 +71,25 @@ class MetricsSink:
         self._experiment_id: str | None = None
         self._jsonl = None
         self._delivery = None
-        self._event_counts: Counter[str] = Counter()
         self._artifacts = 0
+        self.node_monitor = None
         if not is_main:
+            shared = not self.uri.startswith(("sqlite:", "file:")) and "://" in self.uri
+            if monitor_node and run_id and shared and system.wanted(cfg.system_metrics):
+                self.node_monitor = system.start_monitor(
+                    self.uri, run_id, cfg.system_metrics_interval_s
+                )
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open_journal(self.run_dir / "metrics.jsonl")
-        self._event_counts = count_events(self.run_dir / "events.jsonl")
         if cfg.enabled:
             from pipeline.track.delivery import Delivery
 
             self._delivery = Delivery(self.run_dir, self.uri, cfg, run_name, run_id)
-            self.log_inputs(run_datasets(self.run_dir))
+            if shards is not None:
+                self.log_inputs(run_datasets(shards))
+            if params:
+                self.log_params(params)
 
     @property
     def run_id(self) -> str | None:
@@ -131,23 +145,22 @@ class MetricsSink:
             fresh = {str(k): str(v)[:TAG_CHARS] for k, v in tags.items()}
             self._delivery.enqueue({"op": "tags", "tags": fresh})
 
-    def log_event(self, event: dict[str, Any]) -> int:
-        """Record a divergence event; returns how many of its kind the run has had.
+    def log_event(self, event: dict[str, Any], counts: dict[str, int]) -> None:
+        """Record an event: one row of events.jsonl (with the time and its kind's count), the
+        metric ``events/<kind>`` (the count, at the event's step), the tags ``events.<kind>``,
+        ``events.total`` and ``events.last``, and the events.jsonl artifact.
 
-        ``event`` needs "kind" and "step" (e.g. ``detector.Event.to_dict()``) and may carry "count",
-        the caller's tally of that kind including this event (a checkpointed one keeps counts exact
-        when a resumed run meets again events logged after its checkpoint); without it the sink
-        counts, recounting from events.jsonl after a restart. The event goes to events.jsonl (with
-        the time and the count), the metric ``events/<kind>`` (the count, at the event's step), the
-        tags ``events.<kind>``, ``events.total`` and ``events.last``, and the events.jsonl artifact.
+        ``event`` needs "kind" and "step" (e.g. ``detector.Event.to_dict()``); ``counts`` is the
+        run's tally after it (kind -> count, the TrainState's: checkpointed, so a resumed run that
+        meets again the events logged after its checkpoint counts them once). The sink writes
+        counts and never keeps one of its own.
         """
         kind, step = str(event["kind"]), int(event["step"])
         if not EVENT_KIND.fullmatch(kind):
             raise ValueError(f"event kind {kind!r} must match {EVENT_KIND.pattern}")
         if not self.is_main:
-            return 0
-        count = int(event.get("count", self._event_counts[kind] + 1))
-        self._event_counts[kind] = count
+            return
+        count = int(counts[kind])
         path = self.run_dir / "events.jsonl"
         row = {**json_safe(event), "kind": kind, "step": step, "time": time.time(), "count": count}
         with open_journal(path) as f:
@@ -156,12 +169,11 @@ class MetricsSink:
         self.set_tags(
             {
                 f"events.{kind}": count,
-                "events.total": sum(self._event_counts.values()),
+                "events.total": sum(counts.values()),
                 "events.last": f"{kind} at step {step}",
             }
         )
         self.log_artifact(path)
-        return count
 
     def log_summary(self, summary: dict[str, Any]) -> Path | None:
         """Write summary.json in the run folder, upload it, and tag the run with its scalars."""
@@ -188,6 +200,9 @@ class MetricsSink:
     def close(self, status: str = "FINISHED") -> None:
         """Flush for up to ``tracking.flush_timeout_s``, then end the run with ``status``
         (FINISHED, FAILED, KILLED). What cannot be sent stays on disk for the next sink."""
+        if self.node_monitor is not None:
+            self.node_monitor.finish()
+            self.node_monitor = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -204,17 +219,3 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / "summary.json"
     atomic_write_text(path, json.dumps(json_safe(summary), indent=1) + "\n")
     return path
-
-
-def count_events(path: Path) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return counts
-    for line in lines:
-        try:
-            counts[json.loads(line)["kind"]] += 1
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a crash
-    return counts

@@ -18,8 +18,9 @@ import errno
 import json
 import random
 import shutil
+import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -144,6 +145,38 @@ def find_latest(root: Path, damaged: list | None = None) -> Path | None:
         if damaged is not None:
             damaged.append((root / tag, problem))
     return None
+
+
+@dataclass
+class Latest:
+    """The checkpoint a run resumes from: its folder, TrainState, the ranks that wrote it, how it
+    was verified, and the newer complete checkpoints passed over as damaged (folder, mismatch)."""
+
+    folder: Path
+    state: TrainState
+    world_size: int
+    checked: str
+    damaged: list = field(default_factory=list)
+
+
+def open_latest(root: Path) -> Latest | None:
+    """``find_latest``'s checkpoint with what a resume needs to know before the engine exists;
+    None if ``root`` holds none, a CheckpointError (one line: what to do) if every complete one is
+    damaged."""
+    damaged, start = [], time.perf_counter()
+    folder = find_latest(root, damaged)
+    seconds = time.perf_counter() - start
+    for bad, problem in damaged:
+        dist.say(f"checkpoint {bad} is damaged ({problem}); falling back to the one before it")
+    if folder is None and damaged:
+        raise CheckpointError(
+            f"every complete checkpoint in {root} is damaged (the newest, {damaged[0][0].name}: "
+            f"{damaged[0][1]}); restore them from a copy, or use a new run.name to start afresh"
+        )
+    if folder is None:
+        return None
+    checked = describe_check(folder, seconds)
+    return Latest(folder, read_state(folder), saved_world_size(folder), checked, damaged)
 
 
 def is_suspect(folder: Path) -> bool:
@@ -296,8 +329,10 @@ def load_engine(engine, folder: Path) -> None:
 
 
 def read_state(folder: Path) -> TrainState:
-    """The TrainState a checkpoint holds (a plain file: readable before the engine exists)."""
-    return TrainState(**json.loads((folder / "trainstate.json").read_text()))
+    """The TrainState a checkpoint holds (a plain file: readable before the engine exists); a
+    field it holds that TrainState no longer has is dropped."""
+    saved = json.loads((folder / "trainstate.json").read_text())
+    return TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
 
 
 def load(engine, folder: Path) -> dict:

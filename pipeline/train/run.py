@@ -1,13 +1,23 @@
-"""Putting a run together: the checkpoint to resume from (if any), data, model, engine, guard and
-tracking, as a fresh start or a resume; the Run they make up, and the preemption flag. The loop
-itself is pipeline/train/loop.py; the builders it calls are in build.py.
+"""Putting a run together, in one order (docs/design.md §5):
+
+  1. rank 0 does the file work: the checkpoint to resume from (refusing an incompatible config
+     before anything slow), the synthetic data if asked for, the shard folder, the TrainState (the
+     checkpoint's, or a fresh one with the optimum reference), config.yaml and the MLflow run;
+  2. one broadcast gives every rank that bundle (or the error rank 0 met, raised everywhere);
+  3. every rank builds loaders, model, optimizer and engine the same way; a fresh start
+     initialises ActNorm (identical on every rank) and saves step 0, a resume loads the checkpoint.
+
+The Run it returns holds everything the loop touches. The loop is pipeline/train/loop.py.
 """
 
 from __future__ import annotations
 
+import math
+import platform
 import signal
-import time
+import subprocess
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +25,51 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
+from pipeline.data import build_loader, prepare_synthetic, resolve_shards
+from pipeline.flows import build_flow
+from pipeline.theory.optimum import optimal_nll
+from pipeline.theory.shards import iter_levels
+from pipeline.track.sink import MetricsSink
 from pipeline.train import checkpoint, compat
-from pipeline.train.build import (
-    Data,
-    SkippableAdamW,
-    build_data,
-    build_model,
-    build_node_monitor,
-    build_optimizer,
-    build_optimum,
-    build_sink,
-    initialize_actnorm,
-    run_params,
-)
+from pipeline.train.config import FaultConfig, TrainConfig
+from pipeline.train.faults import lr_multiplier
 from pipeline.train.guard import Guard
 from pipeline.train.state import TrainState
+
+PANEL_IMAGES = 8  # the end-of-run panel's columns (train/report.py)
+
+
+@dataclass
+class Bundle:
+    """What rank 0 decides and every rank receives: the checkpoint to resume from (None: a fresh
+    start) and the config keys it accepts as changed ("key: old -> new"), the shard folder, the
+    TrainState to continue from, and the MLflow run (None while the store is unreachable)."""
+
+    latest: checkpoint.Latest | None
+    changed: list[str]
+    shards: Path
+    state: TrainState
+    run_id: str | None = None
 
 
 @dataclass
 class Run:
-    """Everything one training run holds, built by ``build_run``."""
+    """Everything one training run holds, built by ``assemble``."""
 
     cfg: Config
     engine: Any
     optimizer: SkippableAdamW  # ours, not DeepSpeed's wrapper: the guard cancels its next step
     model: torch.nn.Module
-    loader: Any
-    val_loader: Any
+    loader: Any  # this rank's infinite, exactly resumable train stream
+    val_loader: Any  # this rank's finite share of the val split
     state: TrainState
     guard: Guard
-    sink: Any
+    sink: MetricsSink
     preemption: Preemption
-    node_monitor: Any = None
     reported_bad_shards: set = field(default_factory=set)
-    # the sampler check's fixed val images (rank 0; None elsewhere or with guard.check_images=0)
-    check_images: torch.Tensor | None = None
+    # the first val images (rank 0, None elsewhere): the sampler check's fixed images, and the
+    # final battery's and panel's
+    val_images: torch.Tensor | None = None
 
     @property
     def ckpt_root(self) -> Path:
@@ -67,116 +87,217 @@ class Run:
             self.loader.state_dict(),
         )
 
+    def event(self, kind: str, **fields) -> None:
+        """Record an event that is not the detector's (the guard records those): counted in the
+        TrainState, the run's one tally (checkpointed, so a resume counts on exactly), and written
+        by the sink, the one writer of events.jsonl and ``events/<kind>``."""
+        counts = self.state.event_counts
+        counts[kind] = counts.get(kind, 0) + 1
+        self.sink.log_event({"kind": kind, "step": self.state.step, **fields}, counts)
 
-def build_run(cfg: Config) -> Run:
+
+def assemble(cfg: Config) -> Run:
     """Data, model, engine, guard and tracking: a fresh start, or a resume from the newest complete
     checkpoint of the run folder if its config is compatible with ``cfg`` (train/compat.py)."""
     torch.manual_seed(cfg.train.seed)  # same on every rank: identical initial weights
-    found = on_main(choose_checkpoint, cfg, dist.world_size())  # before any work: it may refuse
-    if dist.is_main():
-        save_config(cfg, cfg.run.dir / "config.yaml")
     preemption = Preemption()  # before the slow parts: a SIGTERM during set-up is honoured too
-    data, model = build_data(cfg), build_model(cfg)
-    if found.folder is None:
-        return start_fresh(cfg, model, data, preemption)
-    return resume(cfg, model, data, found, preemption)
-
-
-@dataclass
-class Found:
-    """The checkpoint a run resumes from (None: a fresh start), the config keys it accepts as
-    changed since that checkpoint ("key: old -> new"), the newer complete checkpoints passed over
-    as damaged (folder, first mismatch), and how the folder was verified."""
-
-    folder: Path | None
-    changed: list[str] = field(default_factory=list)
-    damaged: list[tuple[Path, str]] = field(default_factory=list)
-    checked: str = ""
-
-
-def choose_checkpoint(cfg: Config, world_size: int) -> Found:
-    """The newest complete checkpoint of the run folder whose files match its manifest, checked
-    against ``cfg``: a ConfigError (one line: the differing keys, what to do) if it cannot continue
-    under it, a CheckpointError if every complete checkpoint is damaged."""
-    root, damaged = cfg.run.dir / "checkpoints", []
-    start = time.perf_counter()
-    folder = checkpoint.find_latest(root, damaged)
-    seconds = time.perf_counter() - start
-    for bad, problem in damaged:
-        say(f"checkpoint {bad} is damaged ({problem}); falling back to the one before it")
-    if folder is None and damaged:
-        raise checkpoint.CheckpointError(
-            f"every complete checkpoint in {root} is damaged (the newest, {damaged[0][0].name}: "
-            f"{damaged[0][1]}); restore them from a copy, or use a new run.name to start afresh"
-        )
-    if folder is None:
-        return Found(None)
-    changed = compat.check_resume(folder, cfg, world_size, checkpoint.saved_world_size(folder))
-    return Found(folder, changed, damaged, checkpoint.describe_check(folder, seconds))
-
-
-def on_main(fn, *args):
-    """``fn(*args)`` on rank 0, its result (or the exception it raised) on every rank: file checks
-    done once, and one decision, so no rank is left waiting in a collective the others skipped."""
-    outcome = (None, None)
+    bundle, sink, error = None, None, None
     if dist.is_main():
         try:
-            outcome = (fn(*args), None)
-        except Exception as error:
-            outcome = (None, error)
-    result, error = dist.broadcast_object(outcome)
+            bundle = prepare(cfg, dist.world_size())
+            sink = open_sink(cfg, bundle)
+            bundle.run_id = sink.run_id
+        except Exception as e:  # every rank raises it, so none waits in a collective
+            error = e
+    bundle, error = dist.broadcast_object((bundle, error))
     if error is not None:
         raise error
-    return result
+    sink = sink or open_sink(cfg, bundle)
 
-
-def start_fresh(cfg: Config, model, data: Data, preemption: Preemption) -> Run:
-    """Explicit ActNorm init (identical on all ranks, docs/design.md §8.9), the optimum reference, the
-    run's parameters, and a step-0 checkpoint: a good rollback target from the start."""
-    checksum = initialize_actnorm(model, cfg, data.shards)
-    say(f"ActNorm data-dependent init identical on {dist.world_size()} rank(s) ({checksum!r})")
-    state = TrainState(optimum_bpd=build_optimum(cfg, data.shards))
-    run = assemble(cfg, model, state, data, preemption)
-    run.sink.log_params({**flatten(to_dict(cfg)), **run_params()})
-    run.save()
-    say(f"fresh start; run {cfg.run.dir}")
-    return run
-
-
-def resume(cfg: Config, model, data: Data, found: Found, preemption: Preemption) -> Run:
-    """Weights, optimizer, LR schedule, RNG, data position and TrainState from ``found.folder``."""
-    folder = found.folder
-    if found.changed:
-        say(f"resuming with changed keys: {'; '.join(found.changed)}")
-    state = checkpoint.read_state(folder)  # first: the LR schedule and the sink read it
-    run = assemble(cfg, model, state, data, preemption)
-    data.train.load_state_dict(checkpoint.load(run.engine, folder))
-    for bad, problem in found.damaged:
-        log_damaged(run, bad, problem)
-    say(f"resumed from {folder} ({found.checked}); run {cfg.run.dir}")
-    return run
-
-
-def assemble(cfg: Config, model, state: TrainState, data: Data, preemption: Preemption) -> Run:
-    """The engine around ``model`` and the run's guard and tracking, for ``state``."""
+    rank, world = dist.rank(), dist.world_size()
+    loader = build_loader(cfg.data, bundle.shards, "train", cfg.train.micro_batch, rank, world)
+    val_loader = build_loader(cfg.data, bundle.shards, "val", cfg.train.micro_batch, rank, world)
+    model = build_model(cfg)
+    if bundle.latest is None:
+        checksum = initialize_actnorm(model, cfg, bundle.shards)
+        dist.say(f"ActNorm data-dependent init identical on {world} rank(s) ({checksum!r})")
+    state, guard = bundle.state, cfg.guard
+    n_val = max(guard.check_images, guard.battery_images, PANEL_IMAGES)
+    val_images = first_images(val_loader, n_val) if dist.is_main() else None
     optimizer, scheduler = build_optimizer(model, cfg.train, cfg.faults, state)
     engine, _, _ = dist.build_engine(model, optimizer, scheduler, cfg.train)
-    sink = build_sink(cfg, state)
-    n_check = cfg.guard.check_images
-    return Run(
+    run = Run(
         cfg,
         engine,
         optimizer,
         model,
-        data.train,
-        data.val,
+        loader,
+        val_loader,
         state,
-        Guard(cfg.guard, state, cfg.train.precision),
+        Guard(guard, state, cfg.train.precision),
         sink,
         preemption,
-        node_monitor=build_node_monitor(cfg.tracking, sink),
-        check_images=first_images(data.val, n_check) if n_check and dist.is_main() else None,
+        val_images=val_images,
     )
+    if bundle.latest is None:
+        run.save()  # the initial weights: a good rollback target from the start
+        dist.say(f"fresh start; run {cfg.run.dir}")
+        return run
+    loader.load_state_dict(checkpoint.load(engine, bundle.latest.folder))
+    for folder, problem in bundle.latest.damaged:
+        run.event("checkpoint_damaged", checkpoint=str(folder), problem=problem)
+    dist.say(f"resumed from {bundle.latest.folder} ({bundle.latest.checked}); run {cfg.run.dir}")
+    return run
+
+
+# --- rank 0's file work ---------------------------------------------------------------------------
+
+
+def prepare(cfg: Config, world_size: int) -> Bundle:
+    """The checkpoint to resume from, checked against ``cfg`` first (a ConfigError, one line, if it
+    cannot continue under it; a CheckpointError if every complete checkpoint is damaged), then the
+    data and the state to continue from."""
+    latest, changed = checkpoint.open_latest(cfg.run.dir / "checkpoints"), []
+    if latest is not None:
+        changed = compat.check_resume(latest.folder, cfg, world_size, latest.world_size)
+        if changed:
+            dist.say(f"resuming with changed keys: {'; '.join(changed)}")
+    save_config(cfg, cfg.run.dir / "config.yaml")
+    if cfg.data.source == "synthetic":
+        prepare_synthetic(cfg.data)  # written once, atomically
+    shards = resolve_shards(cfg.data)
+    state = latest.state if latest is not None else TrainState(optimum_bpd=optimum_bpd(cfg, shards))
+    return Bundle(latest, changed, shards, state)
+
+
+def optimum_bpd(cfg: Config, shards: Path) -> float | None:
+    """theory/optimum_bpd: the best bpd a linear per-position flow (squeeze 2) can reach on this
+    data, from up to ``train.optimum_images`` train images."""
+    if not cfg.train.optimum_images:
+        return None
+    levels = iter_levels(shards, cfg.data.n_bits, split="train", limit=cfg.train.optimum_images)
+    return float(optimal_nll(levels, n_bits=cfg.data.n_bits, squeeze=2, hflip=cfg.data.hflip).bpd)
+
+
+def open_sink(cfg: Config, bundle: Bundle) -> MetricsSink:
+    """The main rank's sink: the run's MLflow run (the checkpoint's, on a resume), its dataset
+    inputs and, on a fresh start, its parameters. On the other ranks a sink that writes nothing;
+    local rank 0 of each other node monitors its node's system metrics."""
+    main = dist.is_main()
+    params = {**flatten(to_dict(cfg)), **run_params()} if main and bundle.latest is None else None
+    return MetricsSink(
+        cfg.run.dir,
+        cfg.tracking,
+        main,
+        run_name=cfg.run.name,
+        run_id=bundle.state.mlflow_run_id if main else bundle.run_id,
+        shards=bundle.shards,
+        params=params,
+        monitor_node=dist.local_rank() == 0,
+    )
+
+
+def run_params() -> dict:
+    """What besides the config decides a run: ranks, versions, commit."""
+    params = {"run.world_size": dist.world_size(), "run.python": platform.python_version()}
+    for pkg in ("torch", "deepspeed", "webdataset", "mlflow", "lipflow"):
+        try:
+            params[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            params[f"version.{pkg}"] = "not installed"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    params["run.git_commit"] = commit or "unknown"
+    return params
+
+
+# --- every rank -----------------------------------------------------------------------------------
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The flow on this rank's device; with ``train.compile``, its forward compiled in place
+    (``Module.compile``: parameter names, and so checkpoints, stay those of the eager model)."""
+    r = cfg.data.resolution
+    model = build_flow(cfg.model, (3, r, r), cfg.data.n_bits).to(dist.device())
+    if cfg.train.compile:
+        model.compile(dynamic=False)  # one image shape per run: no dynamic-shape guards
+    return model
+
+
+@torch.no_grad()
+def initialize_actnorm(model: torch.nn.Module, cfg: Config, shards: Path) -> float:
+    """ActNorm's data-dependent init (docs/design.md §8.9) from the first batches of rank 0's
+    stream, on every rank: every rank reads the same batches (a one-rank view of the train split)
+    and runs the same deterministic computation, so the parameters agree without a broadcast.
+    Fails loudly unless they do; returns their checksum.
+
+    The checksum sums each tensor weighted by its position, in float64, so both a changed value and
+    swapped tensors change it; ranks compare it by all-reducing its max and min.
+    """
+    loader = build_loader(cfg.data, shards, "train", cfg.train.micro_batch, rank=0, world_size=1)
+    batches = iter(loader)
+    x = torch.cat([next(batches) for _ in range(max(1, cfg.train.init_batches))])
+    model.data_init(x.to(dist.device()))
+    total = torch.zeros(1, dtype=torch.float64)
+    for i, p in enumerate(model.state_dict().values()):
+        if p.is_floating_point():
+            weights = torch.arange(1, p.numel() + 1, dtype=torch.float64)
+            total += (i + 1) * (p.detach().double().cpu().flatten() * weights).sum()
+    hi, lo = dist.all_reduce(total.clone(), "max"), dist.all_reduce(total.clone(), "min")
+    if hi.item() != lo.item():
+        raise RuntimeError(
+            f"ActNorm init differs across ranks (checksums {lo.item()!r} .. {hi.item()!r}): the "
+            "init batches or the model code are not deterministic; check data.seed and data.workers"
+        )
+    return total.item()
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be cancelled: how the guard skips a step on every ZeRO stage.
+
+    DeepSpeed calls ``step()`` on the optimizer it was given (directly at ZeRO 0, on the fp32
+    partitions at ZeRO 1/2), so a cancelled step leaves weights and Adam moments exactly as they were.
+    """
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, faults: FaultConfig, state: TrainState
+):
+    """Plain torch AdamW (DeepSpeed's fused optimizers need a compiler step on CPU) + LR schedule.
+
+    lr(step) = lr · state.lr_scale · warm-up/cosine(step): ``lr_scale`` is the product of the guard's
+    rollback cuts, kept in the TrainState so that a checkpoint carries it.
+    """
+    optimizer = SkippableAdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+    def factor(step: int) -> float:
+        scale = state.lr_scale * lr_multiplier(faults, step)
+        if train.warmup_steps and step < train.warmup_steps:
+            return scale * (step + 1) / train.warmup_steps
+        if train.lr_decay == "none":
+            return scale
+        span = max(1, train.steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return scale * (train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def first_images(loader, n: int) -> torch.Tensor | None:
@@ -197,12 +318,6 @@ def first_images(loader, n: int) -> torch.Tensor | None:
     return torch.cat(batches)[:n].to(dist.device()) if batches else None
 
 
-def log_damaged(run: Run, folder: Path, problem: str) -> None:
-    """A checkpoint whose files no longer match its manifest, as the event checkpoint_damaged."""
-    event = {"kind": "checkpoint_damaged", "step": run.state.step, "checkpoint": str(folder)}
-    run.sink.log_event({**event, "problem": problem})
-
-
 class Preemption:
     """SIGTERM (preemption, SLURM --signal) -> checkpoint at the end of the current step, exit 0.
 
@@ -219,8 +334,3 @@ class Preemption:
 
     def uninstall(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def say(msg: str) -> None:
-    if dist.is_main():
-        print(msg, flush=True)
