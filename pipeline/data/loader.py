@@ -39,6 +39,7 @@ the very next batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -454,6 +455,40 @@ def read_chunks(
         # chunks with their metadata, up to the reader's quota
         functools.partial(chunked, r=r, start=start),
     )
+
+
+def iter_levels(
+    shards_dir: str | Path,
+    n_bits: int,
+    *,
+    split: str = "train",
+    batch_size: int = 64,
+    limit: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """uint8 batches [B, 3, R, R] of n-bit levels k = pixel >> (8 - n) of one split, in manifest
+    order, at most ``limit`` images: the stream's own stages up to ``decode`` (manifest, sha256,
+    counts, bad samples), without its noise, flip or shuffle, for the closed-form optimum, which
+    integrates the dequantisation noise itself."""
+    manifest = read_manifest(shards_dir)
+    cfg = DataConfig(resolution=manifest["resolution"], n_bits=n_bits, workers=0)
+    plan = plan_stream(cfg, shards_dir, split, 1, 0, 1)
+    r = ReaderEpoch.of(dataclasses.replace(plan, shuffle=False, hflip=False), 0, 0)
+    samples = position(one_pass(r, 0, set()), r, 0)
+    batch: list[np.ndarray] = []
+    n = 0
+    for n, (_, _, pixels) in enumerate(decode(samples, r), 1):
+        batch.append(quantise(pixels.transpose(2, 0, 1), n_bits))
+        if len(batch) == batch_size or n == limit:
+            yield torch.from_numpy(np.stack(batch))
+            batch = []
+        if n == limit:
+            return
+    if batch:
+        yield torch.from_numpy(np.stack(batch))
+    if n == 0:
+        raise ShardError(
+            f"{shards_dir}: no usable image in the {split} split (logged above); {REWRITE}"
+        )
 
 
 def keep(item: Any) -> Any:
