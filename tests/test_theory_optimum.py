@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline.__main__ import main
+from pipeline.theory.closed_form import optimal_nll, position_vectors
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from pipeline.theory.optimum import optimal_nll, position_vectors
 from tests.data_helpers import write_set
 
 CONSTANT_BPD = 0.5 * math.log2(2 * math.pi * math.e / 12)  # ≈ 0.2546

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.bench import standalone
 from pipeline.data import DataConfig, build_loader, dequantise, quantise
 from pipeline.data.images import encode_png
-from pipeline.data.shards import write_shards
+from pipeline.data.ingest import write_shards
 from pipeline.data.synth import make_face
 
 

@@ -16,7 +16,7 @@ import math
 import sys
 
 from pipeline.data import iter_levels
-from pipeline.theory.optimum import MODES, Optimum, optimal_nll
+from pipeline.theory.closed_form import MODES, Optimum, optimal_nll
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ Imports torch, the standard library and the n-bit rule (pipeline/data/quantise.p
 (docs/design.md §2); each module's docstring has the maths.
 """
 
+from pipeline.theory.closed_form import Optimum, optimal_nll, optimum_from_correlation
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.detector import DivergenceDetector, Event
 from pipeline.theory.diagnostics import (
@@ -15,8 +16,7 @@ from pipeline.theory.diagnostics import (
     logdet_balance,
 )
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from pipeline.theory.lipschitz import lipschitz_estimate, lipschitz_estimates, spectral_norms
-from pipeline.theory.optimum import Optimum, optimal_nll, optimum_from_correlation
+from pipeline.theory.jacobian import lipschitz_estimate, lipschitz_estimates, spectral_norms
 
 __all__ = [
     "DivergenceDetector",

@@ -15,7 +15,7 @@ from pipeline import distributed as dist
 from pipeline.config import Config
 from pipeline.data import build_loader, iter_levels, prepare_synthetic, resolve_shards
 from pipeline.flows import build_flow
-from pipeline.theory.optimum import optimal_nll
+from pipeline.theory.closed_form import optimal_nll
 from pipeline.track import system
 from pipeline.track.config import TrackingConfig
 from pipeline.track.sink import MetricsSink
