@@ -85,7 +85,7 @@ def test_wilson_interval_is_all_of_0_1_without_runs_and_narrows_with_more():
 
 
 def test_plan_one_run_per_cell_seed_and_arm_with_its_overrides(tmp_path):
-    setting = stability.Setting(
+    sweep = stability.Sweep(
         config="configs/debug.yaml",
         steps=10,
         resolution=16,
@@ -94,7 +94,7 @@ def test_plan_one_run_per_cell_seed_and_arm_with_its_overrides(tmp_path):
         bf16_lrs=(5e-2,),
         seeds=(0, 1),
     )
-    specs = stability.plan(setting, list(stability.ARMS), tmp_path, "exp", ["train.log_every=3"])
+    specs = stability.plan(sweep, list(stability.ARMS), tmp_path, "exp", ["train.log_every=3"])
     assert len(specs) == 3 * 2 * 3
     by_name = {s.name: s for s in specs}
     clip = by_name["certified-lr0.01-clip-seed0"].overrides
