@@ -31,6 +31,7 @@ from pipeline.data.images import encode_png
 from pipeline.data.loader import to_input
 from pipeline.data.manifest import MANIFEST, SplitWriter
 from pipeline.data.synth import make_face
+from tests.conftest import run_main
 from tests.data_helpers import (
     batch_ids,
     data_cfg,
@@ -465,8 +466,6 @@ def test_resume_refuses_a_different_layout(even_set):
 
 @pytest.mark.slow
 def test_bench_data_prints_rates_and_ratios(capsys):
-    from pipeline.bench import data as bench
-
     args = [
         "--n",
         "64",
@@ -479,8 +478,7 @@ def test_bench_data_prints_rates_and_ratios(capsys):
         "--rounds",
         "1",
     ]
-    assert bench.main([*args, "--workers", "2"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(run_main(capsys, "bench", "data", *args, "--workers", "2"))
     names = {"pil_loop", "folder_dataset", "loader", "loader_inprocess"}
     assert set(result["images_per_s"]) == names
     assert all(v > 0 for v in result["images_per_s"].values())

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import standalone
 from pipeline.bench.common import (
     emit,
     machine,
@@ -222,7 +221,7 @@ def spec_for(args, resolution: int, mode: str, batch: int, steps: int | None = N
 
 
 def run_spec(spec: dict) -> dict:
-    return run_json([python(), "-m", "pipeline.bench.train", "--worker", json.dumps(spec)])
+    return run_json([python(), "-m", "pipeline", "bench", "train", "--worker", json.dumps(spec)])
 
 
 def with_fraction(result: dict, rate: float) -> dict:
@@ -382,14 +381,3 @@ def run(args: argparse.Namespace) -> int:
     result["load_avg_after"] = machine(args.threads)["load_avg_1_5_15"]
     emit(result)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench.train [options]` (the measurements: --worker SPEC): as `python -m
-    pipeline bench train`."""
-    return standalone("train", __doc__.splitlines()[0], add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
