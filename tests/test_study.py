@@ -14,7 +14,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.study import optimum, stability
 from pipeline.study.runner import Runner, RunSpec
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main, run_together
+from tests.conftest import PYTHON, env_for_subprocess, run_main, run_pipeline, run_together
 
 
 def study_command(*args: str, port: str) -> tuple[list[str], dict[str, str]]:
@@ -24,8 +24,8 @@ def study_command(*args: str, port: str) -> tuple[list[str], dict[str, str]]:
 
 
 def study(*args: str, port: str) -> subprocess.CompletedProcess:
-    argv, env = study_command(*args, port=port)
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    env = {"MASTER_PORT": port, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    return run_pipeline("study", *args, check=False, **env)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
