@@ -19,8 +19,7 @@ each configuration in a fresh subprocess (so that its peak memory is its own), r
                     with --precision bf16; n = 2048 on CPU, 8192 on CUDA)
 The machine is shared: the best of several steps counts, and the load average is reported.
 
-The model is the base config's (--config, default configs/demo.yaml: levels 3, steps 4, width 64;
-BENCHMARKS §2's tables were measured at its earlier width 48).
+The model is the base config's (--config, default configs/demo.yaml).
 --precision bf16 runs the step under torch.autocast(bfloat16) with fp32 parameters. --max-batch
 finds the largest batch that fits, by doubling then bisection, each try in a fresh process (CUDA:
 until out of memory; any device: until peak_bytes exceeds --memory-limit-gb). --profile prints the

@@ -6,7 +6,7 @@ Three arms on the same shards (one ``data.cache``, one ``data.seed``) and the sa
 
     glow       the unconstrained Glow baseline (the glow preset of pipeline/flows/config.py)
     certified  the model section's defaults (no model override: it follows pipeline/flows/config.py)
-    bounded    the bounded preset that was the default before issue 14 (pinned to its values)
+    bounded    the bounded preset: bounded blocks without a certificate (pinned to its values)
 
 in cells of a grid (``Cell``): a learning-rate sweep across the divergence transition with gradient
 clipping (``train.grad_clip`` at the config's value) and one without it (``train.grad_clip=0``), both

@@ -20,7 +20,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "certified": ("the certified default (the model section's defaults, no override)", ()),
     "bounded": (
         "the old bounded preset (tanh-bounded affine coupling without spectral norm, SVD 1x1 "
-        "conv, bounded actnorm: the defaults before issue 14)",
+        "conv, bounded actnorm: bounded, not certified)",
         OLD_BOUNDED,
     ),
 }
