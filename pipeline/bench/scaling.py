@@ -29,11 +29,12 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench.common import ROOT, emit, machine, python
+from pipeline.bench.common import ROOT, emit, machine
 from pipeline.distributed import free_port
 
 PORTS = range(29800, 29900)  # rendezvous ports of the launches
@@ -67,7 +68,7 @@ def env(nproc: int, port: int) -> dict:
     e.update(
         NPROC=str(nproc),
         MASTER_PORT=str(port),
-        PYTHON=python(),
+        PYTHON=sys.executable,
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
@@ -124,7 +125,7 @@ def comm_workers(args, nproc: int, out_dir: Path) -> tuple[list[dict], dict]:
         for stale in out_dir.glob("rank*.json"):
             stale.unlink()
         cmd = [
-            python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(free_port(PORTS)), "--no_local_rank",
             "--module", "pipeline", "bench", "scaling", "--worker", "--out", str(out_dir),
             "--config", args.config, "--comm-steps", str(args.comm_steps),

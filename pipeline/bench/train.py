@@ -49,7 +49,6 @@ from pipeline.bench.common import (
     machine,
     matmul_rate,
     max_rss_bytes,
-    python,
     rss_bytes,
     run_json,
     sync,
@@ -220,7 +219,9 @@ def spec_for(args, resolution: int, mode: str, batch: int, steps: int | None = N
 
 
 def run_spec(spec: dict) -> dict:
-    return run_json([python(), "-m", "pipeline", "bench", "train", "--worker", json.dumps(spec)])
+    return run_json(
+        [sys.executable, "-m", "pipeline", "bench", "train", "--worker", json.dumps(spec)]
+    )
 
 
 def with_fraction(result: dict, rate: float) -> dict:
