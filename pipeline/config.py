@@ -332,13 +332,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(tree: dict) -> Config:
-    """Rebuild a Config from a saved resolved tree (a checkpoint's config.json), validating it."""
-    cfg = merge(Config(), tree, where="saved config")
-    check_values(cfg)
-    return cfg
-
-
 def describe_model(cfg: Config) -> str:
     """The model's size in a few words, for progress lines: '3x256x256, 6 levels x 32 steps,
     width 512'."""

@@ -39,18 +39,23 @@ def sigint_reaches_children():
     signal.signal(signal.SIGINT, previous)
 
 
-def run_pipeline(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` from the repository root; fails the test, with the output's tail,
-    unless it exits 0."""
+def run_pipeline(
+    *args: str, check: bool = True, launcher: bool = False, timeout: float = 600, **env: str
+) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` from the repository root (``launcher``: `launch/local.sh ARGS`, a
+    training run under the DeepSpeed launcher, NPROC ranks), text output captured; ``env`` added to
+    the environment. With ``check`` it fails the test, with the output's tail, unless it exits 0."""
+    cmd = [str(ROOT / "launch" / "local.sh")] if launcher else [PYTHON, "-m", "pipeline"]
     out = subprocess.run(
-        [PYTHON, "-m", "pipeline", *args],
+        [*cmd, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env_for_subprocess(**env),
+        env=env_for_subprocess(**({"PYTHON": PYTHON} if launcher else {}), **env),
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
@@ -112,24 +117,18 @@ def launch_two_ranks(root: Path, port: int, *overrides: str) -> tuple[dict, str]
     """`launch/local.sh --config configs/debug.yaml` on 2 CPU ranks, run root and data cache under
     ``root``; (its summary, its stdout). Fails the test, with the output's tail, unless it exits 0."""
     summary = root / "summary.json"
-    out = subprocess.run(
-        [
-            str(ROOT / "launch" / "local.sh"),
-            "--config",
-            "configs/debug.yaml",
-            f"run.root={root}/runs",
-            f"data.cache={root}/data",
-            *overrides,
-            "--summary-json",
-            str(summary),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC="2"),
+    out = run_pipeline(
+        "--config",
+        "configs/debug.yaml",
+        f"run.root={root}/runs",
+        f"data.cache={root}/data",
+        *overrides,
+        "--summary-json",
+        str(summary),
+        launcher=True,
+        MASTER_PORT=str(port),
+        NPROC="2",
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(summary.read_text()), out.stdout
 
 

@@ -10,22 +10,11 @@ import time
 import pytest
 
 from pipeline.__main__ import COMMANDS, main
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env_for_subprocess(),
-        timeout=300,
-    )
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
 
 
 def test_help_lists_every_command():
-    out = run_cli("--help")
+    out = run_pipeline("--help", check=False, timeout=300)
     assert out.returncode == 0
     for name in COMMANDS:
         assert name in out.stdout
@@ -42,13 +31,15 @@ def test_every_command_has_help(name, capsys):
 
 
 def test_unknown_command_fails_clearly():
-    out = run_cli("trian")
+    out = run_pipeline("trian", check=False, timeout=300)
     assert out.returncode != 0
     assert "invalid choice: 'trian'" in out.stderr
 
 
 def test_bad_override_is_a_clear_error_not_a_traceback():
-    out = run_cli("train", "--config", "configs/debug.yaml", "train.lrr=1")
+    out = run_pipeline(
+        "train", "--config", "configs/debug.yaml", "train.lrr=1", check=False, timeout=300
+    )
     assert out.returncode == 2
     assert "unknown config key 'train.lrr'" in out.stderr and "Traceback" not in out.stderr
 

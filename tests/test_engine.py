@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import from_dict
 from pipeline.distributed import deepspeed_config, free_port
-from pipeline.flows import build_flow
+from pipeline.flows import ModelConfig, build_flow
 from pipeline.train.config import TrainConfig
 from pipeline.train.inference import load_model
 from tests.conftest import PYTHON, env_for_subprocess, launch_two_ranks, run_main
@@ -110,9 +109,9 @@ def test_export_sample_evaluate_from_a_checkpoint(tiny_run, tmp_path, capsys):
     run_main(capsys, "export", "--checkpoint", str(run), "--out", str(tmp_path / "model.pt"))
     blob = torch.load(tmp_path / "model.pt", weights_only=True)  # no code runs on load
     assert blob["step"] == 6
-    exported_cfg = from_dict(blob["config"])
-    r = exported_cfg.data.resolution
-    plain = build_flow(exported_cfg.model, (3, r, r), exported_cfg.data.n_bits)
+    exported = blob["config"]  # rebuilt as pipeline/commands/export.py says
+    r = exported["data"]["resolution"]
+    plain = build_flow(ModelConfig(**exported["model"]), (3, r, r), exported["data"]["n_bits"])
     plain.load_state_dict(blob["state_dict"])
     x = torch.rand(4, 3, r, r) - 0.5
     with torch.no_grad():

@@ -10,19 +10,7 @@ import subprocess
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
-
-
-def pipeline(*args: str, launcher: bool = False, **env: str) -> subprocess.CompletedProcess:
-    cmd = [str(ROOT / "launch" / "local.sh")] if launcher else [PYTHON, "-m", "pipeline"]
-    return subprocess.run(
-        [*cmd, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(PYTHON=PYTHON, NPROC="2", **env),
-    )
+from tests.conftest import ROOT, run_pipeline
 
 
 def one_line_error(out: subprocess.CompletedProcess) -> str:
@@ -57,18 +45,19 @@ def test_shipped_configs_are_in_range():
 
 
 def test_a_bad_value_fails_in_one_line_before_any_work(tmp_path):
-    out = pipeline(
-        "train", "--config", "configs/debug.yaml", f"run.root={tmp_path}", "train.steps=-5"
-    )
+    out = run_pipeline(
+        "train", "--config", "configs/debug.yaml", f"run.root={tmp_path}", "train.steps=-5",
+        check=False,
+    )  # fmt: skip
     assert one_line_error(out) == "error: train.steps = -5: must be ≥ 1"
     assert out.returncode == 2 and not any(tmp_path.iterdir())  # no run folder, no data
 
 
 def test_a_missing_shard_folder_fails_in_one_line_before_any_work(tmp_path):
     missing = tmp_path / "nowhere"
-    out = pipeline(
+    out = run_pipeline(
         "train", "--config", "configs/debug.yaml", f"run.root={tmp_path}/runs",
-        "data.source=shards", f"data.shards={missing}",
+        "data.source=shards", f"data.shards={missing}", check=False,
     )  # fmt: skip
     assert str(missing) in one_line_error(out) and out.returncode == 1
     assert not (tmp_path / "runs").exists()
@@ -76,16 +65,16 @@ def test_a_missing_shard_folder_fails_in_one_line_before_any_work(tmp_path):
 
 def test_debug_shows_the_traceback_of_an_expected_error(tmp_path):
     args = ["config", "--config", "configs/debug.yaml", "train.steps=-5"]
-    assert "Traceback" in pipeline(*args, "--debug").stderr
-    assert "Traceback" in pipeline(*args, LIPFLOW_DEBUG="1").stderr
+    assert "Traceback" in run_pipeline(*args, "--debug", check=False).stderr
+    assert "Traceback" in run_pipeline(*args, check=False, LIPFLOW_DEBUG="1").stderr
 
 
 def test_a_failure_inside_a_run_keeps_its_traceback_in_the_run_folder(tmp_path):
     blocker = tmp_path / "cache-is-a-file"
     blocker.write_text("not a folder")
-    out = pipeline(
+    out = run_pipeline(
         "train", "--config", "configs/debug.yaml", f"run.root={tmp_path}/runs", "run.name=r",
-        f"data.cache={blocker}",
+        f"data.cache={blocker}", check=False,
     )  # fmt: skip
     assert out.returncode != 0
     run = tmp_path / "runs" / "r"
@@ -96,8 +85,8 @@ def test_a_failure_inside_a_run_keeps_its_traceback_in_the_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_an_error_under_the_launcher_is_printed_once(tmp_path):
-    out = pipeline(
+    out = run_pipeline(
         "--config", "configs/debug.yaml", f"run.root={tmp_path}", "train.micro_batch=0",
-        launcher=True, MASTER_PORT="29671",
+        check=False, launcher=True, MASTER_PORT="29671", NPROC="2",
     )  # fmt: skip
     assert "train.micro_batch = 0: must be ≥ 1" in one_line_error(out)

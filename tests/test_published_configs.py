@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import load_config, save_config
 from pipeline.train import checkpoint as ckpt
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
 from tests.data_helpers import write_set
 
 pytestmark = pytest.mark.usefixtures("sigint_reaches_children")
@@ -88,16 +88,7 @@ def assert_interrupted_cleanly(lines: list[str], code: int, stage: str) -> None:
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_and_train_help_answer_at_once(config):
     for args in (["config", "--config", config], ["train", "--config", config, "--help"]):
-        out = subprocess.run(
-            [PYTHON, "-m", "pipeline", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env=env_for_subprocess(),
-            timeout=FIRST_OUTPUT_S,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip()
+        assert run_pipeline(*args, timeout=FIRST_OUTPUT_S).stdout.strip()
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import ConfigError, load_config, save_config
 from pipeline.train import checkpoint, compat
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import ROOT, run_pipeline
 
 FAST = (
     "guard.diagnostics_every=0",
@@ -30,17 +30,7 @@ def train(root: Path, data: Path, name: str, *overrides: str, check: bool = True
     """`python -m pipeline train` on the debug config, run folder <root>/<name>."""
     args = ["--config", "configs/debug.yaml", f"run.root={root}", f"run.name={name}"]
     args += [f"data.cache={data}", *FAST, *overrides]
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", "train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(),
-    )
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    return run_pipeline("train", *args, check=check)
 
 
 BASE = ("train.steps=4", "train.save_every=2", "train.keep_last=0")

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from pipeline.train import checkpoint
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_together
-
-LAUNCHER = [str(ROOT / "launch" / "local.sh")]
+from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline, run_together
 
 
-def launch_command(tmp_path, name, *overrides, ranks=1, port=29641) -> tuple[list, dict]:
-    """(argv, environment) of a debug.yaml run <tmp_path>/runs/<name>, summary <name>.json."""
-    args = [
+def run_args(tmp_path, name, *overrides) -> list[str]:
+    """The options of a debug.yaml run <tmp_path>/runs/<name>, summary <name>.json."""
+    return [
         "--config",
         "configs/debug.yaml",
         f"run.root={tmp_path}/runs",
@@ -30,16 +28,25 @@ def launch_command(tmp_path, name, *overrides, ranks=1, port=29641) -> tuple[lis
         str(tmp_path / f"{name}.json"),
         *overrides,
     ]
-    cmd = LAUNCHER + args if ranks > 1 else [PYTHON, "-m", "pipeline", "train", *args]
-    return cmd, env_for_subprocess(MASTER_PORT=str(port), PYTHON=PYTHON, NPROC=str(ranks))
+
+
+def launch_command(tmp_path, name, *overrides, port=29641) -> tuple[list, dict]:
+    """(argv, environment) of that run in one process, for ``run_together``."""
+    cmd = [PYTHON, "-m", "pipeline", "train", *run_args(tmp_path, name, *overrides)]
+    return cmd, env_for_subprocess(MASTER_PORT=str(port))
 
 
 def launch(tmp_path, name, *overrides, ranks=1, port=29641, check=True, timeout=600):
-    cmd, env = launch_command(tmp_path, name, *overrides, ranks=ranks, port=port)
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    """That run: one process, or ``ranks`` under the launcher."""
+    args = run_args(tmp_path, name, *overrides)
+    return run_pipeline(
+        *(args if ranks > 1 else ["train", *args]),
+        check=check,
+        launcher=ranks > 1,
+        timeout=timeout,
+        MASTER_PORT=str(port),
+        NPROC=str(ranks),
+    )
 
 
 def summary(tmp_path, name) -> dict:
@@ -302,7 +309,9 @@ def test_damaged_weights_seen_only_by_the_sampler_check_are_rolled_back(tmp_path
     s = summary(tmp_path, "damaged")
     assert s["status"] == "finished" and s["rollbacks"] == 1, out.stdout[-2000:]
     assert "rolled back to step00000010" in out.stdout
-    sampler = [(e["step"], e["kind"]) for e in events(tmp_path, "damaged") if e["kind"] == "sampler"]
+    sampler = [
+        (e["step"], e["kind"]) for e in events(tmp_path, "damaged") if e["kind"] == "sampler"
+    ]
     assert sampler == [(15, "sampler"), (20, "sampler")]  # two checks in a row: the default
     assert s["battery"]["battery/sample_T1/nonfinite_frac"] == 0.0
     root = tmp_path / "runs" / "damaged" / "checkpoints"

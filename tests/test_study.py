@@ -14,7 +14,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.study import optimum, stability
 from pipeline.study.runner import Runner, RunSpec
-from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_main, run_together
+from tests.conftest import PYTHON, env_for_subprocess, run_main, run_pipeline, run_together
 
 
 def study_command(*args: str, port: str) -> tuple[list[str], dict[str, str]]:
@@ -24,8 +24,8 @@ def study_command(*args: str, port: str) -> tuple[list[str], dict[str, str]]:
 
 
 def study(*args: str, port: str) -> subprocess.CompletedProcess:
-    argv, env = study_command(*args, port=port)
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    env = {"MASTER_PORT": port, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    return run_pipeline("study", *args, check=False, **env)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -85,7 +85,7 @@ def test_wilson_interval_is_all_of_0_1_without_runs_and_narrows_with_more():
 
 
 def test_plan_one_run_per_cell_seed_and_arm_with_its_overrides(tmp_path):
-    setting = stability.Setting(
+    sweep = stability.Sweep(
         config="configs/debug.yaml",
         steps=10,
         resolution=16,
@@ -94,7 +94,7 @@ def test_plan_one_run_per_cell_seed_and_arm_with_its_overrides(tmp_path):
         bf16_lrs=(5e-2,),
         seeds=(0, 1),
     )
-    specs = stability.plan(setting, list(stability.ARMS), tmp_path, "exp", ["train.log_every=3"])
+    specs = stability.plan(sweep, list(stability.ARMS), tmp_path, "exp", ["train.log_every=3"])
     assert len(specs) == 3 * 2 * 3
     by_name = {s.name: s for s in specs}
     clip = by_name["certified-lr0.01-clip-seed0"].overrides

@@ -22,6 +22,7 @@ from pipeline.theory import (
     optimal_nll,
     random_covariance,
 )
+from pipeline.theory.closed_form import dequantization_variance, levels_to_midpoints
 from pipeline.theory.detector import (
     GRAD_NORM,
     GRAD_NORM_SPIKE,
@@ -32,7 +33,6 @@ from pipeline.theory.detector import (
     NON_FINITE_GRAD,
     NON_FINITE_LOSS,
 )
-from pipeline.theory.optimum import dequantization_variance, levels_to_midpoints
 
 N_BITS = 5
 SQUEEZE = 2

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.__main__ import main
+from pipeline.theory.closed_form import optimal_nll, position_vectors
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from pipeline.theory.optimum import optimal_nll, position_vectors
+from tests.data_helpers import write_set
 
 CONSTANT_BPD = 0.5 * math.log2(2 * math.pi * math.e / 12)  # ≈ 0.2546
 
@@ -224,27 +222,12 @@ def test_gaussian_images_match_their_analytic_optimum():
     assert abs(one_term - exact_noise.bpd) > 0.01
 
 
-def write_shards(root, images: np.ndarray, per_shard: int = 5) -> None:
-    """Tar shards as `python -m pipeline shards` writes them: <split>-%06d.tar of <key>.png."""
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(0, len(images), per_shard):
-        with tarfile.open(root / f"train-{s // per_shard:06d}.tar", "w") as tar:
-            for i in range(s, min(s + per_shard, len(images))):
-                buf = io.BytesIO()
-                Image.fromarray(images[i], "RGB").save(buf, format="PNG")
-                info = tarfile.TarInfo(f"{i:08d}.png")
-                info.size = buf.tell()
-                buf.seek(0)
-                tar.addfile(info, buf)
-    (root / "manifest.json").write_text(json.dumps({"train": len(images)}))
-
-
 def test_cli_streams_shards(tmp_path, capsys):
     rng = np.random.default_rng(0)
     smooth = smooth_images(12, size=16, seed=8).permute(0, 2, 3, 1).numpy()
     pixels = ((smooth + 0.5) * 255 + rng.integers(0, 8, smooth.shape)).clip(0, 255)
     pixels = pixels.astype(np.uint8)
-    write_shards(tmp_path / "16", pixels)
+    write_set(tmp_path / "16", 16, [5, 5, 2], [], image=lambda i, _: pixels[i])
     levels = torch.from_numpy(pixels >> 3).permute(0, 3, 1, 2)
     for mode in ("pooled", "per_image"):
         assert main(["optimum", "--shards", str(tmp_path / "16"), "--mode", mode, "--json"]) == 0

@@ -186,12 +186,12 @@ def test_compare_explains_a_missing_store_or_experiment(store, tmp_path, capsys,
 
 
 def test_bpd_axis_holds_the_healthy_curves_and_not_the_spike():
-    from pipeline.track.compare import Run, bpd_range
+    from pipeline.track.compare import ComparedRun, bpd_range
 
-    calm = Run("a" * 32, "calm", "FINISHED", {}, {})
+    calm = ComparedRun("a" * 32, "calm", "FINISHED", {}, {})
     calm.history["train/bpd"] = [(s, 6.0 - s / 10) for s in range(1, 31)]
     calm.history["theory/optimum_bpd"] = [(0, 2.5)]
-    spiky = Run("b" * 32, "spiky", "FINISHED", {}, {})
+    spiky = ComparedRun("b" * 32, "spiky", "FINISHED", {}, {})
     spiky.history["train/bpd"] = [(1, 5.5), (2, 1e3), (3, float("nan")), (4, 4.0)]
     low, high = bpd_range([calm, spiky])
     # from the optimum (below every curve) to the highest first value (6 - 1/10) plus half the way
@@ -202,4 +202,4 @@ def test_bpd_axis_holds_the_healthy_curves_and_not_the_spike():
     calm.history["train/bpd"].append((31, 6.5))  # a healthy curve that creeps up stays in view
     assert bpd_range([calm])[1] == pytest.approx(6.5 + 0.04 * 4.0)
     assert bpd_range([calm, spiky], top=10.0)[1] == pytest.approx(10.0 + 0.04 * 7.5)
-    assert bpd_range([Run("c" * 32, "empty", "RUNNING", {}, {})]) is None
+    assert bpd_range([ComparedRun("c" * 32, "empty", "RUNNING", {}, {})]) is None

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, ROOT, env_for_subprocess
+from tests.conftest import run_pipeline
 
 
 def train(tmp_path, *overrides: str):
@@ -22,15 +21,7 @@ def train(tmp_path, *overrides: str):
         str(summary),
         *overrides,
     ]
-    out = subprocess.run(
-        [PYTHON, "-m", "pipeline", "train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(MASTER_PORT="29631"),
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_pipeline("train", *args, MASTER_PORT="29631")
     return json.loads(summary.read_text()), out.stdout
 
 

@@ -7,7 +7,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,10 +77,6 @@ def run_json(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> 
         if out.returncode != 0 or not path.is_file():
             return {"error": f"exit {out.returncode}", "stdout_tail": out.stdout[-2000:]}
         return json.loads(path.read_text())
-
-
-def python() -> str:
-    return sys.executable
 
 
 def emit(result: dict) -> None:

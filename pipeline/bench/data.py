@@ -29,10 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.bench import standalone
 from pipeline.data import DataConfig, build_loader, dequantise, quantise
 from pipeline.data.images import encode_png
-from pipeline.data.shards import write_shards
+from pipeline.data.ingest import write_shards
 from pipeline.data.synth import make_face
 
 
@@ -148,12 +147,3 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=1))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench.data [options]`: the same as `python -m pipeline bench data`."""
-    return standalone("data", __doc__.splitlines()[0], add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,6 @@ numbers also pay for contention, not only communication.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -35,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import standalone
-from pipeline.bench.common import ROOT, emit, machine, python
+from pipeline.bench.common import ROOT, emit, machine
 from pipeline.distributed import free_port
 
 PORTS = range(29800, 29900)  # rendezvous ports of the launches
@@ -70,7 +68,7 @@ def env(nproc: int, port: int) -> dict:
     e.update(
         NPROC=str(nproc),
         MASTER_PORT=str(port),
-        PYTHON=python(),
+        PYTHON=sys.executable,
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
@@ -127,9 +125,9 @@ def comm_workers(args, nproc: int, out_dir: Path) -> tuple[list[dict], dict]:
         for stale in out_dir.glob("rank*.json"):
             stale.unlink()
         cmd = [
-            python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(free_port(PORTS)), "--no_local_rank",
-            "--module", "pipeline.bench.scaling", "--worker", "--out", str(out_dir),
+            "--module", "pipeline", "bench", "scaling", "--worker", "--out", str(out_dir),
             "--config", args.config, "--comm-steps", str(args.comm_steps),
             "--rounds", str(args.rounds), *args.overrides,
         ]  # fmt: skip
@@ -270,14 +268,3 @@ def run(args: argparse.Namespace) -> int:
     result["load_avg_after"] = machine(1)["load_avg_1_5_15"]
     emit(result)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench.scaling [options]` (the comm workers: --worker): as `python -m
-    pipeline bench scaling`."""
-    return standalone("scaling", __doc__.splitlines()[0], add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())

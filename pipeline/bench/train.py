@@ -19,8 +19,7 @@ each configuration in a fresh subprocess (so that its peak memory is its own), r
                     with --precision bf16; n = 2048 on CPU, 8192 on CUDA)
 The machine is shared: the best of several steps counts, and the load average is reported.
 
-The model is the base config's (--config, default configs/demo.yaml: levels 3, steps 4, width 64;
-BENCHMARKS §2's tables were measured at its earlier width 48).
+The model is the base config's (--config, default configs/demo.yaml).
 --precision bf16 runs the step under torch.autocast(bfloat16) with fp32 parameters. --max-batch
 finds the largest batch that fits, by doubling then bisection, each try in a fresh process (CUDA:
 until out of memory; any device: until peak_bytes exceeds --memory-limit-gb). --profile prints the
@@ -45,13 +44,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import standalone
 from pipeline.bench.common import (
     emit,
     machine,
     matmul_rate,
     max_rss_bytes,
-    python,
     rss_bytes,
     run_json,
     sync,
@@ -222,7 +219,9 @@ def spec_for(args, resolution: int, mode: str, batch: int, steps: int | None = N
 
 
 def run_spec(spec: dict) -> dict:
-    return run_json([python(), "-m", "pipeline.bench.train", "--worker", json.dumps(spec)])
+    return run_json(
+        [sys.executable, "-m", "pipeline", "bench", "train", "--worker", json.dumps(spec)]
+    )
 
 
 def with_fraction(result: dict, rate: float) -> dict:
@@ -382,14 +381,3 @@ def run(args: argparse.Namespace) -> int:
     result["load_avg_after"] = machine(args.threads)["load_avg_1_5_15"]
     emit(result)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench.train [options]` (the measurements: --worker SPEC): as `python -m
-    pipeline bench train`."""
-    return standalone("train", __doc__.splitlines()[0], add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 
-BENCHES: dict[str, tuple[str, str]] = {
+from pipeline.commands import Table, add_subcommands, subcommand
+
+BENCHES: Table = {
     "data": (
         "pipeline.bench.data",
         "data loader throughput: the streaming loader against a PIL loop and an image-folder "
@@ -39,14 +40,11 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench", metavar="<bench>", required=True)
-    for name, (module, help_) in BENCHES.items():
-        q = sub.add_parser(name, help=help_, description=help_)
-        importlib.import_module(module).add_arguments(q)
+    add_subcommands(p, "bench", BENCHES)
 
 
 def run(args: argparse.Namespace) -> int:
-    bench = importlib.import_module(BENCHES[args.bench][0])
+    bench = subcommand(args, "bench", BENCHES)
     del args.bench  # a benchmark's JSON reports its own options (vars(args)), nothing more
     with contextlib.suppress(BrokenPipeError):  # `... | head` is not a failure
         return int(bench.run(args) or 0)

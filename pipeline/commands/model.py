@@ -86,8 +86,8 @@ def lipschitz_estimates(
 ) -> dict[str, tuple[float, float]]:
     """{factor name: (estimate of Lip(f), of Lip(f⁻¹))} for every factor of the composed bound
     (`flow.factors()`), at the inputs that reach it from x, and "model" for the whole x -> z: lower
-    bounds on the certified pairs, by power iteration on J and J⁻¹ (pipeline/theory/lipschitz.py)."""
-    from pipeline.theory.lipschitz import lipschitz_estimates as estimate
+    bounds on the certified pairs, by power iteration on J and J⁻¹ (pipeline/theory/jacobian.py)."""
+    from pipeline.theory.jacobian import lipschitz_estimates as estimate
 
     factors = flow.factors()
     inputs: dict[str, torch.Tensor] = {}

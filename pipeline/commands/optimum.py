@@ -15,12 +15,12 @@ import json
 import math
 import sys
 
-from pipeline.theory.optimum import MODES, Optimum, optimal_nll
-from pipeline.theory.shards import iter_levels
+from pipeline.data import iter_levels
+from pipeline.theory.closed_form import MODES, Optimum, optimal_nll
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", required=True, help="folder holding <split>-*.tar shards")
+    parser.add_argument("--shards", required=True, help="a shard folder (holding manifest.json)")
     parser.add_argument("--squeeze", type=int, default=2, help="squeeze factor s (c = 3·s²)")
     parser.add_argument("--mode", choices=MODES, default="pooled")
     parser.add_argument("--n-bits", type=int, default=5, help="bits per colour value (data.n_bits)")

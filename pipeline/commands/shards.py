@@ -1,6 +1,6 @@
 """`python -m pipeline shards --src DIR --out DIR --resolution R [...]`: image folder -> tar shards.
 
-What the shards hold and how they are written: pipeline/data/shards.py.
+What the shards hold and how they are written: pipeline/data/ingest.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from pipeline.data.shards import MIN_VAL_SHARDS, SHARD_SIZE, UsageError, write_shards
+from pipeline.data.ingest import MIN_VAL_SHARDS, SHARD_SIZE, UsageError, write_shards
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

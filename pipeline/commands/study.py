@@ -13,9 +13,10 @@ commands.
 from __future__ import annotations
 
 import argparse
-import importlib
 
-STUDIES: dict[str, tuple[str, str]] = {
+from pipeline.commands import Table, add_subcommands, subcommand
+
+STUDIES: Table = {
     "stability": (
         "pipeline.study.stability",
         "Glow, the certified default and the old bounded preset: divergence rates across the "
@@ -33,11 +34,8 @@ STUDIES: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="study", metavar="<study>", required=True)
-    for name, (module, help_) in STUDIES.items():
-        q = sub.add_parser(name, help=help_, description=help_)
-        importlib.import_module(module).add_arguments(q)
+    add_subcommands(p, "study", STUDIES)
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(STUDIES[args.study][0]).run(args) or 0)
+    return int(subcommand(args, "study", STUDIES).run(args) or 0)

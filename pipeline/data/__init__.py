@@ -3,6 +3,7 @@
     prepare_synthetic(cfg) -> Path    procedural faces sharded under cfg.cache (rank 0, then barrier)
     resolve_shards(cfg) -> Path       the shard folder a config names, checked
     build_loader(cfg, shards_dir, split, batch_size, rank, world_size) -> Loader
+    iter_levels(shards_dir, n_bits) -> uint8 batches of n-bit levels (for the optimum)
     quantise, dequantise, to_pixels   the n-bit rule between pixels and the flow's input
 
 This package is the only place that imports webdataset, and only when a name that needs it is
@@ -19,6 +20,7 @@ LAZY = {  # name -> its module, imported on first use (webdataset, PIL)
     "BadSamples": "loader",
     "Loader": "loader",
     "build_loader": "loader",
+    "iter_levels": "loader",
     "ShardError": "manifest",
     "read_manifest": "manifest",
     "prepare_synthetic": "source",

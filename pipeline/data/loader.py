@@ -6,7 +6,7 @@ epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (d
     shard order       train: the split's shards permuted by rng(seed, epoch); val: manifest order
     split by node     rank r takes positions r, r + R, r + 2R, ...            (R = world size)
     split by worker   reader w of rank r takes positions r + R·w (mod R·W)
-    verify            each shard's sha256 against the manifest, on its first open in the process
+    check sha256      each shard's sha256 against the manifest, on its first open in the process
                       (hashing streams the file once; the page cache then serves the tar read): a
                       mismatch is a bad shard, named in the log and in ``Loader.bad_shards``,
                       its manifest count added to "bad_shard", and it is skipped; a reader left
@@ -24,7 +24,7 @@ epoch is a pure function of (seed, epoch, rank, reader) and runs these stages (d
     h-flip            train only, probability 1/2; u and the flip come from rng(seed, epoch, key)
     chunk             train: B samples -> one tensor; val: single samples (batched by the rank)
 
-``read_chunks`` chains them; each is a function below (``verify``, ``check_counts``, ``one_pass``,
+``read_chunks`` chains them; each is a function below (``check_sha256``, ``check_counts``, ``one_pass``,
 ``raw_samples``, ``position``, ``decode``, ``to_inputs``, ``chunked``) taking what it shares with
 the others, the reader's shards, counts and bad-sample handler, as one ``ReaderEpoch``.
 
@@ -39,6 +39,7 @@ the very next batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -47,7 +48,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ class StreamPlan:
         return [int(i) for i in order[slot :: self.world_size * self.readers]]
 
 
-def make_plan(
+def plan_stream(
     cfg: DataConfig, shards_dir: str | Path, split: str, batch_size: int, rank: int, world_size: int
 ) -> StreamPlan:
     """Read the manifest, check it against the config and layout, fix the per-reader quota."""
@@ -285,7 +286,7 @@ class ReaderEpoch:
         )
 
 
-def verify(src: Iterator[dict], r: ReaderEpoch, rejected: set[str]) -> Iterator[dict]:
+def check_sha256(src: Iterator[dict], r: ReaderEpoch, rejected: set[str]) -> Iterator[dict]:
     """Shards ``{"url": ...}`` -> the same, less those whose sha256 is not the manifest's: each of
     those is added to ``rejected`` and reported to ``r.bad`` as a bad shard."""
     for shard in src:
@@ -330,7 +331,7 @@ def one_pass(r: ReaderEpoch, index: int, rejected: set[str]) -> wds.DataPipeline
         # this reader's shards: shard order, split by node, split by worker (reader_shards)
         wds.SimpleShardList(r.urls),
         # a shard whose bytes are not the manifest's -> skipped, named, counted
-        functools.partial(verify, r=r, rejected=rejected),
+        functools.partial(check_sha256, r=r, rejected=rejected),
         # tar members -> {"__key__", "png"} samples; bad shards/members -> the named handler
         wds.tarfile_to_samples(handler=r.bad.handler),
         # samples a shard lost without an exception (cut at a header) -> the named handler
@@ -456,6 +457,40 @@ def read_chunks(
     )
 
 
+def iter_levels(
+    shards_dir: str | Path,
+    n_bits: int,
+    *,
+    split: str = "train",
+    batch_size: int = 64,
+    limit: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """uint8 batches [B, 3, R, R] of n-bit levels k = pixel >> (8 - n) of one split, in manifest
+    order, at most ``limit`` images: the stream's own stages up to ``decode`` (manifest, sha256,
+    counts, bad samples), without its noise, flip or shuffle, for the closed-form optimum, which
+    integrates the dequantisation noise itself."""
+    manifest = read_manifest(shards_dir)
+    cfg = DataConfig(resolution=manifest["resolution"], n_bits=n_bits, workers=0)
+    plan = plan_stream(cfg, shards_dir, split, 1, 0, 1)
+    r = ReaderEpoch.of(dataclasses.replace(plan, shuffle=False, hflip=False), 0, 0)
+    samples = position(one_pass(r, 0, set()), r, 0)
+    batch: list[np.ndarray] = []
+    n = 0
+    for n, (_, _, pixels) in enumerate(decode(samples, r), 1):
+        batch.append(quantise(pixels.transpose(2, 0, 1), n_bits))
+        if len(batch) == batch_size or n == limit:
+            yield torch.from_numpy(np.stack(batch))
+            batch = []
+        if n == limit:
+            return
+    if batch:
+        yield torch.from_numpy(np.stack(batch))
+    if n == 0:
+        raise ShardError(
+            f"{shards_dir}: no usable image in the {split} split (logged above); {REWRITE}"
+        )
+
+
 def keep(item: Any) -> Any:
     """DataLoader collate_fn: readers already build whole chunks."""
     return item
@@ -495,19 +530,12 @@ class Loader:
     pass. ``bad_samples`` sums the counts of every reader this rank has consumed from, and
     ``bad_shards`` names the shards they skipped for a checksum mismatch; counts made in DataLoader
     worker processes travel to the rank inside each chunk's metadata, so no shared memory or queue
-    is needed. ``on_bad(reason, n)``, if given, is called in this process for each
-    new count (for the tracker). With workers > 0 one DataLoader serves all epochs of an ``iter()``
+    is needed. With workers > 0 one DataLoader serves all epochs of an ``iter()``
     (train), so worker processes start once, not at every epoch.
     """
 
-    def __init__(
-        self,
-        plan: StreamPlan,
-        batch_size: int,
-        workers: int,
-        on_bad: Callable[[str, int], None] | None = None,
-    ):
-        self.plan, self.batch_size, self.workers, self.on_bad = plan, batch_size, workers, on_bad
+    def __init__(self, plan: StreamPlan, batch_size: int, workers: int):
+        self.plan, self.batch_size, self.workers = plan, batch_size, workers
         self.split = plan.split
         chunks = plan.readers * plan.chunks_per_reader
         self.batches_per_epoch: int = chunks * plan.chunk // batch_size
@@ -611,8 +639,6 @@ class Loader:
                     self.bad_shards.update(m["bad_shards"])
                     for reason, n in m["bad"].items():
                         self.bad_samples[reason] = self.bad_samples.get(reason, 0) + n
-                        if self.on_bad is not None:
-                            self.on_bad(reason, n)
                 self.batches += 1
                 batch = parts[0] if per_batch == 1 else torch.cat(parts)
                 parts, metas = [], []
@@ -626,8 +652,7 @@ def build_loader(
     batch_size: int,
     rank: int,
     world_size: int,
-    on_bad: Callable[[str, int], None] | None = None,
 ) -> Loader:
     """The loader of one rank: contract in ``Loader``, stages in the module docstring."""
-    plan = make_plan(cfg, shards_dir, split, batch_size, rank, world_size)
-    return Loader(plan, batch_size, cfg.workers, on_bad=on_bad)
+    plan = plan_stream(cfg, shards_dir, split, batch_size, rank, world_size)
+    return Loader(plan, batch_size, cfg.workers)

@@ -95,8 +95,10 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
     shards_dir = Path(shards_dir)
     path = shards_dir / MANIFEST
     if not path.is_file():
+        found = sorted(p.parent.name for p in shards_dir.glob(f"*/{MANIFEST}"))
+        hint = f" It holds the resolutions {', '.join(found)}: use {shards_dir}/R." if found else ""
         raise ShardError(
-            f"no {MANIFEST} in {shards_dir}: not a finished shard set. Write one with "
+            f"no {MANIFEST} in {shards_dir}: not a finished shard set.{hint} Write one with "
             f"`python -m pipeline shards --src IMAGES --out DIR --resolution R` (then use DIR/R), "
             f"or rerun it if it was interrupted."
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import preset_overrides
@@ -69,7 +69,9 @@ COLUMNS = [
 
 
 @dataclass(frozen=True)
-class Setting:
+class Scale:
+    """How large the study is (CPU, or --quick); --resolution and --steps override two fields."""
+
     gaussian_resolution: int
     gaussian_images: int
     face_resolutions: tuple[int, ...]
@@ -79,14 +81,14 @@ class Setting:
     n_bits: int = 5
 
 
-CPU = Setting(
+CPU = Scale(
     gaussian_resolution=16,
     gaussian_images=1024,
     face_resolutions=(16, 32),
     face_images=1024,
     steps=300,
 )
-QUICK = Setting(
+QUICK = Scale(
     gaussian_resolution=16,
     gaussian_images=128,
     face_resolutions=(8, 16),
@@ -117,20 +119,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     base = QUICK if args.quick else CPU
-    setting = Setting(
-        gaussian_resolution=base.gaussian_resolution,
-        gaussian_images=base.gaussian_images,
+    scale = replace(
+        base,
         face_resolutions=tuple(args.resolution or base.face_resolutions),
-        face_images=base.face_images,
         steps=args.steps or base.steps,
-        micro_batch=base.micro_batch,
-        n_bits=base.n_bits,
     )
     runner = make_runner(args, "configs/debug.yaml")
     if runner is None:
         return 2
     out = runner.out
-    cases = plan(setting, out, args.experiment, args.shards, args.overrides)
+    cases = plan(scale, out, args.experiment, args.shards, args.overrides)
     if not runner.check([spec for _, spec in cases]):
         return 2
     if args.dry_run:
@@ -140,36 +138,36 @@ def run(args: argparse.Namespace) -> int:
     rows, results = [], []
     for case, spec in cases:
         if case == "gaussian" and not args.report_only:
-            write_gaussian_shards(setting, out)
-        row, result = measure(runner, case, spec, setting, args.report_only)
+            write_gaussian_shards(scale, out)
+        row, result = measure(runner, case, spec, scale, args.report_only)
         rows.append(row)
         results.append(result)
         print(row_line(row), flush=True)
     wall = time.perf_counter() - start
     write_csv(out / "optimum.csv", COLUMNS, rows)
     plots = run_compare(out, args.experiment, results)
-    write_report(out, setting, args.shards, rows, plots, wall)
+    write_report(out, scale, args.shards, rows, plots, wall)
     return 0
 
 
 def write_report(
     out: Path,
-    setting: Setting,
+    scale: Scale,
     shards: str | None,
     rows: list[dict],
     plots: list[Path],
     wall: float,
 ) -> None:
     table = to_markdown(COLUMNS, [display(r) for r in rows])
-    faces = f"shards under {shards}" if shards else f"{setting.face_images} synthetic"
+    faces = f"shards under {shards}" if shards else f"{scale.face_images} synthetic"
     lines = [
         "# Optimum study: linear flows against the closed-form optimum",
         "",
-        f"- linear flow: `{' '.join(LINEAR)}` on configs/debug.yaml, {setting.steps} steps of "
-        f"{setting.micro_batch} images, `{' '.join(TRAIN)}`",
-        f"- gaussian: {setting.gaussian_images} images {setting.gaussian_resolution}², Σ = "
-        f"random_covariance({CHANNELS}, n_bits={setting.n_bits}, seed={COV_SEED}), images seed "
-        f"{IMAGE_SEED}; faces: {faces}; {setting.n_bits}-bit",
+        f"- linear flow: `{' '.join(LINEAR)}` on configs/debug.yaml, {scale.steps} steps of "
+        f"{scale.micro_batch} images, `{' '.join(TRAIN)}`",
+        f"- gaussian: {scale.gaussian_images} images {scale.gaussian_resolution}², Σ = "
+        f"random_covariance({CHANNELS}, n_bits={scale.n_bits}, seed={COV_SEED}), images seed "
+        f"{IMAGE_SEED}; faces: {faces}; {scale.n_bits}-bit",
         f"- wall time of this invocation: {wall:.0f} s",
         "",
         "bpd throughout; gap = achieved - data optimum (≥ 0 up to one dequantisation draw's noise: "
@@ -184,18 +182,18 @@ def write_report(
 
 
 def plan(
-    setting: Setting, out: Path, experiment: str, shards: str | None, extra: list[str]
+    scale: Scale, out: Path, experiment: str, shards: str | None, extra: list[str]
 ) -> list[tuple[str, RunSpec]]:
     common = [
         *LINEAR,
         *TRAIN,
-        f"train.steps={setting.steps}",
-        f"train.micro_batch={setting.micro_batch}",
-        f"data.n_bits={setting.n_bits}",
+        f"train.steps={scale.steps}",
+        f"train.micro_batch={scale.micro_batch}",
+        f"data.n_bits={scale.n_bits}",
         f"data.cache={(out / 'data').resolve()}",
         f"tracking.experiment={experiment}",
     ]
-    r = setting.gaussian_resolution
+    r = scale.gaussian_resolution
     cases = [
         (
             "gaussian",
@@ -212,14 +210,14 @@ def plan(
             ),
         )
     ]
-    for r in setting.face_resolutions:
+    for r in scale.face_resolutions:
         if shards:
             data = ["data.source=shards", f"data.shards={Path(shards).resolve() / str(r)}"]
         else:
             data = [
                 "data.source=synthetic",
-                f"data.synthetic_train={setting.face_images}",
-                f"data.synthetic_val={max(1, setting.face_images // 8)}",
+                f"data.synthetic_train={scale.face_images}",
+                f"data.synthetic_val={max(1, scale.face_images // 8)}",
             ]
         cases.append(
             (
@@ -238,7 +236,7 @@ def gaussian_root(out: Path) -> Path:
     return out / "gaussian"
 
 
-def write_gaussian_shards(setting: Setting, out: Path) -> None:
+def write_gaussian_shards(scale: Scale, out: Path) -> None:
     """PNG images of known covariance -> `python -m pipeline shards`; once (the manifest says)."""
     import numpy as np
     from PIL import Image
@@ -246,13 +244,13 @@ def write_gaussian_shards(setting: Setting, out: Path) -> None:
     from pipeline.data.quantise import to_pixels
     from pipeline.theory.gaussian import gaussian_images, random_covariance
 
-    r, n = setting.gaussian_resolution, setting.n_bits
+    r, n = scale.gaussian_resolution, scale.n_bits
     root = gaussian_root(out)
     if (root / "shards" / str(r) / "manifest.json").is_file():
         return
     cov = random_covariance(CHANNELS, n_bits=n, seed=COV_SEED)
     levels = gaussian_images(
-        setting.gaussian_images, cov, resolution=r, n_bits=n, seed=IMAGE_SEED, dequantize=False
+        scale.gaussian_images, cov, resolution=r, n_bits=n, seed=IMAGE_SEED, dequantize=False
     )
     src = root / "png"
     src.mkdir(parents=True, exist_ok=True)
@@ -280,15 +278,15 @@ def write_gaussian_shards(setting: Setting, out: Path) -> None:
     )
 
 
-def analytic_optimum(setting: Setting) -> float:
+def analytic_optimum(scale: Scale) -> float:
     from pipeline.theory.gaussian import gaussian_optimum, random_covariance
 
-    cov = random_covariance(CHANNELS, n_bits=setting.n_bits, seed=COV_SEED)
-    return gaussian_optimum(cov, resolution=setting.gaussian_resolution, n_bits=setting.n_bits).bpd
+    cov = random_covariance(CHANNELS, n_bits=scale.n_bits, seed=COV_SEED)
+    return gaussian_optimum(cov, resolution=scale.gaussian_resolution, n_bits=scale.n_bits).bpd
 
 
 def measure(
-    runner: Runner, case: str, spec: RunSpec, setting: Setting, report_only: bool
+    runner: Runner, case: str, spec: RunSpec, scale: Scale, report_only: bool
 ) -> tuple[dict, dict]:
     """(table row, run result): train (or find) the run, evaluate its final checkpoint on the train
     split (cached next to the result)."""
@@ -300,7 +298,7 @@ def measure(
         "case": case,
         "data": spec.meta["case"],
         "resolution": spec.meta["resolution"],
-        "analytic optimum": analytic_optimum(setting) if spec.meta["case"] == "gaussian" else None,
+        "analytic optimum": analytic_optimum(scale) if spec.meta["case"] == "gaussian" else None,
         "data optimum": data_optimum(result, runner.run_dir(spec.name)),
         "val bpd": result.get("final_val_bpd"),
         "steps": result.get("steps"),

@@ -1,9 +1,10 @@
 """Theory: linear-flow likelihood optimum, Lipschitz estimates, log-det balance, divergence events.
 
-Imports torch, the standard library, PIL and the n-bit rule (pipeline/data/quantise.py) only
+Imports torch, the standard library and the n-bit rule (pipeline/data/quantise.py) only
 (docs/design.md §2); each module's docstring has the maths.
 """
 
+from pipeline.theory.closed_form import Optimum, optimal_nll, optimum_from_correlation
 from pipeline.theory.config import GuardConfig
 from pipeline.theory.detector import DivergenceDetector, Event
 from pipeline.theory.diagnostics import (
@@ -15,9 +16,7 @@ from pipeline.theory.diagnostics import (
     logdet_balance,
 )
 from pipeline.theory.gaussian import gaussian_images, gaussian_optimum, random_covariance
-from pipeline.theory.lipschitz import lipschitz_estimate, lipschitz_estimates, spectral_norms
-from pipeline.theory.optimum import Optimum, optimal_nll, optimum_from_correlation
-from pipeline.theory.shards import iter_levels
+from pipeline.theory.jacobian import lipschitz_estimate, lipschitz_estimates, spectral_norms
 
 __all__ = [
     "DivergenceDetector",
@@ -30,7 +29,6 @@ __all__ = [
     "gaussian_optimum",
     "grad_norms",
     "inverse_error",
-    "iter_levels",
     "level_group",
     "lipschitz_estimate",
     "lipschitz_estimates",

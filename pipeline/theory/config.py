@@ -23,9 +23,8 @@ class GuardConfig:
     grad_spike_floor: float = 0.25  # smallest robust scale of log(grad norm): z·0.25 = ×7.4 at z=8
     logdet_slack: float = 1e-4  # nats/dim of float error allowed outside the certified range
     inverse_tol: float = 1e-3  # max |f⁻¹(f(x)) - x| on data in [-1/2, 1/2) (bins are 2^-n wide)
-    # the same for diagnostics taken under bf16 autocast, whose rounding alone reaches ~1e-2
-    # (measured 2e-4 and 1.5e-2 on trained 16² and 32² models, against 2-3e-6 in fp32); the
-    # sampler check runs in float32 and keeps inverse_tol
+    # the same for diagnostics taken under bf16 autocast, whose rounding alone reaches ~1e-2 on
+    # trained models (fp32: ~1e-6); the sampler check runs in float32 and keeps inverse_tol
     inverse_tol_bf16: float = 1e-1
     # log|det J|/D extremes of the batch beyond level ± z·scale of their own recent history (robust,
     # as the loss spike) -> logdet_jump; the floor is in nats/dim

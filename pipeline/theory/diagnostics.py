@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.theory.lipschitz import Method, Tensors, lipschitz_estimate, tensor_leaves
+from pipeline.theory.jacobian import Method, Tensors, lipschitz_estimate, tensor_leaves
 
 
 def logdet_balance(

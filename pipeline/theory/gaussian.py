@@ -25,7 +25,7 @@ import math
 import torch
 
 from pipeline.data.quantise import dequantise
-from pipeline.theory.optimum import Optimum, dequantization_variance, optimum_from_correlation
+from pipeline.theory.closed_form import Optimum, dequantization_variance, optimum_from_correlation
 
 
 def random_covariance(

@@ -26,7 +26,7 @@ MARKERS = "vX^sDP*ho<>"
 
 
 @dataclass
-class Run:
+class ComparedRun:
     run_id: str
     name: str
     status: str
@@ -44,7 +44,7 @@ class Run:
         return f"{self.name} ({self.run_id[:8]})"
 
 
-def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
+def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[ComparedRun]:
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
@@ -71,7 +71,7 @@ def load_runs(uri: str, run_ids: list[str], experiment: str) -> list[Run]:
             raise LookupError(f"experiment {experiment!r} in {uri} has no runs")
     runs = []
     for r in found:
-        run = Run(
+        run = ComparedRun(
             run_id=r.info.run_id,
             name=r.info.run_name or r.info.run_id[:8],
             status=r.info.status,
@@ -106,7 +106,7 @@ def dataset_labels(run: Any) -> dict[str, str]:
 # ---- the table -------------------------------------------------------------------------------
 
 
-def event_counts(run: Run) -> dict[str, int]:
+def event_counts(run: ComparedRun) -> dict[str, int]:
     """Per kind: the sink's exact tag, else the last value of the events/<kind> count metric."""
     counts = {
         k[len("events/") :]: int(v[-1][1])
@@ -122,12 +122,12 @@ def event_counts(run: Run) -> dict[str, int]:
     return counts
 
 
-def differing_params(runs: list[Run]) -> list[str]:
+def differing_params(runs: list[ComparedRun]) -> list[str]:
     keys = sorted({k for r in runs for k in r.params})
     return [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
 
 
-def table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
+def table(runs: list[ComparedRun]) -> tuple[list[str], list[dict[str, Any]]]:
     params = differing_params(runs)
     counts = [event_counts(r) for r in runs]
     kinds = sorted({k for c in counts for k in c})
@@ -190,7 +190,7 @@ def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
 # ---- the plots -------------------------------------------------------------------------------
 
 
-def event_marks(run: Run) -> list[tuple[int, str]]:
+def event_marks(run: ComparedRun) -> list[tuple[int, str]]:
     """(step, kind) wherever a count rose: events/<kind> (logged at each event by the sink, and
     maybe at every log step by the loop) and guard/rollbacks."""
     marks = []
@@ -208,7 +208,7 @@ def event_marks(run: Run) -> list[tuple[int, str]]:
 class Style:
     """One colour per run and one marker per event kind, the same in every plot."""
 
-    def __init__(self, runs: list[Run]):
+    def __init__(self, runs: list[ComparedRun]):
         import matplotlib
 
         cycle = matplotlib.colormaps["tab10"]
@@ -218,7 +218,7 @@ class Style:
 
 
 def plot_all(
-    runs: list[Run], out: Path, bpd_max: float | None = None
+    runs: list[ComparedRun], out: Path, bpd_max: float | None = None
 ) -> tuple[list[Path], list[tuple[str, str]]]:
     import functools
 
@@ -249,7 +249,7 @@ def xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def mark_events(ax, runs: list[Run], style: Style, on: str | None = None) -> None:
+def mark_events(ax, runs: list[ComparedRun], style: Style, on: str | None = None) -> None:
     """A faint vertical line at each event, and its marker on the curve ``on`` when given."""
     for run in runs:
         points = dict(run.history.get(on, [])) if on else {}
@@ -268,7 +268,9 @@ def mark_events(ax, runs: list[Run], style: Style, on: str | None = None) -> Non
                 )
 
 
-def legend(ax, runs: list[Run], style: Style, prefix: str, extra: list | None = None) -> None:
+def legend(
+    ax, runs: list[ComparedRun], style: Style, prefix: str, extra: list | None = None
+) -> None:
     """Runs that have a metric starting with ``prefix``, event kinds, and ``extra`` entries."""
     from matplotlib.lines import Line2D
 
@@ -295,7 +297,7 @@ def new_figure(panels: int, title: str):
     return fig, axes
 
 
-def bpd_range(runs: list[Run], top: float | None = None) -> tuple[float, float] | None:
+def bpd_range(runs: list[ComparedRun], top: float | None = None) -> tuple[float, float] | None:
     """The bpd plot's y-range: from the lowest value (or optimum) up to ``top``.
 
     By default ``top`` is the highest first logged bpd of any curve plus half the distance from
@@ -317,7 +319,7 @@ def bpd_range(runs: list[Run], top: float | None = None) -> tuple[float, float] 
     return low - pad, top + pad
 
 
-def plot_bpd(runs: list[Run], style: Style, top: float | None = None):
+def plot_bpd(runs: list[ComparedRun], style: Style, top: float | None = None):
     from matplotlib.lines import Line2D
 
     fig, (ax,) = new_figure(1, "bits per dimension (solid train, dashed val, dotted optimum)")
@@ -358,7 +360,7 @@ def plot_bpd(runs: list[Run], style: Style, top: float | None = None):
     return fig
 
 
-def plot_balance(runs: list[Run], style: Style):
+def plot_balance(runs: list[ComparedRun], style: Style):
     levels = sorted({int(m[1]) for r in runs for k in r.history if (m := LEVEL.match(k))})
     totals = [
         k for k in ("balance/expansion", "balance/contraction") if any(k in r.history for r in runs)
@@ -385,7 +387,7 @@ def plot_balance(runs: list[Run], style: Style):
     return fig
 
 
-def plot_grad_norms(runs: list[Run], style: Style):
+def plot_grad_norms(runs: list[ComparedRun], style: Style):
     levels = sorted({int(m[1]) for r in runs for k in r.history if (m := GRAD_LEVEL.match(k))})
     has_global = any("optim/grad_norm" in r.history for r in runs)
     if not levels and not has_global:
@@ -414,7 +416,7 @@ def plot_grad_norms(runs: list[Run], style: Style):
     return fig
 
 
-def plot_lipschitz(runs: list[Run], style: Style):
+def plot_lipschitz(runs: list[ComparedRun], style: Style):
     sides = [
         side
         for side in ("forward", "inverse")

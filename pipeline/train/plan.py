@@ -41,7 +41,7 @@ import torch
 
 from pipeline.config import Config, to_dict
 from pipeline.data import ShardError, read_manifest, resolve_shards
-from pipeline.data.shards import MIN_VAL_SHARDS, SHARD_SIZE
+from pipeline.data.ingest import MIN_VAL_SHARDS, SHARD_SIZE
 from pipeline.distributed import ZERO_BUCKET_DEFAULTS, deepspeed_config
 from pipeline.flows import build_flow
 from pipeline.flows.memory import LiveTensors, MemoryMode

@@ -25,10 +25,9 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.config import Config, flatten, save_config, to_dict
-from pipeline.data import build_loader, prepare_synthetic, resolve_shards
+from pipeline.data import build_loader, iter_levels, prepare_synthetic, resolve_shards
 from pipeline.flows import build_flow
-from pipeline.theory.optimum import optimal_nll
-from pipeline.theory.shards import iter_levels
+from pipeline.theory.closed_form import optimal_nll
 from pipeline.track.sink import MetricsSink
 from pipeline.train import checkpoint, compat
 from pipeline.train.config import FaultConfig, TrainConfig

@@ -6,7 +6,7 @@ Three arms on the same shards (one ``data.cache``, one ``data.seed``) and the sa
 
     glow       the unconstrained Glow baseline (the glow preset of pipeline/flows/config.py)
     certified  the model section's defaults (no model override: it follows pipeline/flows/config.py)
-    bounded    the bounded preset that was the default before issue 14 (pinned to its values)
+    bounded    the bounded preset: bounded blocks without a certificate (pinned to its values)
 
 in cells of a grid (``Cell``): a learning-rate sweep across the divergence transition with gradient
 clipping (``train.grad_clip`` at the config's value) and one without it (``train.grad_clip=0``), both
@@ -52,7 +52,7 @@ from pipeline.study.stability.grid import (
     OLD_BOUNDED,
     QUICK,
     Cell,
-    Setting,
+    Sweep,
     plan,
 )
 from pipeline.study.stability.report import write_report
@@ -73,7 +73,7 @@ __all__ = [  # the command, and the study's pieces as stability.<name> (tests us
     "OOD",
     "TABLE_COLUMNS",
     "Cell",
-    "Setting",
+    "Sweep",
     "add_arguments",
     "add_battery",
     "aggregate",
@@ -128,13 +128,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runner_arguments(p)
 
 
-def resolve_setting(args: argparse.Namespace) -> Setting:
+def resolve_sweep(args: argparse.Namespace) -> Sweep:
     base = QUICK if args.quick else FULL if args.config else CPU
 
     def given(value, default):
         return tuple(default if value is None else value)
 
-    return Setting(
+    return Sweep(
         config=args.config or base.config,
         steps=args.steps or base.steps,
         resolution=args.resolution or base.resolution,
@@ -148,14 +148,14 @@ def resolve_setting(args: argparse.Namespace) -> Setting:
 
 
 def run(args: argparse.Namespace) -> int:
-    setting = resolve_setting(args)
+    sweep = resolve_sweep(args)
     if args.jobs < 1:
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2
-    runner = make_runner(args, setting.config)
+    runner = make_runner(args, sweep.config)
     if runner is None:
         return 2
-    specs = plan(setting, args.arms, runner.out, args.experiment, args.overrides)
+    specs = plan(sweep, args.arms, runner.out, args.experiment, args.overrides)
     if not runner.check(specs):
         return 2
     if args.dry_run:
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         if args.report_only:
             return runner.find(spec), True
         result, earlier = runner.train(spec, slot)
-        if add_battery(runner, spec, result, setting.probe):
+        if add_battery(runner, spec, result, sweep.probe):
             runner.save(spec, result)
         return result, earlier
 
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     wall = time.perf_counter() - start
-    write_report(runner.out, setting, args, results, wall, fresh)
+    write_report(runner.out, sweep, args, results, wall, fresh)
     return 0
 
 

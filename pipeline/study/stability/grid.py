@@ -20,7 +20,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "certified": ("the certified default (the model section's defaults, no override)", ()),
     "bounded": (
         "the old bounded preset (tanh-bounded affine coupling without spectral norm, SVD 1x1 "
-        "conv, bounded actnorm: the defaults before issue 14)",
+        "conv, bounded actnorm: bounded, not certified)",
         OLD_BOUNDED,
     ),
 }
@@ -60,7 +60,7 @@ def cells(clip_lrs=(), noclip_lrs=(), bf16_lrs=()) -> tuple[Cell, ...]:
 
 
 @dataclass(frozen=True)
-class Setting:
+class Sweep:
     """A base config and what the study adds to it; the command line overrides each field."""
 
     config: str
@@ -83,7 +83,7 @@ class Setting:
 # good checkpoints the battery probes. Learning rates: 1e-2, where no arm needs the guard (the bpd
 # reference), then each sweep straddles the divergence transition, placed by a 1-seed screening
 # (docs/studies.md §1).
-CPU = Setting(
+CPU = Sweep(
     config="configs/demo.yaml",
     steps=200,
     resolution=16,
@@ -109,7 +109,7 @@ CPU = Setting(
 )
 # Seconds per run (tests): debug.yaml's tiny flow; lr=10 without clipping diverges within a few
 # steps in every arm, and with no rollbacks allowed the guard stops the run at its third bad step.
-QUICK = Setting(
+QUICK = Sweep(
     config="configs/debug.yaml",
     steps=12,
     resolution=16,
@@ -130,7 +130,7 @@ QUICK = Setting(
 )
 # --config X: the config's own size, steps and data; the study adds arms, cells and seeds.
 # Learning rates have no default that fits every config: give --lrs (and --noclip-lrs, --bf16-lrs).
-FULL = Setting(
+FULL = Sweep(
     config="",
     steps=None,
     resolution=None,
@@ -142,7 +142,7 @@ FULL = Setting(
 
 
 def plan(
-    setting: Setting, arms: list[str], out: Path, experiment: str, extra: list[str]
+    sweep: Sweep, arms: list[str], out: Path, experiment: str, extra: list[str]
 ) -> list[RunSpec]:
     """One run per cell x seed x arm; arms alternate, so a partial study stays paired. A run's
     ``precision`` (meta) is its cell's, else the config's."""
@@ -152,15 +152,15 @@ def plan(
     common = [
         f"data.cache={(out / 'data').resolve()}",
         f"tracking.experiment={experiment}",
-        *([f"data.resolution={setting.resolution}"] if setting.resolution else []),
-        *([f"train.steps={setting.steps}"] if setting.steps else []),
-        *setting.overrides,
+        *([f"data.resolution={sweep.resolution}"] if sweep.resolution else []),
+        *([f"train.steps={sweep.steps}"] if sweep.steps else []),
+        *sweep.overrides,
     ]
-    config = shipped(setting.config) if setting.config else None
+    config = shipped(sweep.config) if sweep.config else None
     base_precision = load_config(config, [*common, *extra]).train.precision
     specs = []
-    for cell in setting.cells:
-        for seed in setting.seeds:
+    for cell in sweep.cells:
+        for seed in sweep.seeds:
             for arm in arms:
                 specs.append(
                     RunSpec(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.study.report import is_number, run_compare, write_csv
 from pipeline.study.stability.battery import PROBED
-from pipeline.study.stability.grid import ARMS, Setting
+from pipeline.study.stability.grid import ARMS, Sweep
 from pipeline.study.stability.plots import plot_battery, plot_curves, plot_stability
 from pipeline.study.stability.stats import (
     BATTERY_COLUMNS,
@@ -25,7 +25,7 @@ from pipeline.track.compare import to_markdown
 
 def write_report(
     out: Path,
-    setting: Setting,
+    sweep: Sweep,
     args: argparse.Namespace,
     results: list[dict],
     wall: float,
@@ -47,12 +47,12 @@ def write_report(
     lines = [
         "# Stability study: Glow, the certified default and the old bounded preset",
         "",
-        f"- config: `{setting.config}`"
-        + (f", resolution {setting.resolution}" if setting.resolution else "")
-        + (f", {setting.steps} steps" if setting.steps else ""),
-        f"- study overrides: `{' '.join(setting.overrides + tuple(args.overrides)) or '-'}`",
-        f"- cells: {', '.join(c.tag for c in setting.cells)}; seeds "
-        f"{', '.join(map(str, setting.seeds))}; MLflow experiment `{args.experiment}`",
+        f"- config: `{sweep.config}`"
+        + (f", resolution {sweep.resolution}" if sweep.resolution else "")
+        + (f", {sweep.steps} steps" if sweep.steps else ""),
+        f"- study overrides: `{' '.join(sweep.overrides + tuple(args.overrides)) or '-'}`",
+        f"- cells: {', '.join(c.tag for c in sweep.cells)}; seeds "
+        f"{', '.join(map(str, sweep.seeds))}; MLflow experiment `{args.experiment}`",
         *(f"- {arm}: {ARMS[arm][0]}, `{' '.join(ARMS[arm][1]) or '-'}`" for arm in args.arms),
         f"- wall time: {wall:.0f} s for this invocation ({args.jobs} at once), which trained "
         f"{fresh} of the {len(results)} runs; {sum(run_walls):.0f} s summed over the runs' own "
