@@ -192,19 +192,19 @@ def test_the_manifest_catches_a_truncated_changed_or_missing_file(tmp_path):
     listed = json.loads((folder / checkpoint.COMPLETE).read_text())["files"]
     assert set(listed) == {"mp_rank_00_model_states.pt", "trainstate.json"}
     assert listed["mp_rank_00_model_states.pt"]["size"] == 2048
-    assert checkpoint.verify(folder) is None
+    assert checkpoint.first_mismatch(folder) is None
     model = folder / "mp_rank_00_model_states.pt"
     model.write_bytes(model.read_bytes()[:100])
-    assert checkpoint.verify(folder) == (
+    assert checkpoint.first_mismatch(folder) == (
         "mp_rank_00_model_states.pt: 100 bytes, the manifest says 2048"
     )
     model.write_bytes(bytes(2048))  # same size, other bytes
     assert (
-        checkpoint.verify(folder)
+        checkpoint.first_mismatch(folder)
         == "mp_rank_00_model_states.pt: sha256 differs from the manifest's"
     )
     model.unlink()
-    assert checkpoint.verify(folder) == "mp_rank_00_model_states.pt: missing"
+    assert checkpoint.first_mismatch(folder) == "mp_rank_00_model_states.pt: missing"
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
@@ -227,7 +227,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
 def test_marking_a_checkpoint_suspect_keeps_its_manifest_valid(tmp_path):
     first, second = fake_checkpoint(tmp_path, 2), fake_checkpoint(tmp_path, 4)
     checkpoint.mark_suspect(second)
-    assert checkpoint.verify(second) is None and checkpoint.find_latest(tmp_path) == second
+    assert checkpoint.first_mismatch(second) is None and checkpoint.find_latest(tmp_path) == second
     assert checkpoint.find_good(tmp_path) == first
 
 
@@ -252,7 +252,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_run_resumes_from_the_on
     assert events[0]["checkpoint"] == str(ckpts / checkpoint.tag_for(4)) and events[0]["step"] == 2
     summary = json.loads((runs / "damaged" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 4
-    assert checkpoint.verify(ckpts / checkpoint.tag_for(4)) is None  # saved again, whole
+    assert checkpoint.first_mismatch(ckpts / checkpoint.tag_for(4)) is None  # saved again, whole
     again = torch.load(model, weights_only=True)["module"]  # the same steps replayed exactly
     before = torch.load(
         trained / "runs/base/checkpoints/step00000004/mp_rank_00_model_states.pt", weights_only=True
@@ -307,7 +307,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_the_same_command_resumes(trained,
     ckpts = runs / name / "checkpoints"
     assert all((p / checkpoint.COMPLETE).is_file() for p in ckpts.glob("step*"))  # none partial
     latest = ckpts / (ckpts / "latest").read_text()
-    assert checkpoint.verify(latest) is None and checkpoint.step_of(latest) < 5
+    assert checkpoint.first_mismatch(latest) is None and checkpoint.step_of(latest) < 5
     assert checkpoint.step_of(partial) == checkpoint.step_of(latest) + 1
     summary = json.loads((runs / name / "summary.json").read_text())
     assert summary["status"] == "failed" and "no space left" in summary["reason"]

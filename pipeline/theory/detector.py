@@ -106,12 +106,10 @@ class RobustHistory:
     With ``trend``, the level follows the curve: the Theil-Sen line through the last
     ``level_window`` values (the median of their pairwise slopes; the intercept the median of the
     values less that slope), read at the next step. A plain median lags a steadily moving curve by
-    about level_window/2 steps; early in training the log-det extremes rise by up to 0.04 nats/dim
-    a step (demo model at lr 3e-3, docs/design.md §5), so the lag alone crossed an 8·0.02 band and
-    raised jumps that were only learning. The line uses only the last level_window values because
-    the curve turns: the demo's maximum falls for its first 10 steps and then rises at 0.03-0.05 a
-    step as the warm-up's LR grows (a slope from the medians of the last two windows read that V
-    as flat and raised jumps at steps 21-22). The noise scale then comes from the last
+    about level_window/2 steps, and early in training the log-det extremes rise fast enough for
+    that lag alone to cross the band. The line uses only the last level_window values because the
+    curve turns (in the warm-up it first falls, then rises as the LR grows); a slope read over a
+    longer span takes such a V for flat. The noise scale then comes from the last
     2·level_window values: early steps change faster than the flat start the window still holds."""
 
     def __init__(

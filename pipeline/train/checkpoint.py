@@ -81,7 +81,7 @@ def write_manifest(folder: Path) -> dict:
     return manifest
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_complete(folder: Path) -> dict | None:
     """The folder's manifest; None for an old-format (empty) COMPLETE, which lists nothing."""
     text = (folder / COMPLETE).read_text()
     if not text.strip():
@@ -93,11 +93,11 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else {"files": {}, "error": f"{COMPLETE} is odd"}
 
 
-def verify(folder: Path) -> str | None:
+def first_mismatch(folder: Path) -> str | None:
     """None if every file the manifest lists is there with its size and sha256 (or the COMPLETE is
     old-format, with nothing to check); else the first mismatch, e.g. "mp_rank_00_model_states.pt:
     100 bytes, the manifest says 328647"."""
-    manifest = read_manifest(folder)
+    manifest = read_complete(folder)
     if manifest is None:
         return None
     if "error" in manifest:
@@ -116,7 +116,7 @@ def verify(folder: Path) -> str | None:
 
 def describe_check(folder: Path, seconds: float) -> str:
     """How ``folder`` was checked, for the resume line: files, bytes and time, or unverified."""
-    manifest = read_manifest(folder)
+    manifest = read_complete(folder)
     if manifest is None:
         return f"old-format {COMPLETE} without checksums: not verified"
     files = manifest.get("files", {})
@@ -139,7 +139,7 @@ def find_latest(root: Path, damaged: list | None = None) -> Path | None:
             tags.remove(named)
             tags.insert(0, named)
     for tag in tags:
-        problem = verify(root / tag)
+        problem = first_mismatch(root / tag)
         if problem is None:
             return root / tag
         if damaged is not None:
@@ -198,7 +198,7 @@ def find_good(
             continue
         if is_suspect(folder):
             continue
-        problem = verify(folder) if verify_files else None
+        problem = first_mismatch(folder) if verify_files else None
         if problem is None:
             return folder
         if damaged is not None:

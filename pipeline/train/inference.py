@@ -22,7 +22,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / ckpt.COMPLETE).is_file():
-        mismatch = ckpt.verify(path)  # a run folder's latest is verified by find_latest
+        mismatch = ckpt.first_mismatch(path)  # a run folder's latest is verified by find_latest
         if mismatch is not None:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} is damaged ({mismatch}); give its run folder to use the newest "
