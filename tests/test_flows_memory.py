@@ -13,10 +13,11 @@ import weakref
 import pytest
 import torch
 
+from pipeline.bench.train import saved_tensor_bytes
 from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
 from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
-from pipeline.flows.memory import LiveTensors, saved_tensor_bytes
+from pipeline.train.plan import LiveTensors
 from tests.conftest import PYTHON, env_for_subprocess, run_main, run_together
 
 IMAGE = (3, 8, 8)
