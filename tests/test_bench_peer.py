@@ -75,7 +75,7 @@ def test_arm_names_take_a_memory_mode_and_a_compile_suffix():
 
 
 def test_bench_peer_split_prints_the_normalisations_parts():
-    """The normalisers' own stages through the timings hook (lipschitz.timed_stages), one group
+    """The normalisers' own stages (their profiler ranges), one group
     per level and conv position, the certificate's rungs counted while training, and both
     routes' excess over the exact top."""
     out = json.loads(

@@ -38,6 +38,7 @@ runs torch.profiler over a few steps of each named arm at each setting and lists
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -341,14 +342,44 @@ def gram_iteration_norm(a: torch.Tensor, iterations: int) -> torch.Tensor:
     return torch.exp(log_bound + 0.5**iterations * torch.log(last))
 
 
+def certificate_rungs(groups: list, counts: dict[str, int]) -> None:
+    """Add to `counts` which rung of the Cholesky certificate (spectral.certify; the last: the
+    Frobenius fallback) each conv's next normalisation is certified by, and how many of those
+    bind the layer (σ̂ above its budget, so that the rung sets its scale): the normalisers' own
+    steps on the convs' current weights and warm-start vectors, which they leave unchanged."""
+    from pipeline.flows import spectral
+    from pipeline.flows.base import compute_dtype
+
+    with torch.no_grad():
+        for convs in groups:
+            normaliser, coeff = convs[0].normaliser, convs[0].coeff
+            weights = torch.stack([c.weight.detach() for c in convs])
+            weights = weights.to(compute_dtype(weights))
+            vectors = torch.stack([c.spectral_vectors for c in convs])
+            warmup = not all(c._warm for c in convs)
+            grams = normaliser.grams(weights)
+            lower = normaliser.iterate(grams, vectors, warmup)[2].amax(-1)
+            bound, rung = spectral.certify(
+                grams, lower, with_rung=True, at_failures=spectral.CANDIDATES
+            )
+            binding = bound * normaliser.inflation * normaliser.overlap**2 > coeff**2
+            for index, binds in zip(rung.tolist(), binding.tolist(), strict=True):
+                for key in [f"rung_{index}"] + ([f"binding_rung_{index}"] if binds else []):
+                    counts[key] = counts.get(key, 0) + 1
+
+
 def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
     """The certified default's normalisation of every subnet conv (untrained model, training
-    mode), CPU ms per step (median of --rounds), by the normalisers' own stages (the timings hook
-    lipschitz.timed_stages): Grams, power step, Cholesky certificate, differentiable scales; the
-    backward pass of the scales; the whole, forward and backward, level by level as training
-    runs it. Beside it, Gram iteration (gram_iteration_norm, 6 iterations) on the same
-    frequencies, timed forward and backward, and both certificates' tightness against the exact
-    top (all eigenvalues) on the same frequencies."""
+    mode), CPU ms per step (median of --rounds), by the normalisers' own stages (their
+    record_function names, read from a torch.profiler run: the profiler's per-op bookkeeping is
+    in these, not in the whole): Grams, power step, Cholesky certificate, differentiable scales;
+    the backward pass of the scales; the whole, forward and backward, level by level as training
+    runs it, timed without the profiler. Beside it, Gram iteration (gram_iteration_norm, 6
+    iterations) on the same frequencies, timed forward and backward, and both certificates'
+    tightness against the exact top (all eigenvalues) on the same frequencies."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     from pipeline.flows import lipschitz, spectral
 
     s, _ = resolve(setting, args, threads=1)
@@ -357,17 +388,24 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
     model.train()
     groups = [g for level in model.levels for g in level.spectral_groups]
 
-    def normalise() -> dict[str, float]:
-        with lipschitz.timed_stages() as stages:
+    def normalise(profiled: bool = False) -> dict[str, float]:
+        profiler = torch_profile(activities=[ProfilerActivity.CPU])
+        with profiler if profiled else contextlib.nullcontext():
             scales = []
             for level in model.levels:
                 lipschitz.normalise_groups(level.spectral_groups)
                 scales += [c._prepared for g in level.spectral_groups for c in g]
                 lipschitz.release_groups(level.spectral_groups)
-            start = time.process_time()
-            torch.autograd.backward(torch.stack(scales).sum())
-            stages["backward"] = time.process_time() - start
-        return stages
+        start = time.process_time()
+        torch.autograd.backward(torch.stack(scales).sum())
+        backward = time.process_time() - start
+        events = profiler.key_averages() if profiled else []
+        stages = {
+            e.key.removeprefix("spectral_norm/"): e.cpu_time_total / 1e6
+            for e in events
+            if e.key.startswith("spectral_norm/")
+        }
+        return {**stages, "backward": backward}
 
     def iterated_matrices(normaliser, weights: torch.Tensor) -> torch.Tensor:
         """[B, F, m, n]: what Gram iteration bounds, the symbol at each frequency (one "frequency"
@@ -411,27 +449,28 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
         """AdamW steps on the bench batch; how many normalisations each rung served."""
         x = batch(s)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.probe_lr)
-        with lipschitz.timed_stages() as stages:
-            for _ in range(args.probe_steps):
-                optimizer.zero_grad(set_to_none=True)
-                model(x)["bpd"].mean().backward()
-                optimizer.step()
-        return {k: v for k, v in sorted(stages.items()) if "rung_" in k}
+        rungs: dict[str, int] = {}
+        for _ in range(args.probe_steps):
+            certificate_rungs(groups, rungs)  # what this step's normalisations certify by
+            optimizer.zero_grad(set_to_none=True)
+            model(x)["bpd"].mean().backward()
+            optimizer.step()
+        return dict(sorted(rungs.items()))
 
     normalise()  # warm-up: the first backward pass sets up the autograd engine
+    untrained: dict[str, int] = {}
+    certificate_rungs(groups, untrained)  # what the first round's normalisations certify by
     runs = []
     for _ in range(max(args.rounds, 1)):
         model.zero_grad(set_to_none=True)
+        stages = normalise(profiled=True)
+        model.zero_grad(set_to_none=True)
         start = time.process_time()
-        stages = normalise()
+        normalise()
         stages["all_forward_backward"] = time.process_time() - start
         stages["gram_iteration_forward_backward"] = gram_iteration()
         runs.append(stages)
-    median = {
-        k: round(statistics.median(r[k] for r in runs) * 1e3, 1)
-        for k in runs[0]
-        if "rung_" not in k
-    }
+    median = {k: round(statistics.median(r[k] for r in runs) * 1e3, 1) for k in runs[0]}
     routes = [g[0].normaliser for g in groups]
     return {
         "setting": {"name": setting, **dataclasses.asdict(s)},
@@ -442,7 +481,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
             for r in ("torus", "grid")
         },
         "cpu_ms": median,
-        "rungs_untrained": {k: v for k, v in sorted(runs[0].items()) if "rung_" in k},
+        "rungs_untrained": dict(sorted(untrained.items())),
         "excess_over_exact_top": tightness(),
         **(
             {"probe": {"steps": args.probe_steps, "lr": args.probe_lr, "rungs": probe()}}
@@ -467,7 +506,12 @@ def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
             for _ in range(args.profile_steps):
                 with record_function("step"):
                     arm.step()
-        events = [e for e in prof.key_averages() if e.key != "step"]
+        # not the step's or the normalisers' named ranges: their self time is Python's
+        events = [
+            e
+            for e in prof.key_averages()
+            if e.key != "step" and not e.key.startswith("spectral_norm/")
+        ]
         total = sum(e.self_cpu_time_total for e in events)
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
         out[name] = {

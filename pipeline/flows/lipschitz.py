@@ -25,60 +25,18 @@ conv position of a level in one batched computation (`spectral_groups`), once pe
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from pipeline.flows import spectral
 from pipeline.flows.base import NoGradCache, compute_dtype, frozen, in_reuse_scope
 
 # the basis size of MatrixNormaliser's subspace iteration (wide 1×1 convs: near-equal top values)
 SUBSPACE = 8
-# stage name -> seconds, while `timed_stages` is active (bench peer --split); None otherwise
-_STAGE_TIMES: dict[str, float] | None = None
-
-
-@contextmanager
-def timed_stages() -> Iterator[dict[str, float]]:
-    """Accumulate the wall time of the normalisers' stages (grams, power, certify, scales) into
-    the yielded dict: the timings hook of `bench peer --split`. Stages synchronise the device
-    while it is on, so use it for measuring only."""
-    global _STAGE_TIMES
-    previous, _STAGE_TIMES = _STAGE_TIMES, {}
-    try:
-        yield _STAGE_TIMES
-    finally:
-        _STAGE_TIMES = previous
-
-
-def _tick(marker: torch.Tensor) -> float | None:
-    if _STAGE_TIMES is None:
-        return None
-    if marker.is_cuda:
-        torch.cuda.synchronize(marker.device)
-    return time.perf_counter()
-
-
-def _tock(name: str, start: float | None, marker: torch.Tensor) -> None:
-    if start is not None and _STAGE_TIMES is not None:
-        if marker.is_cuda:
-            torch.cuda.synchronize(marker.device)
-        _STAGE_TIMES[name] = _STAGE_TIMES.get(name, 0.0) + time.perf_counter() - start
-
-
-def _count_rungs(rung: torch.Tensor, binding: torch.Tensor) -> None:
-    """While timed: how many normalisations each certificate rung served (the last: the
-    Frobenius fallback), and how many of those bound the layer (σ̂ above its budget, so that the
-    rung set its scale); the .tolist() synchronises, as the timings do: measuring only."""
-    if _STAGE_TIMES is not None:
-        for index, binds in zip(rung.tolist(), binding.tolist(), strict=True):
-            for key in [f"rung_{index}"] + ([f"binding_rung_{index}"] if binds else []):
-                _STAGE_TIMES[key] = _STAGE_TIMES.get(key, 0) + 1
 
 
 class Top(NamedTuple):
@@ -111,22 +69,12 @@ class Normaliser:
     def _phases(self, best: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def top(
-        self,
-        weights: torch.Tensor,
-        vectors: torch.Tensor,
-        warmup: bool,
-        update: bool,
-        coeff: float = math.inf,
-    ) -> tuple[Top, torch.Tensor]:
-        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, F, m(, 2)] vectors:
-        warm them (if cold: exact eigenvectors), one power step, the Rayleigh quotients there,
-        certify the best frequency's; the vectors to keep are one step further (if `update`;
-        else unchanged, so evaluation forms the kernel that training formed)."""
-        start = _tick(weights)
-        grams = self.grams(weights)  # [B, F, m, m]
-        _tock("grams", start, weights)
-        start = _tick(weights)
+    def iterate(
+        self, grams: torch.Tensor, vectors: torch.Tensor, warmup: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(v, v_top, quotients, following) for [B, F, m, m] Grams and [B, F, m(, 2)] vectors: v
+        the vectors to start from (if cold: the exact top eigenvectors), then one power step
+        (spectral.power_step or subspace_step) with the Rayleigh quotients [B, F] at v_top."""
         v = vectors.to(grams.real.dtype)
         if v.shape[-1] == 2 and grams.is_complex():
             v = torch.view_as_complex(v.contiguous())
@@ -136,21 +84,29 @@ class Normaliser:
             # contiguous, as a loaded buffer is: the same BLAS path, bit for bit
             v = (top_k if self.subspace else top_k[..., 0]).contiguous()
         step = spectral.subspace_step if self.subspace else spectral.power_step
-        v_top, quotients, following = step(grams, v)  # v: [B, F, m, k] or [B, F, m]
-        best = quotients.argmax(-1)
-        lower = quotients.gather(-1, best[:, None])[:, 0]
-        e = v_top.gather(1, best[:, None, None].expand(-1, 1, v_top.shape[-1]))[:, 0]
-        kept = following if update else v
-        _tock("power", start, weights)
-        start = _tick(weights)
-        bound, rung = spectral.certify(
-            grams, lower, with_rung=True, at_failures=spectral.CANDIDATES
-        )
-        bound = bound * self.inflation
-        # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
-        factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
-        _tock("certify", start, weights)
-        _count_rungs(rung, bound * self.overlap**2 > coeff**2)
+        return v, *step(grams, v)
+
+    def top(
+        self, weights: torch.Tensor, vectors: torch.Tensor, warmup: bool, update: bool
+    ) -> tuple[Top, torch.Tensor]:
+        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, F, m(, 2)] vectors:
+        warm them (if cold: exact eigenvectors), one power step, the Rayleigh quotients there,
+        certify the best frequency's; the vectors to keep are one step further (if `update`;
+        else unchanged, so evaluation forms the kernel that training formed). The stages are
+        named for profiles (bench peer --split)."""
+        with record_function("spectral_norm/grams"):
+            grams = self.grams(weights)  # [B, F, m, m]
+        with record_function("spectral_norm/power"):
+            v, v_top, quotients, following = self.iterate(grams, vectors, warmup)
+            best = quotients.argmax(-1)
+            lower = quotients.gather(-1, best[:, None])[:, 0]
+            e = v_top.gather(1, best[:, None, None].expand(-1, 1, v_top.shape[-1]))[:, 0]
+            kept = following if update else v
+        with record_function("spectral_norm/certify"):
+            bound = spectral.certify(grams, lower, at_failures=spectral.CANDIDATES)
+            bound = bound * self.inflation
+            # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
+            factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
         if kept.is_complex():
             kept = torch.view_as_real(kept)
         return Top(self._phases(best, weights), e, factor), kept
@@ -381,7 +337,9 @@ class LipschitzConv2d(nn.Conv2d):
             bound = 0.0
             if self.weight[rows].any():
                 kernel = self.effective_weight(update=False)[rows].double()
-                bound = self.overlap * math.sqrt(MatrixNormaliser(kernel.shape).certificate_sq(kernel))
+                bound = self.overlap * math.sqrt(
+                    MatrixNormaliser(kernel.shape).certificate_sq(kernel)
+                )
                 if self.spatial is not None and self.kernel_size != (1, 1):
                     fourier = FourierNormaliser(tuple(kernel.shape), self.spatial)
                     bound = min(bound, math.sqrt(fourier.certificate_sq(kernel)))
@@ -488,7 +446,7 @@ def group_top(convs: list[LipschitzConv2d], update: bool) -> Top:
         weights = weights.to(compute_dtype(weights))
         vectors = torch.stack([c.spectral_vectors for c in convs])
         warmup = not all(c._warm for c in convs)
-        top, kept = normaliser.top(weights, vectors, warmup, update, convs[0].coeff)
+        top, kept = normaliser.top(weights, vectors, warmup, update)
         if update or warmup:
             for conv, vector in zip(convs, kept.unbind(0), strict=True):
                 conv.spectral_vectors.copy_(vector)
@@ -501,16 +459,16 @@ def group_scales(convs: list[LipschitzConv2d], top: Top) -> torch.Tensor:
     """[B]: coeff/max(coeff, overlap·σ̂) for each conv, differentiable in the weights, computed
     (at least) in fp32 even under autocast."""
     first = convs[0]
-    start = _tick(first.weight)
-    with torch.autocast(first.weight.device.type, enabled=False):
+    with (
+        record_function("spectral_norm/scales"),
+        torch.autocast(first.weight.device.type, enabled=False),
+    ):
         weights = torch.stack([c.weight for c in convs])
         weights = weights.to(compute_dtype(weights))
         sigma_sq = first.normaliser.sigma_sq(weights, top)
         # compare squares: no sqrt of 0 (a zero-initialised kernel) in the backward pass
         bound_sq = torch.clamp_min(first.normaliser.overlap**2 * sigma_sq, first.coeff**2)
-        scales = first.coeff / torch.sqrt(bound_sq)
-    _tock("scales", start, first.weight)
-    return scales
+        return first.coeff / torch.sqrt(bound_sq)
 
 
 def spectral_groups(module: nn.Module) -> list[list[LipschitzConv2d]]:
