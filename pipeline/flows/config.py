@@ -97,12 +97,10 @@ class ModelConfig:
     residual_tol: float = 1e-6  # fixed-point inverse: stop when max |x_k+1 - x_k| ≤ tol
     residual_max_iter: int = 200
     # exact: sqrt(k·k)·‖W_mat‖₂, certified at every training forward, so Lip ≤ c by construction;
-    # power: persistent power iteration (cheaper for width 512), which lags and may overshoot c;
     # fourier: the norm of each 3×3 conv's symbol (flows/spectral.py: its torus, or a fixed 32×32
     # grid with a proven margin of ≤ 2% on σ), so a layer may use (nearly) its whole budget (exact
     # leaves a 3×3 layer between c/3 and c); a cost per step that does not grow with the image
-    spectral_method: Literal["exact", "power", "fourier"] = "fourier"
-    power_iterations: int = 1  # per training forward, for spectral_method=power
+    spectral_method: Literal["exact", "fourier"] = "fourier"
     split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z
     # α of the learned prior's log σ = α·tanh(h/α) (flows/multiscale.Split); 0 = unbounded, the
     # prior before issue 22 (and what a checkpoint saved without this key was trained with)
@@ -126,5 +124,4 @@ class ModelConfig:
         "residual_terms": at_least(1),
         "residual_tol": POSITIVE,
         "residual_max_iter": at_least(1),
-        "power_iterations": at_least(1),
     }

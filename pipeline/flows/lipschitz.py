@@ -11,11 +11,9 @@ construction (Miyato et al. 2018; as i-ResNet, Behrmann et al. 2019). The normal
   layer may use all of its budget c, to within that margin;
 - `MatrixNormaliser` (1×1 kernels; spectral_method=exact for k×k): σ̂ = sqrt(k_h·k_w)·‖W_mat‖₂,
   W_mat the [c_out, c_in·k_h·k_w] reshaped kernel (each input pixel enters k_h·k_w patches), exact
-  for 1×1 kernels; for a 3×3 layer it leaves the true norm anywhere between c/3 and c;
-- power (spectral_method=power): persistent power iteration on W_mat (Miyato et al.), cheap but
-  not certified per step (σ̂ ≤ σ; measured 10-25% over c after 100 Adam steps).
+  for 1×1 kernels; for a 3×3 layer it leaves the true norm anywhere between c/3 and c.
 
-Both certified normalisers keep warm-start vectors as buffers (saved with checkpoints, so a
+Both normalisers keep warm-start vectors as buffers (saved with checkpoints, so a
 resume is exact), take one power step per training forward, and certify with one batched
 Cholesky test (spectral.certify): no host synchronisation, no data-dependent Python branch. The
 subnets of all couplings of a level have the same shapes: `normalise_groups` normalises each
@@ -163,9 +161,7 @@ class MatrixNormaliser(Normaliser):
 
 def make_normaliser(
     method: str, shape: tuple[int, int, int, int], spatial: tuple[int, int] | None
-) -> Normaliser | None:
-    if method == "power":
-        return None
+) -> Normaliser:
     if method == "fourier" and shape[2:] != (1, 1):
         return FourierNormaliser(shape, spatial)
     return MatrixNormaliser(shape)  # a 1×1 kernel is the same matrix at every frequency
@@ -188,8 +184,8 @@ class LipSwish(nn.Module):
 class LipschitzConv2d(nn.Conv2d):
     """A 'same' conv2d that reports a certified bound on its operator norm; spectral-normalised to
     ‖conv‖₂ ≤ coeff when coeff is given, by `method`'s normaliser (see the module docstring):
-    "fourier" (the symbol's norm: the layer may use all of its budget), "exact" (sqrt(k_h·k_w)·
-    ‖W_mat‖₂), "power" (power iteration, uncertified).
+    "fourier" (the symbol's norm: the layer may use all of its budget) or "exact" (sqrt(k_h·k_w)·
+    ‖W_mat‖₂).
 
     The normalised kernel comes from, in this order: the scale its level prepared for the current
     walk (`normalise_groups`), or its own normalisation, whose autograd-free part is computed once
@@ -202,8 +198,7 @@ class LipschitzConv2d(nn.Conv2d):
         c_out: int,
         kernel_size: int,
         coeff: float | None = None,
-        method: Literal["exact", "power", "fourier"] = "exact",
-        power_iterations: int = 1,
+        method: Literal["exact", "fourier"] = "exact",
         zero_init: bool = False,
         spatial: tuple[int, int] | None = None,
     ):
@@ -213,7 +208,6 @@ class LipschitzConv2d(nn.Conv2d):
         self.coeff = coeff
         self.method = method
         self.spatial = None if spatial is None else tuple(spatial)
-        self.power_iterations = power_iterations
         self.overlap = math.sqrt(kernel_size * kernel_size)  # taps per input pixel, square-rooted
         self.normaliser = None
         if coeff is not None:
@@ -238,11 +232,6 @@ class LipschitzConv2d(nn.Conv2d):
             # 1 once the vectors track the weights (a checkpoint of a layer never run stays cold);
             # shape (1,): DeepSpeed broadcasts buffers as byte views, which a 0-d tensor cannot give
             self.register_buffer("spectral_warm", torch.zeros(1))
-        if coeff is not None and method == "power":
-            self.register_buffer("u", F.normalize(torch.randn(c_out), dim=0))
-            self.register_buffer("v", F.normalize(torch.randn(c_in * kernel_size**2), dim=0))
-            # converge once at construction; then `power_iterations` per step track the weights
-            converge_spectral_norms(self, 50)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *rest)
@@ -255,62 +244,31 @@ class LipschitzConv2d(nn.Conv2d):
                 if prefix + key in missing:
                     missing.remove(prefix + key)
 
-    @torch.no_grad()
-    def _power_iteration(self, w_mat: torch.Tensor) -> None:
-        u, v = self.u, self.v
-        for _ in range(self.power_iterations):
-            # keep the old vector where the new one vanishes (a zero-initialised kernel), so the
-            # iteration restarts once the kernel becomes non-zero; no host sync needed
-            v_new = w_mat.t() @ u
-            v_norm = v_new.norm()
-            v = torch.where(v_norm > 1e-12, v_new / v_norm.clamp_min(1e-12), v)
-            u_new = w_mat @ v
-            u_norm = u_new.norm()
-            u = torch.where(u_norm > 1e-12, u_new / u_norm.clamp_min(1e-12), u)
-        self.u.copy_(u)
-        self.v.copy_(v)
-
     def effective_weight(self, update: bool | None = None) -> torch.Tensor:
-        """The kernel actually used, W·coeff/max(coeff, overlap·σ̂). The warm-start vectors (and
-        power iteration) advance only in training mode, or when asked."""
+        """The kernel actually used, W·coeff/max(coeff, overlap·σ̂). The warm-start vectors
+        advance only in training mode, or when asked."""
         if self.coeff is None:
             return self.weight
         if self._prepared is not None:
             return self.weight * self._prepared.to(self.weight.dtype)
         updating = self.training if update is None else update
-        power = self.normaliser is None
-        # grad mode first (no graph break under torch.compile); a power update changes u, v
-        if not torch.is_grad_enabled() and not (power and updating) and in_reuse_scope():
-            sources = [self.weight, *([self.u, self.v] if power else [])]
-            return self._cache.get("weight", sources, lambda: self._normalised(updating))
+        # grad mode first (no graph break under torch.compile)
+        if not torch.is_grad_enabled() and in_reuse_scope():
+            return self._cache.get("weight", [self.weight], lambda: self._normalised(updating))
         return self._normalised(updating)
 
     def _normalised(self, updating: bool) -> torch.Tensor:
-        if self.normaliser is None:
-            return self._power_normalised(updating)
         with torch.no_grad():
             top = self._cache.get("top", [self.weight], lambda: group_top([self], updating))
         return self.weight * group_scales([self], top)[0].to(self.weight.dtype)
-
-    def _power_normalised(self, updating: bool) -> torch.Tensor:
-        with torch.autocast(self.weight.device.type, enabled=False):
-            w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
-            if updating:
-                self._power_iteration(w_mat.detach().to(self.u.dtype))
-            u, v = self.u.to(w_mat.dtype), self.v.to(w_mat.dtype)
-            sigma_sq = torch.dot(u, w_mat @ v) ** 2
-            scale = self.coeff / torch.sqrt(
-                torch.maximum(self.overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
-            )
-        return self.weight * scale.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
     def _state_key(self, rows: slice) -> tuple:
-        # in-place updates (optimizer steps, load_state_dict, power iterations) bump _version; the
-        # storage pointer and a fingerprint guard against a new tensor that restarts at version 0
-        tensors = [self.weight] + ([self.u, self.v] if hasattr(self, "u") else [])
+        # in-place updates (optimizer steps, load_state_dict) bump _version; the storage pointer
+        # and a fingerprint guard against a new tensor that restarts at version 0
+        tensors = [self.weight]
         w = self.weight.detach().double()
         fingerprint = (w.sum().item(), (w * w).sum().item())
         return (
@@ -327,7 +285,7 @@ class LipschitzConv2d(nn.Conv2d):
         """Certified ‖conv‖₂ restricted to output channels `rows`: the smaller of sqrt(k_h·k_w)·
         ‖W_mat[rows]‖₂ (float64 eigensolve) and, where the layer knows its H×W, the symbol's norm
         on its torus or grid (spectral.symbol_top, all eigenvalues, float64). Cached until the
-        kernel (or the spectral-norm state) changes: the eigensolves dominate
+        kernel changes: the eigensolves dominate
         `lipschitz_bound()` for wide models. Zero rows (a zero-initialised last layer) are 0 at
         any scale, so they are not normalised first (that would warm up a layer never run:
         eigendecompositions at every frequency)."""
@@ -374,8 +332,7 @@ class ConvNet(nn.Module):
         coeff: float | None = None,
         activation: str = "relu",
         zero_init: bool = True,
-        method: Literal["exact", "power", "fourier"] = "exact",
-        power_iterations: int = 1,
+        method: Literal["exact", "fourier"] = "exact",
         spatial: tuple[int, int] | None = None,
     ):
         super().__init__()
@@ -385,9 +342,7 @@ class ConvNet(nn.Module):
             return nn.ReLU() if activation == "relu" else LipSwish()
 
         def conv(c_from: int, c_to: int, kernel: int, zero: bool = False) -> LipschitzConv2d:
-            return LipschitzConv2d(
-                c_from, c_to, kernel, layer_coeff, method, power_iterations, zero, spatial
-            )
+            return LipschitzConv2d(c_from, c_to, kernel, layer_coeff, method, zero, spatial)
 
         self.layers = nn.Sequential(
             conv(c_in, width, 3),
@@ -510,15 +465,11 @@ def release_groups(groups: list[list[LipschitzConv2d]]) -> None:
 
 
 @torch.no_grad()
-def converge_spectral_norms(module: nn.Module, iterations: int = 100) -> None:
-    """Run power iteration to convergence on every spectral-normalised conv of `module` (after
-    editing weights by hand, or before certifying a model whose u, v lag its weights); the
-    certified normalisers' warm-start vectors are warmed up at their next use."""
+def converge_spectral_norms(module: nn.Module) -> None:
+    """Mark every normalised conv of `module` cold (after editing weights by hand, or before
+    certifying a model whose warm-start vectors lag its weights): its next use starts from the
+    exact top eigenvectors."""
     for conv in module.modules():
         if isinstance(conv, LipschitzConv2d) and conv.normaliser is not None:
             conv._warm = False
             conv.spectral_warm.zero_()
-        if isinstance(conv, LipschitzConv2d) and conv.coeff is not None and conv.method == "power":
-            steps, conv.power_iterations = conv.power_iterations, iterations
-            conv._power_iteration(conv.weight.detach().flatten(1).to(conv.u.dtype))
-            conv.power_iterations = steps

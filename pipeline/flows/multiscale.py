@@ -451,7 +451,6 @@ def make_step(
                     tol=cfg.residual_tol,
                     max_iter=cfg.residual_max_iter,
                     spectral_method=cfg.spectral_method,
-                    power_iterations=cfg.power_iterations,
                 ),
             )
         )
@@ -469,7 +468,6 @@ def make_step(
                     flip=cfg.conv == "none" and step % 2 == 1,
                     coeff=cfg.subnet_coeff if cfg.spectral_norm else None,
                     spectral_method=cfg.spectral_method,
-                    power_iterations=cfg.power_iterations,
                     scale_coeff=cfg.scale_coeff if cfg.spectral_norm else None,
                 ),
             )

@@ -79,7 +79,11 @@ def normaliser_lines(flow: MultiScaleFlow) -> list[str]:
             parts.append(f"{where}: {how}")
         if parts:
             lines.append(f"    level {index}: " + "; ".join(parts))
-    return ["  certified normalisation (batched per level and conv position):", *lines] if lines else []
+    return (
+        ["  certified normalisation (batched per level and conv position):", *lines]
+        if lines
+        else []
+    )
 
 
 def summary(flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | None = None) -> str:
