@@ -187,9 +187,22 @@ class LipschitzConv2d(nn.Conv2d):
     "fourier" (the symbol's norm: the layer may use all of its budget) or "exact" (sqrt(k_h·k_w)·
     ‖W_mat‖₂).
 
-    The normalised kernel comes from, in this order: the scale its level prepared for the current
-    walk (`normalise_groups`), or its own normalisation, whose autograd-free part is computed once
-    per `reuse_weights` scope (an invertible or checkpointed step's re-runs reuse it).
+    The normalised kernel comes from the scale its level prepared for the current walk
+    (`normalise_groups` sets it, `release_groups` clears it), else from its own normalisation.
+
+    One cache (`_cache`, a base.NoGradCache) with one expiry rule: a value derived from the
+    weights without autograd — its own normalisation's autograd-free part (`Top`) and kernel, its
+    level's batched scales (held by the group's first conv), its certificates (`operator_bound`)
+    — is reused only inside the `reuse_weights` scope it was computed in, while the weight keeps
+    its storage and version; outside a scope, or while autograd records, every call computes.
+    So a re-run of an invertible or checkpointed step normalises with the forward pass's `Top`
+    (the warm-start vectors have moved on since), and the sampler check's walks, a fixed-point
+    solve or a model's certificates normalise once. Scopes, not version counters alone, decide:
+    DeepSpeed ZeRO updates weights without bumping their versions.
+
+    The warm-start vectors are cold until first used (then the exact top eigenvectors are
+    taken): `spectral_warm` is the flag as checkpoints save it, `_warm` its host copy, read at
+    every normalisation without a device sync.
     """
 
     def __init__(
@@ -265,46 +278,27 @@ class LipschitzConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
-    def _state_key(self, rows: slice) -> tuple:
-        # in-place updates (optimizer steps, load_state_dict) bump _version; the storage pointer
-        # and a fingerprint guard against a new tensor that restarts at version 0
-        tensors = [self.weight]
-        w = self.weight.detach().double()
-        fingerprint = (w.sum().item(), (w * w).sum().item())
-        return (
-            rows.start,
-            rows.stop,
-            fingerprint,
-            self.weight.dtype,
-            self.weight.device,
-            *((t.data_ptr(), t._version) for t in tensors),
-        )
-
     @torch.no_grad()
     def operator_bound(self, rows: slice = slice(None)) -> float:
         """Certified ‖conv‖₂ restricted to output channels `rows`: the smaller of sqrt(k_h·k_w)·
         ‖W_mat[rows]‖₂ (float64 eigensolve) and, where the layer knows its H×W, the symbol's norm
-        on its torus or grid (spectral.symbol_top, all eigenvalues, float64). Cached until the
-        kernel changes: the eigensolves dominate
-        `lipschitz_bound()` for wide models. Zero rows (a zero-initialised last layer) are 0 at
-        any scale, so they are not normalised first (that would warm up a layer never run:
-        eigendecompositions at every frequency)."""
-        key = self._state_key(rows)
-        cache = self.__dict__.setdefault("_bound_cache", {})
-        if key not in cache:
-            bound = 0.0
-            if self.weight[rows].any():
-                kernel = self.effective_weight(update=False)[rows].double()
-                bound = self.overlap * math.sqrt(
-                    MatrixNormaliser(kernel.shape).certificate_sq(kernel)
-                )
-                if self.spatial is not None and self.kernel_size != (1, 1):
-                    fourier = FourierNormaliser(tuple(kernel.shape), self.spatial)
-                    bound = min(bound, math.sqrt(fourier.certificate_sq(kernel)))
-            if len(cache) > 8:
-                cache.clear()
-            cache[key] = bound
-        return cache[key]
+        on its torus or grid (spectral.symbol_top, all eigenvalues, float64). Zero rows (a
+        zero-initialised last layer) are 0 at any scale, so they are not normalised first (that
+        would warm up a layer never run: eigendecompositions at every frequency)."""
+
+        def bound() -> float:
+            if not self.weight[rows].any():
+                return 0.0
+            kernel = self.effective_weight(update=False)[rows].double()
+            bound = self.overlap * math.sqrt(MatrixNormaliser(kernel.shape).certificate_sq(kernel))
+            if self.spatial is not None and self.kernel_size != (1, 1):
+                fourier = FourierNormaliser(tuple(kernel.shape), self.spatial)
+                bound = min(bound, math.sqrt(fourier.certificate_sq(kernel)))
+            return bound
+
+        # the eigensolves dominate a model's certificate: the convs its bounds share (a
+        # coupling's first two, for its scale and its shift) certify once per scope
+        return self._cache.get(f"bound{rows.start}:{rows.stop}", [self.weight], bound)
 
     @torch.no_grad()
     def inf_bound(self, rows: slice = slice(None)) -> float:
