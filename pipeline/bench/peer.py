@@ -15,7 +15,7 @@ Arms (``--arms``, comma-separated ``preset`` or ``preset:memory``; ``all`` = eve
                 certified bound sqrt(k_h·k_w)·‖W_mat‖₂ instead of its symbol's norm
     unnormalised  the default's blocks without spectral normalisation (not certified: it
                 separates what the normalisation costs from what the blocks cost)
-    bounded     the model section's bounded preset, the default before issue 14
+    bounded     the model section's bounded preset, the previous default
 and memory modes store (if none is named), checkpoint, invertible; a `+compile` suffix
 (`glow+compile`) compiles the model as train.compile does (give --warmup ≥ 2: the first steps compile). Architectures match normflows 1.7.3
 (pinned dev dependency, imported only here): L levels x K steps of actnorm, 1x1 conv, affine coupling
@@ -26,10 +26,10 @@ Settings (``--settings``): 32 (32², L3 K8 w128, batch 16, 1 thread), 64 (64², 
 2 threads), 128 (128², L5 K8 w128, batch 4, 2 threads), quick (16², L2 K2 w16, batch 4: the test).
 Per arm: median step time, images/s, ratio to normflows (images/s over normflows' images/s; and
 the same from median CPU time, which other jobs on a shared machine inflate least), the spread of
-round medians (min/max), parameters; per setting, issue 16's goals as ratios (wall and CPU). ``--profile ARM[,ARM]`` instead
+round medians (min/max), parameters; per setting, the speed goals as ratios (wall and CPU). ``--profile ARM[,ARM]`` instead
 runs torch.profiler over a few steps of each named arm at each setting and lists the top ops.
 
-    python -m pipeline bench peer                                    # BENCHMARKS.md §6
+    python -m pipeline bench peer                                    # every setting
     python -m pipeline bench peer --settings 32 --arms default --profile default,glow
     python -m pipeline bench peer --out peer.json     # peer.json rewritten after each setting
     python -m pipeline bench peer --split --settings 32,64,128   # the normalisation's parts
@@ -305,7 +305,7 @@ def row(arm: Arm, batch_size: int) -> dict:
 
 
 def goals(rows: dict, time_key: str) -> dict:
-    """Issue 16's goals as speed ratios (inverse ratios of the median step times under `time_key`:
+    """The speed goals as ratios (inverse ratios of the median step times under `time_key`:
     wall or CPU), each present only when both arms ran."""
     pairs = {
         "default_vs_normflows (goal >= 1.3)": ("default", NORMFLOWS),

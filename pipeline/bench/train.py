@@ -19,8 +19,7 @@ each configuration in a fresh subprocess (so that its peak memory is its own), r
                     with --precision bf16; n = 2048 on CPU, 8192 on CUDA)
 The machine is shared: the best of several steps counts, and the load average is reported.
 
-The model is the base config's (--config, default configs/demo.yaml: levels 3, steps 4, width 64;
-BENCHMARKS §2's tables were measured at its earlier width 48).
+The model is the base config's (--config, default configs/demo.yaml).
 --precision bf16 runs the step under torch.autocast(bfloat16) with fp32 parameters. --max-batch
 finds the largest batch that fits, by doubling then bisection, each try in a fresh process (CUDA:
 until out of memory; any device: until peak_bytes exceeds --memory-limit-gb). --profile prints the
@@ -29,7 +28,7 @@ top ops of one step of the base model at --profile-batch under torch.profiler, i
     python -m pipeline bench train                                   # the CPU grid
     python -m pipeline bench train --profile                         # where a step's time goes
     python -m pipeline bench train --device cuda --precision bf16 --config configs/celebahq-256.yaml \
-        --resolutions 256 --depths '' --batch 4 --max-batch          # see BENCHMARKS.md (GPU)
+        --resolutions 256 --depths '' --batch 4 --max-batch          # a GPU's largest batch
 """
 
 from __future__ import annotations

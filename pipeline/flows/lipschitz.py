@@ -349,7 +349,7 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last is the native conv layout of oneDNN (CPU) and of cuDNN's tensor-core
         # kernels: given NCHW, every conv call, forward and backward, reorders (copies) its
-        # tensors into it and back. Measured on the demo step (CPU): 10-18% faster.
+        # tensors into it and back.
         return self.layers(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def lipschitz_bound(self, rows: slice = slice(None)) -> float:

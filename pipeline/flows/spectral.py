@@ -68,8 +68,8 @@ GRID_SAVING = 2
 # the CANDIDATES frequencies where the first failed (a warm vector lags: near-equal tops, or a new
 # top at another frequency), in one factorisation. A ladder, so that the bound moves by a rung's
 # step (≤ 1.5x on σ̂ between neighbours) when a lagging vector catches up: with the Frobenius norm
-# as the only stand-in (up to √m·λ_max), a layer's scale jumped by up to ~2x between steps and a
-# 32² model's loss with it (+0.3 bits/dim for several steps at any learning rate; BENCHMARKS §7)
+# as the only stand-in (up to √m·λ_max), a layer's scale jumped by up to ~2x between steps and
+# the loss with it, for several steps at any learning rate
 SLACKS = (1e-4, 1e-2, 0.05, 0.2, 0.5, 1.0, 3.0)
 CANDIDATES = 4
 # multiply-adds symbol_grams' "offsets" route must save to pay for its ~25 extra small

@@ -17,10 +17,9 @@ run
 the peak of each phase (forward, backward) at the config's depth is on the line through the two,
 and the larger phase counts. From 3 steps on a level has a first, a middle and a last step and
 each further step repeats a middle one; at 2, the invertible backward pass lacks a segment that
-follows a whole one (measured: 13% less per image than from 3 steps on, which a line through 2
-and 3 extrapolates to several times the truth at 32 steps). On celebahq-256's model at 6 steps
-the line is within 0.3% in every mode, from 2 to 64 images of 64²; tests/test_plan.py checks the
-rule at larger sizes and depths, and against the resident-set peak of real CPU steps.
+follows a whole one, so a line through 2 and 3 would multiply that shortfall at depth.
+tests/test_plan.py checks the rule at larger sizes and depths, and against the resident-set peak
+of real CPU steps.
 """
 
 from __future__ import annotations
