@@ -69,9 +69,14 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    ignore: typing.Collection[str] = (),
+) -> Config:
     """defaults < YAML file at ``path`` < ``a.b=value`` overrides; each one's model.preset
-    beneath its other keys (``expand_preset``)."""
+    beneath its other keys (``expand_preset``). The file's keys named in ``ignore``
+    (``section.key``) are skipped."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -87,6 +92,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(
                 f"config file {path} must hold a mapping of sections, got {type(tree).__name__}"
             )
+        for dotted in ignore:
+            section, _, key = dotted.partition(".")
+            if isinstance(tree.get(section), dict):
+                tree[section].pop(key, None)
         cfg = merge(cfg, expand_preset(tree, str(path)), where=str(path))
     # the command line's preset before its other overrides (a stable sort keeps their order)
     for item in sorted(overrides, key=lambda item: item.partition("=")[0].strip() != PRESET_KEY):
@@ -203,14 +212,20 @@ MOVED = {
 # trained with: a checkpoint's config is read with them filled in (load_saved_config), and a resume
 # compares against that (train/compat.py), so an old run loads and resumes as it was trained.
 ADDED = {"model.prior_log_std_bound": 0.0}
+# Keys removed since checkpoints were first saved -> why their saved value changes nothing: a
+# checkpoint's config is read (and a resume compared) without them; a config that sets one fails
+# as any unknown key does.
+REMOVED = {"model.power_iterations": "read only by spectral_method=power, which is gone"}
 
 
 def load_saved_config(path: str | Path) -> Config:
     """The config a run or checkpoint folder saved (save_config writes every key), with each
-    ADDED key it lacks at the value it was trained with."""
+    ADDED key it lacks at the value it was trained with and the REMOVED keys left out."""
     tree = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
     saved = flatten(tree) if isinstance(tree, dict) else {}
-    return load_config(path, [f"{k}={v!r}" for k, v in ADDED.items() if k not in saved])
+    return load_config(
+        path, [f"{k}={v!r}" for k, v in ADDED.items() if k not in saved], ignore=REMOVED
+    )
 
 
 def merge(obj: Any, tree: dict, where: str, prefix: str = "") -> Any:

@@ -11,9 +11,12 @@ import math
 import subprocess
 
 import pytest
+import torch
 
 from pipeline.bench import peer
 from tests.conftest import PYTHON, ROOT, env_for_subprocess, run_pipeline
+
+DT = torch.float64
 
 
 def test_bench_peer_quick_prints_every_arm_with_ratios_to_normflows(tmp_path):
@@ -72,7 +75,7 @@ def test_arm_names_take_a_memory_mode_and_a_compile_suffix():
 
 
 def test_bench_peer_split_prints_the_normalisations_parts():
-    """The normalisers' own stages through the timings hook (lipschitz.timed_stages), one group
+    """The normalisers' own stages (their profiler ranges), one group
     per level and conv position, the certificate's rungs counted while training, and both
     routes' excess over the exact top."""
     out = json.loads(
@@ -89,3 +92,32 @@ def test_bench_peer_split_prints_the_normalisations_parts():
     assert sum(v for k, v in probe.items() if k.startswith("rung_")) == 2 * 12
     excess = split["excess_over_exact_top"]
     assert 0 <= float(excess["cholesky"]) < 2e-2 and float(excess["gram_iteration"]) >= 0
+
+
+@pytest.mark.parametrize("dtype", [DT, torch.complex128])
+@pytest.mark.parametrize("shape", [(3, 4, 7), (3, 7, 4), (2, 5, 5), (1, 9, 2)])
+def test_gram_iteration_bounds(dtype, shape):
+    """‖G_t‖_F^(1/2^t) ≥ σ_max(A) ≥ it / min(m, n)^(1/2^(t+1)) for t = 0..6, batched real and
+    complex, wide and tall; and no overflow on huge entries (the per-step rescaling)."""
+    a = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(sum(shape)))
+    sigma = torch.linalg.matrix_norm(a, ord=2)
+    rank = min(shape[-2:])
+    for t in range(7):
+        bound = peer.gram_iteration_norm(a, t)
+        assert bound.shape == shape[:-2] and bound.dtype == DT
+        assert (bound >= sigma * (1 - 1e-12)).all(), t
+        assert (bound <= sigma * rank ** (1 / 2 ** (t + 1)) * (1 + 1e-12)).all(), t
+    huge = peer.gram_iteration_norm(a * 1e150, 6)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, peer.gram_iteration_norm(a, 6) * 1e150, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [DT, torch.complex128])
+def test_gram_iteration_differentiable(dtype):
+    """gram_iteration_norm is differentiable: finite gradients that match finite differences."""
+    a = torch.randn(2, 3, 4, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    a.requires_grad_(True)
+    (grad,) = torch.autograd.grad(peer.gram_iteration_norm(a, 3).sum(), a)
+    assert torch.isfinite(grad).all()
+    assert grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda x: peer.gram_iteration_norm(x, 3), (a,))

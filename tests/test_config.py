@@ -80,6 +80,23 @@ def test_a_moved_key_says_where_it_went():
     assert load_config(None, ["guard.max_rollbacks=2"]).guard.max_rollbacks == 2
 
 
+def test_a_removed_key_is_unknown_but_a_checkpoint_that_saved_it_still_loads_and_resumes(tmp_path):
+    from pipeline.config import load_saved_config
+    from pipeline.train import compat
+
+    with pytest.raises(ConfigError, match="unknown config key 'model.power_iterations'"):
+        load_config(None, ["model.power_iterations=1"])
+    cfg = load_config(None, ["run.name=x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    tree["model"]["power_iterations"] = 1  # as every checkpoint that had the key saved it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match="unknown config key 'model.power_iterations'"):
+        load_config(tmp_path / "config.yaml")
+    assert load_saved_config(tmp_path / "config.yaml") == cfg
+    assert compat.check_resume(tmp_path, cfg, world_size=1, saved_world_size=1) == []
+
+
 def test_deepspeed_knobs_pass_through_and_owned_keys_refuse():
     from pipeline.distributed import deepspeed_config
 

@@ -34,9 +34,6 @@ BLOCKS = {
     ),
     "residual_exact": lambda: ResidualBlock(SHAPE, 8, coeff=0.7, logdet="exact", tol=1e-12),
     "residual_hutchinson": lambda: ResidualBlock(SHAPE, 8, coeff=0.7, terms=6, tol=1e-12),
-    "residual_exact_power_sn": lambda: ResidualBlock(
-        SHAPE, 8, coeff=0.7, logdet="exact", tol=1e-12, spectral_method="power"
-    ),
     "residual_exact_fourier_sn": lambda: ResidualBlock(
         SHAPE, 8, coeff=0.7, logdet="exact", tol=1e-12, spectral_method="fourier"
     ),
@@ -237,12 +234,11 @@ def test_residual_inverse_reports_convergence():
     assert block.lip_g() < 1.0
 
 
-@pytest.mark.parametrize("method", ["exact", "power"])
-def test_spectral_normalisation_under_expansion_pressure(method):
+def test_spectral_normalisation_under_expansion_pressure():
     """MLE rewards expansion (docs/design.md §3.3): maximising log-det pushes Lip(g) up. Exact normalisation
-    keeps the certified Lip(g) ≤ c in training; one-step power iteration lags and overshoots."""
+    keeps the certified Lip(g) ≤ c in training."""
     torch.manual_seed(0)
-    block = ResidualBlock(SHAPE, 8, coeff=0.9, terms=4, spectral_method=method).double().train()
+    block = ResidualBlock(SHAPE, 8, coeff=0.9, terms=4, spectral_method="exact").double().train()
     optimizer = torch.optim.Adam(block.parameters(), lr=3e-2)
     x = points(8)
     for _ in range(40):
@@ -250,19 +246,7 @@ def test_spectral_normalisation_under_expansion_pressure(method):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    if method == "exact":
-        assert block.lip_g() <= 0.9 * (1 + 1e-9)
-    else:
-        # the overshoot is of the sqrt(k_h·k_w)·‖W_mat‖₂ bound the normalisation targets (the
-        # certificate may still stay below c where the layer's Fourier norm is smaller)
-        from pipeline.flows.lipschitz import LipschitzConv2d
-
-        convs = [m for m in block.g.layers if isinstance(m, LipschitzConv2d)]
-        weights = [m.effective_weight(update=False).flatten(1).detach() for m in convs]
-        bound = math.prod(
-            m.overlap * torch.linalg.matrix_norm(w, ord=2).item() for m, w in zip(convs, weights)
-        )
-        assert bound > 0.9 * 1.01
+    assert block.lip_g() <= 0.9 * (1 + 1e-9)
 
 
 @pytest.mark.parametrize(
@@ -306,5 +290,3 @@ def test_conv_certificates_bound_the_operator(kernel, coeff, method):
     box[:32] = beta * torch.sign(box[:32])
     with torch.no_grad():
         assert net(box).abs().max().item() <= sup
-
-

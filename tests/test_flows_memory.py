@@ -13,10 +13,11 @@ import weakref
 import pytest
 import torch
 
+from pipeline.bench.train import saved_tensor_bytes
 from pipeline.flows import InvConv1x1LU, InvConv1x1SVD, ModelConfig, build_flow
 from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import LipschitzConv2d, converge_spectral_norms
-from pipeline.flows.memory import LiveTensors, saved_tensor_bytes
+from pipeline.train.plan import LiveTensors
 from tests.conftest import PYTHON, env_for_subprocess, run_main, run_together
 
 IMAGE = (3, 8, 8)
@@ -24,9 +25,9 @@ N_BITS = 5
 TINY = dict(levels=3, steps=2, width=8)  # three levels: 8² -> 4² -> 2² -> 1²
 MODELS = {
     "glow_affine": ModelConfig(**TINY),
-    # power iteration: the re-run must not advance u, v a second time
-    "glow_additive_power_sn": ModelConfig(
-        **TINY, coupling="additive", spectral_norm=True, subnet_coeff=0.9, spectral_method="power"
+    # the re-run must not advance the warm-start vectors a second time
+    "glow_additive_exact_sn": ModelConfig(
+        **TINY, coupling="additive", spectral_norm=True, subnet_coeff=0.9, spectral_method="exact"
     ),
     "unconstrained_glow": ModelConfig(
         **TINY, coupling="affine_exp", conv="lu", actnorm="unbounded"
@@ -85,7 +86,7 @@ def test_gradients_equal_store_mode(name, mode):
     for key, grad in grads.items():
         assert grads_m[key] is not None, key
         assert (grads_m[key] - grad).abs().max().item() <= GRAD_TOL, key
-    for key, buffer in buffers.items():  # power iteration advanced once per training forward
+    for key, buffer in buffers.items():  # warm-start vectors advanced once per training forward
         assert torch.equal(buffers_m[key], buffer), key
     assert saved_m < saved / 2, (saved_m, saved)  # the mode really ran
 
@@ -240,9 +241,8 @@ def test_conv1x1_weights_are_reused_only_within_a_scope(kind):
     assert torch.equal(w_new, block.weight().detach())  # as formed with autograd
 
 
-@pytest.mark.parametrize("method", ["exact", "power"])
-def test_normalised_kernel_is_reused_only_while_weights_are_unchanged(method):
-    conv = LipschitzConv2d(3, 5, 3, coeff=0.9, method=method).eval()
+def test_normalised_kernel_is_reused_only_while_weights_are_unchanged():
+    conv = LipschitzConv2d(3, 5, 3, coeff=0.9).eval()
     with torch.no_grad():
         with reuse_weights():
             kernel = conv.effective_weight()

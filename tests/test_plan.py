@@ -14,10 +14,10 @@ from pipeline.commands.plan import byte_size
 from pipeline.config import Config, load_config
 from pipeline.data import prepare_synthetic
 from pipeline.distributed import ZERO_BUCKET_DEFAULTS, deepspeed_config
-from pipeline.flows.memory import LiveTensors
 from pipeline.train.plan import (
     MODES,
     Activations,
+    LiveTensors,
     data_plan,
     flow_at,
     measure_activations,

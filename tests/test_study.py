@@ -137,7 +137,6 @@ UNREAD = {  # by an old-bounded step: the size, residual blocks, spectral-norm s
     "steps",
     "width",
     "scale_coeff",
-    "power_iterations",
     *(f"residual_{k}" for k in ("coeff", "terms", "logdet", "tol", "max_iter")),
 }
 # Keys added since, with the value that gives the old behaviour.

@@ -39,6 +39,7 @@ setting and lists the top ops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -324,14 +325,62 @@ def goals(rows: dict, time_key: str) -> dict:
 
 
 # ----- where the time goes -----------------------------------------------------------------------
+def gram_iteration_norm(a: torch.Tensor, iterations: int) -> torch.Tensor:
+    """[...]: σ_max(A) ≤ ‖G_t‖_F^(1/2^t) for [..., m, n] matrices (Gram iteration, Delattre,
+    Barthélemy, Araujo & Allauzen 2023: G_0 = A, G_{i+1} = G_i^H·G_i, rescaled each time so
+    nothing overflows). Certified, differentiable and matmul-only, within a factor
+    min(m, n)^(1/2^(t+1)) of σ_max: the alternative to the normalisers' warm-start Cholesky
+    certificate that --split measures beside it."""
+    log_bound = torch.zeros(a.shape[:-2], dtype=a.real.dtype, device=a.device)
+    g = a if a.shape[-2] >= a.shape[-1] else a.transpose(-1, -2).conj()  # the smaller Gram
+    for i in range(iterations):
+        # σ(G_i) = ‖G_i‖_F·σ(G_{i+1})^(1/2) with G_{i+1} the Gram of G_i/‖G_i‖_F
+        norm = torch.linalg.matrix_norm(g).clamp_min(1e-30)
+        log_bound = log_bound + 0.5**i * torch.log(norm)
+        g = g / norm[..., None, None].to(g.dtype)
+        g = g.transpose(-1, -2).conj() @ g
+    last = torch.linalg.matrix_norm(g).clamp_min(1e-30)
+    return torch.exp(log_bound + 0.5**iterations * torch.log(last))
+
+
+def certificate_rungs(groups: list, counts: dict[str, int]) -> None:
+    """Add to `counts` which rung of the Cholesky certificate (spectral.certify; the last: the
+    Frobenius fallback) each conv's next normalisation is certified by, and how many of those
+    bind the layer (σ̂ above its budget, so that the rung sets its scale): the normalisers' own
+    steps on the convs' current weights and warm-start vectors, which they leave unchanged."""
+    from pipeline.flows import spectral
+    from pipeline.flows.base import compute_dtype
+
+    with torch.no_grad():
+        for convs in groups:
+            normaliser, coeff = convs[0].normaliser, convs[0].coeff
+            weights = torch.stack([c.weight.detach() for c in convs])
+            weights = weights.to(compute_dtype(weights))
+            vectors = torch.stack([c.spectral_vectors for c in convs])
+            warmup = not all(c._warm for c in convs)
+            grams = normaliser.grams(weights)
+            lower = normaliser.iterate(grams, vectors, warmup)[2].amax(-1)
+            bound, rung = spectral.certify(
+                grams, lower, with_rung=True, at_failures=spectral.CANDIDATES
+            )
+            binding = bound * normaliser.inflation * normaliser.overlap**2 > coeff**2
+            for index, binds in zip(rung.tolist(), binding.tolist(), strict=True):
+                for key in [f"rung_{index}"] + ([f"binding_rung_{index}"] if binds else []):
+                    counts[key] = counts.get(key, 0) + 1
+
+
 def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
     """The certified default's normalisation of every subnet conv (untrained model, training
-    mode), CPU ms per step (median of --rounds), by the normalisers' own stages (the timings hook
-    lipschitz.timed_stages): Grams, power step, Cholesky certificate, differentiable scales; the
-    backward pass of the scales; the whole, forward and backward, level by level as training
-    runs it. Beside it, Gram iteration (spectral.gram_iteration_norm, 6 iterations) on the same
-    frequencies, timed forward and backward, and both certificates' tightness against the exact
-    top (all eigenvalues) on the same frequencies."""
+    mode), CPU ms per step (median of --rounds), by the normalisers' own stages (their
+    record_function names, read from a torch.profiler run: the profiler's per-op bookkeeping is
+    in these, not in the whole): Grams, power step, Cholesky certificate, differentiable scales;
+    the backward pass of the scales; the whole, forward and backward, level by level as training
+    runs it, timed without the profiler. Beside it, Gram iteration (gram_iteration_norm, 6
+    iterations) on the same frequencies, timed forward and backward, and both certificates'
+    tightness against the exact top (all eigenvalues) on the same frequencies."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     from pipeline.flows import lipschitz, spectral
 
     s, _ = resolve(setting, args, threads=1)
@@ -340,17 +389,24 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
     model.train()
     groups = [g for level in model.levels for g in level.spectral_groups]
 
-    def normalise() -> dict[str, float]:
-        with lipschitz.timed_stages() as stages:
+    def normalise(profiled: bool = False) -> dict[str, float]:
+        profiler = torch_profile(activities=[ProfilerActivity.CPU])
+        with profiler if profiled else contextlib.nullcontext():
             scales = []
             for level in model.levels:
                 lipschitz.normalise_groups(level.spectral_groups)
                 scales += [c._prepared for g in level.spectral_groups for c in g]
                 lipschitz.release_groups(level.spectral_groups)
-            start = time.process_time()
-            torch.autograd.backward(torch.stack(scales).sum())
-            stages["backward"] = time.process_time() - start
-        return stages
+        start = time.process_time()
+        torch.autograd.backward(torch.stack(scales).sum())
+        backward = time.process_time() - start
+        events = profiler.key_averages() if profiled else []
+        stages = {
+            e.key.removeprefix("spectral_norm/"): e.cpu_time_total / 1e6
+            for e in events
+            if e.key.startswith("spectral_norm/")
+        }
+        return {**stages, "backward": backward}
 
     def iterated_matrices(normaliser, weights: torch.Tensor) -> torch.Tensor:
         """[B, F, m, n]: what Gram iteration bounds, the symbol at each frequency (one "frequency"
@@ -367,7 +423,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
         for convs in groups:
             weights = torch.stack([c.weight for c in convs])
             a = iterated_matrices(convs[0].normaliser, weights)
-            spectral.gram_iteration_norm(a, 6).sum().backward()
+            gram_iteration_norm(a, 6).sum().backward()
         return time.process_time() - start
 
     def tightness() -> dict:
@@ -382,7 +438,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
                 top = lipschitz.group_top(convs, update=False)
                 certified = normaliser.sigma_sq(weights, top) / normaliser.inflation
                 a = iterated_matrices(normaliser, weights)
-                iterated = spectral.gram_iteration_norm(a, 6).amax(-1) ** 2
+                iterated = gram_iteration_norm(a, 6).amax(-1) ** 2
                 keep = exact > 0
                 for name, value in (("cholesky", certified), ("gram_iteration", iterated)):
                     if keep.any():
@@ -394,27 +450,28 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
         """AdamW steps on the bench batch; how many normalisations each rung served."""
         x = batch(s)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.probe_lr)
-        with lipschitz.timed_stages() as stages:
-            for _ in range(args.probe_steps):
-                optimizer.zero_grad(set_to_none=True)
-                model(x)["bpd"].mean().backward()
-                optimizer.step()
-        return {k: v for k, v in sorted(stages.items()) if "rung_" in k}
+        rungs: dict[str, int] = {}
+        for _ in range(args.probe_steps):
+            certificate_rungs(groups, rungs)  # what this step's normalisations certify by
+            optimizer.zero_grad(set_to_none=True)
+            model(x)["bpd"].mean().backward()
+            optimizer.step()
+        return dict(sorted(rungs.items()))
 
     normalise()  # warm-up: the first backward pass sets up the autograd engine
+    untrained: dict[str, int] = {}
+    certificate_rungs(groups, untrained)  # what the first round's normalisations certify by
     runs = []
     for _ in range(max(args.rounds, 1)):
         model.zero_grad(set_to_none=True)
+        stages = normalise(profiled=True)
+        model.zero_grad(set_to_none=True)
         start = time.process_time()
-        stages = normalise()
+        normalise()
         stages["all_forward_backward"] = time.process_time() - start
         stages["gram_iteration_forward_backward"] = gram_iteration()
         runs.append(stages)
-    median = {
-        k: round(statistics.median(r[k] for r in runs) * 1e3, 1)
-        for k in runs[0]
-        if "rung_" not in k
-    }
+    median = {k: round(statistics.median(r[k] for r in runs) * 1e3, 1) for k in runs[0]}
     routes = [g[0].normaliser for g in groups]
     return {
         "setting": {"name": setting, **dataclasses.asdict(s)},
@@ -425,7 +482,7 @@ def normalisation_split(setting: str, args: argparse.Namespace) -> dict:
             for r in ("torus", "grid")
         },
         "cpu_ms": median,
-        "rungs_untrained": {k: v for k, v in sorted(runs[0].items()) if "rung_" in k},
+        "rungs_untrained": dict(sorted(untrained.items())),
         "excess_over_exact_top": tightness(),
         **(
             {"probe": {"steps": args.probe_steps, "lr": args.probe_lr, "rungs": probe()}}
@@ -450,7 +507,12 @@ def profile(setting: str, names: list[str], args: argparse.Namespace) -> dict:
             for _ in range(args.profile_steps):
                 with record_function("step"):
                     arm.step()
-        events = [e for e in prof.key_averages() if e.key != "step"]
+        # not the step's or the normalisers' named ranges: their self time is Python's
+        events = [
+            e
+            for e in prof.key_averages()
+            if e.key != "step" and not e.key.startswith("spectral_norm/")
+        ]
         total = sum(e.self_cpu_time_total for e in events)
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
         out[name] = {

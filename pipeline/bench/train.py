@@ -28,7 +28,7 @@ top ops of one step of the base model at --profile-batch under torch.profiler, i
     python -m pipeline bench train                                   # the CPU grid
     python -m pipeline bench train --profile                         # where a step's time goes
     python -m pipeline bench train --device cuda --precision bf16 --config configs/celebahq-256.yaml \
-        --resolutions 256 --depths '' --batch 4 --max-batch          # see BENCHMARKS.md (GPU)
+        --resolutions 256 --depths '' --batch 4 --max-batch          # a GPU's largest batch
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -162,10 +163,31 @@ def measure(spec: dict) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def saved_tensor_bytes(exclude: Sequence[torch.Tensor] = ()) -> Iterator[dict[str, int]]:
+    """Count the bytes autograd keeps for the backward pass of what runs inside the block:
+    {"bytes": Σ distinct storages saved, "tensors": saves}; storages of `exclude` (parameters)
+    are left out. Exact and deterministic, unlike process memory. Tensors kept alive by other
+    means than autograd's saved tensors (a checkpoint's inputs, live Python references) are not
+    seen."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+    out = {"bytes": 0, "tensors": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        out["tensors"] += 1
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+    out["bytes"] = sum(storages.values())
+
+
 def count(flow, x: torch.Tensor, step, spec: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.flows.memory import saved_tensor_bytes
 
     params = [*flow.parameters(), *flow.buffers()]
     device = torch.device(spec["device"]).type

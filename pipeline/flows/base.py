@@ -69,15 +69,17 @@ _REUSE_SCOPE: ContextVar[object | None] = ContextVar("lipflow_reuse_scope", defa
 
 @contextmanager
 def reuse_weights(scope: object | None = None) -> Iterator[object]:
-    """A scope in which parameters do not change, so that weights formed from them without
+    """A scope in which parameters do not change, so that what is derived from them without
     autograd may be computed once and reused (NoGradCache); pass a scope back in to reopen it.
+    Opened inside another scope, it is that scope: the parameters are fixed there already.
 
     Reuse is tied to scopes rather than to checks on the parameters: DeepSpeed ZeRO 1/2 writes
     updated weights into a flat buffer the parameters are views of, which leaves their version
-    counters as they were (measured), and a value check would cost a device sync per lookup.
-    Scopes in use: one invertible run's forward and backward pass (flows/memory.py) and one
-    fixed-point solve (residual.py); no optimizer step can fall inside either."""
-    scope = object() if scope is None else scope
+    counters as they were, and a value check would cost a device sync per lookup. Scopes in use:
+    one invertible run's forward and backward pass (flows/memory.py), one fixed-point solve
+    (residual.py), the model's certificates (multiscale.py) and the training loop's sampler check;
+    no optimizer step can fall inside any of them."""
+    scope = (_REUSE_SCOPE.get() or object()) if scope is None else scope
     token = _REUSE_SCOPE.set(scope)
     try:
         yield scope
@@ -90,11 +92,12 @@ def in_reuse_scope() -> bool:
 
 
 class NoGradCache:
-    """Tensors derived from parameters (a 1×1 conv's W and W⁻¹, a normalised kernel), computed
-    once per `reuse_weights` scope when no autograd graph is being built: the invertible backward
-    pass inverts with the weights its forward pass formed, a fixed-point solve calls the same
-    subnet many times. Outside a scope, or with autograd, every call computes. Within a scope an
-    in-place edit (a power-iteration update) still invalidates through the version counters."""
+    """Values derived from parameters (a 1×1 conv's W and W⁻¹, a normalised kernel, a
+    certificate), computed once per `reuse_weights` scope when no autograd graph is being built:
+    the invertible backward pass inverts with the weights its forward pass formed, a fixed-point
+    solve calls the same subnet many times. Outside a scope, or with autograd, every call
+    computes. Within a scope an in-place edit of a source still invalidates through its version
+    counter."""
 
     def __init__(self):
         self._entries: dict[str, tuple] = {}

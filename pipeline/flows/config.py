@@ -15,12 +15,10 @@ where [..] is dropped by `actnorm: none` / `conv: none`. Presets, their keys in 
   maps, a fixed grid with a proven 2% margin on larger ones; Lip(t) ≤ subnet_coeff, Lip(h_s) ≤
   scale_coeff), LU 1×1 conv (exact bounds from its SVD), bounded actnorm, a bounded split
   prior (|log σ| ≤ prior_log_std_bound: the sampler, which no block bound covers). Every block,
-  and so the model, has finite certified bounds for the map and its inverse; each actnorm → 1×1 conv pair is certified as one
-  matrix (MultiScaleFlow.bound_factors). Measured (16² faces, 3 levels × 4 steps, 300 steps, 3
-  seeds): bpd at Glow's; certified log10 (L, L_inv) ≈ (21, 19) against estimates ≈ (2, 0.3);
-- bounded (the default before issue 14): its coupling bounds assume |x|_∞ ≤ 8 at coupling inputs
-  (trained models can exceed it: 10-13 measured with an LU conv) and are loose (~10^40 after
-  training);
+  and so the model, has finite certified bounds for the map and its inverse; each actnorm → 1×1
+  conv pair is certified as one matrix (MultiScaleFlow.bound_factors);
+- bounded (the previous default, kept as a stability baseline): its coupling bounds assume
+  |x|_∞ ≤ 8 at coupling inputs, which trained models can exceed, and are loose;
 - glow (unconstrained Glow, the stability baseline);
 - linear (a linear flow: closed-form optimum, docs/design.md §3.2);
 - residual (i-ResNet / Residual Flow; the coupling key is then unused).
@@ -44,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spectral_norm": False,
         "prior_log_std_bound": 0.0,
     },
-    # the defaults before issue 14 (commit ece3d61), every key that shaped a glow step's blocks or
+    # the previous defaults, every key that shaped a glow step's blocks or
     # their certified range (which the guard's log-det check reads): tanh-bounded affine coupling
     # with plain subnets, SVD 1x1 conv, bounded actnorm, all with |log-scale| <= 2 (the coupling's
     # alpha has its own key since)
@@ -58,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_scale_bound": 2.0,
         "coupling_log_scale_bound": 2.0,
         "affine_x_bound": 8.0,
-        "prior_log_std_bound": 0.0,  # the unbounded split prior, before issue 22
+        "prior_log_std_bound": 0.0,  # the unbounded split prior it was trained with
     },
     "linear": {"coupling": "none", "levels": 1, "split_prior": "standard"},
     "residual": {"block": "residual"},
@@ -97,15 +95,13 @@ class ModelConfig:
     residual_tol: float = 1e-6  # fixed-point inverse: stop when max |x_k+1 - x_k| ≤ tol
     residual_max_iter: int = 200
     # exact: sqrt(k·k)·‖W_mat‖₂, certified at every training forward, so Lip ≤ c by construction;
-    # power: persistent power iteration (cheaper for width 512), which lags and may overshoot c;
     # fourier: the norm of each 3×3 conv's symbol (flows/spectral.py: its torus, or a fixed 32×32
     # grid with a proven margin of ≤ 2% on σ), so a layer may use (nearly) its whole budget (exact
     # leaves a 3×3 layer between c/3 and c); a cost per step that does not grow with the image
-    spectral_method: Literal["exact", "power", "fourier"] = "fourier"
-    power_iterations: int = 1  # per training forward, for spectral_method=power
+    spectral_method: Literal["exact", "fourier"] = "fourier"
     split_prior: Literal["learned", "standard"] = "learned"  # standard: N(0, I) for factored-out z
-    # α of the learned prior's log σ = α·tanh(h/α) (flows/multiscale.Split); 0 = unbounded, the
-    # prior before issue 22 (and what a checkpoint saved without this key was trained with)
+    # α of the learned prior's log σ = α·tanh(h/α) (flows/multiscale.Split); 0 = unbounded (what
+    # a checkpoint saved without this key was trained with: pipeline.config.ADDED)
     prior_log_std_bound: float = 8.0
     # activations for the backward pass (pipeline/flows/memory.py): store them all; checkpoint
     # each flow step (recompute it); invertible: keep only each level's output and reconstruct
@@ -126,5 +122,4 @@ class ModelConfig:
         "residual_terms": at_least(1),
         "residual_tol": POSITIVE,
         "residual_max_iter": at_least(1),
-        "power_iterations": at_least(1),
     }

@@ -58,8 +58,7 @@ class Coupling(FlowBlock):
         x_bound: float,
         flip: bool = False,
         coeff: float | None = None,
-        spectral_method: Literal["exact", "power", "fourier"] = "exact",
-        power_iterations: int = 1,
+        spectral_method: Literal["exact", "fourier"] = "exact",
         scale_coeff: float | None = None,
     ):
         super().__init__(shape)
@@ -81,7 +80,6 @@ class Coupling(FlowBlock):
             width,
             coeff=coeff,
             method=spectral_method,
-            power_iterations=power_iterations,
             spatial=shape[1:],
         )
 

@@ -11,11 +11,9 @@ construction (Miyato et al. 2018; as i-ResNet, Behrmann et al. 2019). The normal
   layer may use all of its budget c, to within that margin;
 - `MatrixNormaliser` (1×1 kernels; spectral_method=exact for k×k): σ̂ = sqrt(k_h·k_w)·‖W_mat‖₂,
   W_mat the [c_out, c_in·k_h·k_w] reshaped kernel (each input pixel enters k_h·k_w patches), exact
-  for 1×1 kernels; for a 3×3 layer it leaves the true norm anywhere between c/3 and c;
-- power (spectral_method=power): persistent power iteration on W_mat (Miyato et al.), cheap but
-  not certified per step (σ̂ ≤ σ; measured 10-25% over c after 100 Adam steps).
+  for 1×1 kernels; for a 3×3 layer it leaves the true norm anywhere between c/3 and c.
 
-Both certified normalisers keep warm-start vectors as buffers (saved with checkpoints, so a
+Both normalisers keep warm-start vectors as buffers (saved with checkpoints, so a
 resume is exact), take one power step per training forward, and certify with one batched
 Cholesky test (spectral.certify): no host synchronisation, no data-dependent Python branch. The
 subnets of all couplings of a level have the same shapes: `normalise_groups` normalises each
@@ -25,60 +23,18 @@ conv position of a level in one batched computation (`spectral_groups`), once pe
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from pipeline.flows import spectral
 from pipeline.flows.base import NoGradCache, compute_dtype, frozen, in_reuse_scope
 
 # the basis size of MatrixNormaliser's subspace iteration (wide 1×1 convs: near-equal top values)
 SUBSPACE = 8
-# stage name -> seconds, while `timed_stages` is active (bench peer --split); None otherwise
-_STAGE_TIMES: dict[str, float] | None = None
-
-
-@contextmanager
-def timed_stages() -> Iterator[dict[str, float]]:
-    """Accumulate the wall time of the normalisers' stages (grams, power, certify, scales) into
-    the yielded dict: the timings hook of `bench peer --split`. Stages synchronise the device
-    while it is on, so use it for measuring only."""
-    global _STAGE_TIMES
-    previous, _STAGE_TIMES = _STAGE_TIMES, {}
-    try:
-        yield _STAGE_TIMES
-    finally:
-        _STAGE_TIMES = previous
-
-
-def _tick(marker: torch.Tensor) -> float | None:
-    if _STAGE_TIMES is None:
-        return None
-    if marker.is_cuda:
-        torch.cuda.synchronize(marker.device)
-    return time.perf_counter()
-
-
-def _tock(name: str, start: float | None, marker: torch.Tensor) -> None:
-    if start is not None and _STAGE_TIMES is not None:
-        if marker.is_cuda:
-            torch.cuda.synchronize(marker.device)
-        _STAGE_TIMES[name] = _STAGE_TIMES.get(name, 0.0) + time.perf_counter() - start
-
-
-def _count_rungs(rung: torch.Tensor, binding: torch.Tensor) -> None:
-    """While timed: how many normalisations each certificate rung served (the last: the
-    Frobenius fallback), and how many of those bound the layer (σ̂ above its budget, so that the
-    rung set its scale); the .tolist() synchronises, as the timings do: measuring only."""
-    if _STAGE_TIMES is not None:
-        for index, binds in zip(rung.tolist(), binding.tolist(), strict=True):
-            for key in [f"rung_{index}"] + ([f"binding_rung_{index}"] if binds else []):
-                _STAGE_TIMES[key] = _STAGE_TIMES.get(key, 0) + 1
 
 
 class Top(NamedTuple):
@@ -111,22 +67,12 @@ class Normaliser:
     def _phases(self, best: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def top(
-        self,
-        weights: torch.Tensor,
-        vectors: torch.Tensor,
-        warmup: bool,
-        update: bool,
-        coeff: float = math.inf,
-    ) -> tuple[Top, torch.Tensor]:
-        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, F, m(, 2)] vectors:
-        warm them (if cold: exact eigenvectors), one power step, the Rayleigh quotients there,
-        certify the best frequency's; the vectors to keep are one step further (if `update`;
-        else unchanged, so evaluation forms the kernel that training formed)."""
-        start = _tick(weights)
-        grams = self.grams(weights)  # [B, F, m, m]
-        _tock("grams", start, weights)
-        start = _tick(weights)
+    def iterate(
+        self, grams: torch.Tensor, vectors: torch.Tensor, warmup: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(v, v_top, quotients, following) for [B, F, m, m] Grams and [B, F, m(, 2)] vectors: v
+        the vectors to start from (if cold: the exact top eigenvectors), then one power step
+        (spectral.power_step or subspace_step) with the Rayleigh quotients [B, F] at v_top."""
         v = vectors.to(grams.real.dtype)
         if v.shape[-1] == 2 and grams.is_complex():
             v = torch.view_as_complex(v.contiguous())
@@ -136,21 +82,29 @@ class Normaliser:
             # contiguous, as a loaded buffer is: the same BLAS path, bit for bit
             v = (top_k if self.subspace else top_k[..., 0]).contiguous()
         step = spectral.subspace_step if self.subspace else spectral.power_step
-        v_top, quotients, following = step(grams, v)  # v: [B, F, m, k] or [B, F, m]
-        best = quotients.argmax(-1)
-        lower = quotients.gather(-1, best[:, None])[:, 0]
-        e = v_top.gather(1, best[:, None, None].expand(-1, 1, v_top.shape[-1]))[:, 0]
-        kept = following if update else v
-        _tock("power", start, weights)
-        start = _tick(weights)
-        bound, rung = spectral.certify(
-            grams, lower, with_rung=True, at_failures=spectral.CANDIDATES
-        )
-        bound = bound * self.inflation
-        # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
-        factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
-        _tock("certify", start, weights)
-        _count_rungs(rung, bound * self.overlap**2 > coeff**2)
+        return v, *step(grams, v)
+
+    def top(
+        self, weights: torch.Tensor, vectors: torch.Tensor, warmup: bool, update: bool
+    ) -> tuple[Top, torch.Tensor]:
+        """(Top, the vectors to keep) for [B, ...] detached kernels and [B, F, m(, 2)] vectors:
+        warm them (if cold: exact eigenvectors), one power step, the Rayleigh quotients there,
+        certify the best frequency's; the vectors to keep are one step further (if `update`;
+        else unchanged, so evaluation forms the kernel that training formed). The stages are
+        named for profiles (bench peer --split)."""
+        with record_function("spectral_norm/grams"):
+            grams = self.grams(weights)  # [B, F, m, m]
+        with record_function("spectral_norm/power"):
+            v, v_top, quotients, following = self.iterate(grams, vectors, warmup)
+            best = quotients.argmax(-1)
+            lower = quotients.gather(-1, best[:, None])[:, 0]
+            e = v_top.gather(1, best[:, None, None].expand(-1, 1, v_top.shape[-1]))[:, 0]
+            kept = following if update else v
+        with record_function("spectral_norm/certify"):
+            bound = spectral.certify(grams, lower, at_failures=spectral.CANDIDATES)
+            bound = bound * self.inflation
+            # a zero kernel: quotient 0 and bound 0, any factor gives σ̂ = 0
+            factor = torch.where(lower > 0, bound / lower.clamp_min(1e-30), torch.ones_like(lower))
         if kept.is_complex():
             kept = torch.view_as_real(kept)
         return Top(self._phases(best, weights), e, factor), kept
@@ -207,9 +161,7 @@ class MatrixNormaliser(Normaliser):
 
 def make_normaliser(
     method: str, shape: tuple[int, int, int, int], spatial: tuple[int, int] | None
-) -> Normaliser | None:
-    if method == "power":
-        return None
+) -> Normaliser:
     if method == "fourier" and shape[2:] != (1, 1):
         return FourierNormaliser(shape, spatial)
     return MatrixNormaliser(shape)  # a 1×1 kernel is the same matrix at every frequency
@@ -232,12 +184,25 @@ class LipSwish(nn.Module):
 class LipschitzConv2d(nn.Conv2d):
     """A 'same' conv2d that reports a certified bound on its operator norm; spectral-normalised to
     ‖conv‖₂ ≤ coeff when coeff is given, by `method`'s normaliser (see the module docstring):
-    "fourier" (the symbol's norm: the layer may use all of its budget), "exact" (sqrt(k_h·k_w)·
-    ‖W_mat‖₂), "power" (power iteration, uncertified).
+    "fourier" (the symbol's norm: the layer may use all of its budget) or "exact" (sqrt(k_h·k_w)·
+    ‖W_mat‖₂).
 
-    The normalised kernel comes from, in this order: the scale its level prepared for the current
-    walk (`normalise_groups`), or its own normalisation, whose autograd-free part is computed once
-    per `reuse_weights` scope (an invertible or checkpointed step's re-runs reuse it).
+    The normalised kernel comes from the scale its level prepared for the current walk
+    (`normalise_groups` sets it, `release_groups` clears it), else from its own normalisation.
+
+    One cache (`_cache`, a base.NoGradCache) with one expiry rule: a value derived from the
+    weights without autograd — its own normalisation's autograd-free part (`Top`) and kernel, its
+    level's batched scales (held by the group's first conv), its certificates (`operator_bound`)
+    — is reused only inside the `reuse_weights` scope it was computed in, while the weight keeps
+    its storage and version; outside a scope, or while autograd records, every call computes.
+    So a re-run of an invertible or checkpointed step normalises with the forward pass's `Top`
+    (the warm-start vectors have moved on since), and the sampler check's walks, a fixed-point
+    solve or a model's certificates normalise once. Scopes, not version counters alone, decide:
+    DeepSpeed ZeRO updates weights without bumping their versions.
+
+    The warm-start vectors are cold until first used (then the exact top eigenvectors are
+    taken): `spectral_warm` is the flag as checkpoints save it, `_warm` its host copy, read at
+    every normalisation without a device sync.
     """
 
     def __init__(
@@ -246,8 +211,7 @@ class LipschitzConv2d(nn.Conv2d):
         c_out: int,
         kernel_size: int,
         coeff: float | None = None,
-        method: Literal["exact", "power", "fourier"] = "exact",
-        power_iterations: int = 1,
+        method: Literal["exact", "fourier"] = "exact",
         zero_init: bool = False,
         spatial: tuple[int, int] | None = None,
     ):
@@ -257,7 +221,6 @@ class LipschitzConv2d(nn.Conv2d):
         self.coeff = coeff
         self.method = method
         self.spatial = None if spatial is None else tuple(spatial)
-        self.power_iterations = power_iterations
         self.overlap = math.sqrt(kernel_size * kernel_size)  # taps per input pixel, square-rooted
         self.normaliser = None
         if coeff is not None:
@@ -282,11 +245,6 @@ class LipschitzConv2d(nn.Conv2d):
             # 1 once the vectors track the weights (a checkpoint of a layer never run stays cold);
             # shape (1,): DeepSpeed broadcasts buffers as byte views, which a 0-d tensor cannot give
             self.register_buffer("spectral_warm", torch.zeros(1))
-        if coeff is not None and method == "power":
-            self.register_buffer("u", F.normalize(torch.randn(c_out), dim=0))
-            self.register_buffer("v", F.normalize(torch.randn(c_in * kernel_size**2), dim=0))
-            # converge once at construction; then `power_iterations` per step track the weights
-            converge_spectral_norms(self, 50)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *rest)
@@ -299,96 +257,48 @@ class LipschitzConv2d(nn.Conv2d):
                 if prefix + key in missing:
                     missing.remove(prefix + key)
 
-    @torch.no_grad()
-    def _power_iteration(self, w_mat: torch.Tensor) -> None:
-        u, v = self.u, self.v
-        for _ in range(self.power_iterations):
-            # keep the old vector where the new one vanishes (a zero-initialised kernel), so the
-            # iteration restarts once the kernel becomes non-zero; no host sync needed
-            v_new = w_mat.t() @ u
-            v_norm = v_new.norm()
-            v = torch.where(v_norm > 1e-12, v_new / v_norm.clamp_min(1e-12), v)
-            u_new = w_mat @ v
-            u_norm = u_new.norm()
-            u = torch.where(u_norm > 1e-12, u_new / u_norm.clamp_min(1e-12), u)
-        self.u.copy_(u)
-        self.v.copy_(v)
-
     def effective_weight(self, update: bool | None = None) -> torch.Tensor:
-        """The kernel actually used, W·coeff/max(coeff, overlap·σ̂). The warm-start vectors (and
-        power iteration) advance only in training mode, or when asked."""
+        """The kernel actually used, W·coeff/max(coeff, overlap·σ̂). The warm-start vectors
+        advance only in training mode, or when asked."""
         if self.coeff is None:
             return self.weight
         if self._prepared is not None:
             return self.weight * self._prepared.to(self.weight.dtype)
         updating = self.training if update is None else update
-        power = self.normaliser is None
-        # grad mode first (no graph break under torch.compile); a power update changes u, v
-        if not torch.is_grad_enabled() and not (power and updating) and in_reuse_scope():
-            sources = [self.weight, *([self.u, self.v] if power else [])]
-            return self._cache.get("weight", sources, lambda: self._normalised(updating))
+        # grad mode first (no graph break under torch.compile)
+        if not torch.is_grad_enabled() and in_reuse_scope():
+            return self._cache.get("weight", [self.weight], lambda: self._normalised(updating))
         return self._normalised(updating)
 
     def _normalised(self, updating: bool) -> torch.Tensor:
-        if self.normaliser is None:
-            return self._power_normalised(updating)
         with torch.no_grad():
             top = self._cache.get("top", [self.weight], lambda: group_top([self], updating))
         return self.weight * group_scales([self], top)[0].to(self.weight.dtype)
 
-    def _power_normalised(self, updating: bool) -> torch.Tensor:
-        with torch.autocast(self.weight.device.type, enabled=False):
-            w_mat = self.weight.flatten(1).to(compute_dtype(self.weight))
-            if updating:
-                self._power_iteration(w_mat.detach().to(self.u.dtype))
-            u, v = self.u.to(w_mat.dtype), self.v.to(w_mat.dtype)
-            sigma_sq = torch.dot(u, w_mat @ v) ** 2
-            scale = self.coeff / torch.sqrt(
-                torch.maximum(self.overlap**2 * sigma_sq, sigma_sq.new_tensor(self.coeff**2))
-            )
-        return self.weight * scale.to(self.weight.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
-
-    def _state_key(self, rows: slice) -> tuple:
-        # in-place updates (optimizer steps, load_state_dict, power iterations) bump _version; the
-        # storage pointer and a fingerprint guard against a new tensor that restarts at version 0
-        tensors = [self.weight] + ([self.u, self.v] if hasattr(self, "u") else [])
-        w = self.weight.detach().double()
-        fingerprint = (w.sum().item(), (w * w).sum().item())
-        return (
-            rows.start,
-            rows.stop,
-            fingerprint,
-            self.weight.dtype,
-            self.weight.device,
-            *((t.data_ptr(), t._version) for t in tensors),
-        )
 
     @torch.no_grad()
     def operator_bound(self, rows: slice = slice(None)) -> float:
         """Certified ‖conv‖₂ restricted to output channels `rows`: the smaller of sqrt(k_h·k_w)·
         ‖W_mat[rows]‖₂ (float64 eigensolve) and, where the layer knows its H×W, the symbol's norm
-        on its torus or grid (spectral.symbol_top, all eigenvalues, float64). Cached until the
-        kernel (or the spectral-norm state) changes: the eigensolves dominate
-        `lipschitz_bound()` for wide models. Zero rows (a zero-initialised last layer) are 0 at
-        any scale, so they are not normalised first (that would warm up a layer never run:
-        eigendecompositions at every frequency)."""
-        key = self._state_key(rows)
-        cache = self.__dict__.setdefault("_bound_cache", {})
-        if key not in cache:
-            bound = 0.0
-            if self.weight[rows].any():
-                kernel = self.effective_weight(update=False)[rows].double()
-                bound = self.overlap * math.sqrt(MatrixNormaliser(kernel.shape).certificate_sq(kernel))
-                if self.spatial is not None and self.kernel_size != (1, 1):
-                    fourier = FourierNormaliser(tuple(kernel.shape), self.spatial)
-                    bound = min(bound, math.sqrt(fourier.certificate_sq(kernel)))
-            if len(cache) > 8:
-                cache.clear()
-            cache[key] = bound
-        return cache[key]
+        on its torus or grid (spectral.symbol_top, all eigenvalues, float64). Zero rows (a
+        zero-initialised last layer) are 0 at any scale, so they are not normalised first (that
+        would warm up a layer never run: eigendecompositions at every frequency)."""
+
+        def bound() -> float:
+            if not self.weight[rows].any():
+                return 0.0
+            kernel = self.effective_weight(update=False)[rows].double()
+            bound = self.overlap * math.sqrt(MatrixNormaliser(kernel.shape).certificate_sq(kernel))
+            if self.spatial is not None and self.kernel_size != (1, 1):
+                fourier = FourierNormaliser(tuple(kernel.shape), self.spatial)
+                bound = min(bound, math.sqrt(fourier.certificate_sq(kernel)))
+            return bound
+
+        # the eigensolves dominate a model's certificate: the convs its bounds share (a
+        # coupling's first two, for its scale and its shift) certify once per scope
+        return self._cache.get(f"bound{rows.start}:{rows.stop}", [self.weight], bound)
 
     @torch.no_grad()
     def inf_bound(self, rows: slice = slice(None)) -> float:
@@ -416,8 +326,7 @@ class ConvNet(nn.Module):
         coeff: float | None = None,
         activation: str = "relu",
         zero_init: bool = True,
-        method: Literal["exact", "power", "fourier"] = "exact",
-        power_iterations: int = 1,
+        method: Literal["exact", "fourier"] = "exact",
         spatial: tuple[int, int] | None = None,
     ):
         super().__init__()
@@ -427,9 +336,7 @@ class ConvNet(nn.Module):
             return nn.ReLU() if activation == "relu" else LipSwish()
 
         def conv(c_from: int, c_to: int, kernel: int, zero: bool = False) -> LipschitzConv2d:
-            return LipschitzConv2d(
-                c_from, c_to, kernel, layer_coeff, method, power_iterations, zero, spatial
-            )
+            return LipschitzConv2d(c_from, c_to, kernel, layer_coeff, method, zero, spatial)
 
         self.layers = nn.Sequential(
             conv(c_in, width, 3),
@@ -442,7 +349,7 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last is the native conv layout of oneDNN (CPU) and of cuDNN's tensor-core
         # kernels: given NCHW, every conv call, forward and backward, reorders (copies) its
-        # tensors into it and back. Measured on the demo step (CPU): 10-18% faster.
+        # tensors into it and back.
         return self.layers(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def lipschitz_bound(self, rows: slice = slice(None)) -> float:
@@ -488,7 +395,7 @@ def group_top(convs: list[LipschitzConv2d], update: bool) -> Top:
         weights = weights.to(compute_dtype(weights))
         vectors = torch.stack([c.spectral_vectors for c in convs])
         warmup = not all(c._warm for c in convs)
-        top, kept = normaliser.top(weights, vectors, warmup, update, convs[0].coeff)
+        top, kept = normaliser.top(weights, vectors, warmup, update)
         if update or warmup:
             for conv, vector in zip(convs, kept.unbind(0), strict=True):
                 conv.spectral_vectors.copy_(vector)
@@ -501,16 +408,16 @@ def group_scales(convs: list[LipschitzConv2d], top: Top) -> torch.Tensor:
     """[B]: coeff/max(coeff, overlap·σ̂) for each conv, differentiable in the weights, computed
     (at least) in fp32 even under autocast."""
     first = convs[0]
-    start = _tick(first.weight)
-    with torch.autocast(first.weight.device.type, enabled=False):
+    with (
+        record_function("spectral_norm/scales"),
+        torch.autocast(first.weight.device.type, enabled=False),
+    ):
         weights = torch.stack([c.weight for c in convs])
         weights = weights.to(compute_dtype(weights))
         sigma_sq = first.normaliser.sigma_sq(weights, top)
         # compare squares: no sqrt of 0 (a zero-initialised kernel) in the backward pass
         bound_sq = torch.clamp_min(first.normaliser.overlap**2 * sigma_sq, first.coeff**2)
-        scales = first.coeff / torch.sqrt(bound_sq)
-    _tock("scales", start, first.weight)
-    return scales
+        return first.coeff / torch.sqrt(bound_sq)
 
 
 def spectral_groups(module: nn.Module) -> list[list[LipschitzConv2d]]:
@@ -552,15 +459,11 @@ def release_groups(groups: list[list[LipschitzConv2d]]) -> None:
 
 
 @torch.no_grad()
-def converge_spectral_norms(module: nn.Module, iterations: int = 100) -> None:
-    """Run power iteration to convergence on every spectral-normalised conv of `module` (after
-    editing weights by hand, or before certifying a model whose u, v lag its weights); the
-    certified normalisers' warm-start vectors are warmed up at their next use."""
+def converge_spectral_norms(module: nn.Module) -> None:
+    """Mark every normalised conv of `module` cold (after editing weights by hand, or before
+    certifying a model whose warm-start vectors lag its weights): its next use starts from the
+    exact top eigenvectors."""
     for conv in module.modules():
         if isinstance(conv, LipschitzConv2d) and conv.normaliser is not None:
             conv._warm = False
             conv.spectral_warm.zero_()
-        if isinstance(conv, LipschitzConv2d) and conv.coeff is not None and conv.method == "power":
-            steps, conv.power_iterations = conv.power_iterations, iterations
-            conv._power_iteration(conv.weight.detach().flatten(1).to(conv.u.dtype))
-            conv.power_iterations = steps

@@ -29,18 +29,13 @@ Memory modes apply only where a graph is built (training); without autograd ever
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Literal
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.flows.base import FlowBlock, Rerun, frozen, reuse_weights
 
@@ -250,87 +245,3 @@ def _vjp(
     ]
     by_param = dict(zip(map(id, trainable), grads[len(leaves) :], strict=True))
     return leaf_grads, [by_param.get(id(p)) for p in params]
-
-
-@contextmanager
-def saved_tensor_bytes(exclude: Sequence[torch.Tensor] = ()) -> Iterator[dict[str, int]]:
-    """Count the bytes autograd keeps for the backward pass of what runs inside the block:
-    {"bytes": Σ distinct storages saved, "tensors": saves}; storages of `exclude` (parameters)
-    are left out. Exact and deterministic, unlike process memory. Tensors kept alive by other
-    means than autograd's saved tensors (a checkpoint's inputs, live Python references) are not
-    seen."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-    out = {"bytes": 0, "tensors": 0}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        out["tensors"] += 1
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield out
-    out["bytes"] = sum(storages.values())
-
-
-class LiveTensors(TorchDispatchMode):
-    """The bytes of the tensors created inside the mode that are alive, after every allocation,
-    split into per-image tensors and the rest: `phases` are [events, 2] arrays of (other,
-    per-image) bytes, one per phase of the run (`mark()` starts the next, e.g. the backward
-    pass), so that the peak of the same run with the per-image part scaled by s is `peak(s)`, a
-    maximum over the moments of the run (where the peak falls moves with s).
-
-    Every op's outputs are seen (forward, backward, re-runs, checkpoint recomputation, casts), so
-    this is what a device allocator would hold beyond what existed before: activations, gradients
-    of activations, transients, weight-sized by-products; unlike `saved_tensor_bytes` it sees a
-    checkpoint's internals and the backward pass. An output sharing an input's storage (a view, an
-    in-place op) allocates nothing. Per-image: computed from `batch` (the tensors it was given)
-    and with `batch_size` rows, the flow's layout for feature maps; so `batch_size` must differ
-    from the leading size of any weight-sized gradient. Memory a kernel allocates internally
-    (im2col buffers, cuDNN workspaces) is not seen."""
-
-    def __init__(self, batch: Sequence[torch.Tensor], batch_size: int):
-        super().__init__()
-        self.batch_size = batch_size
-        self._live = [0, 0]
-        self._events = [(0, 0)]
-        self._marks = [0]  # where each phase starts: its first event is the bytes alive then
-        self._counted = WeakIdKeyDictionary()  # storages seen allocated
-        self._from_batch = WeakIdKeyDictionary({t.untyped_storage(): True for t in batch})
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [t.untyped_storage() for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)]
-        from_batch = any(s in self._from_batch for s in inputs)
-        pointers = {s.data_ptr() for s in inputs}
-        for t in tree_leaves(out):
-            if not torch.is_tensor(t):
-                continue
-            storage = t.untyped_storage()
-            if from_batch:
-                self._from_batch[storage] = True
-            if storage.data_ptr() in pointers or storage in self._counted:
-                continue
-            self._counted[storage] = True
-            kind = int(from_batch and t.dim() > 0 and t.shape[0] == self.batch_size)
-            nbytes = storage.nbytes()
-            self._live[kind] += nbytes
-            self._events.append((self._live[0], self._live[1]))
-            weakref.finalize(storage, self._free, kind, nbytes)
-        return out
-
-    def _free(self, kind: int, nbytes: int) -> None:
-        self._live[kind] -= nbytes
-
-    def mark(self) -> None:
-        self._marks.append(len(self._events))
-        self._events.append((self._live[0], self._live[1]))
-
-    @property
-    def phases(self) -> list[np.ndarray]:
-        return np.split(np.array(self._events, dtype=np.float64), self._marks[1:])
-
-    def peak(self, scale: float = 1.0) -> float:
-        return max(float((p[:, 0] + scale * p[:, 1]).max()) for p in self.phases)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.flows.actnorm import ActNorm
-from pipeline.flows.base import FlowBlock, frozen, main_dtype, run_subnet
+from pipeline.flows.base import FlowBlock, frozen, main_dtype, reuse_weights, run_subnet
 from pipeline.flows.config import ModelConfig
 from pipeline.flows.conv1x1 import InvConv1x1LU, InvConv1x1SVD
 from pipeline.flows.coupling import Coupling
@@ -360,7 +360,8 @@ class MultiScaleFlow(nn.Module):
 
     def block_bounds(self) -> list[tuple[int, str, float, float]]:
         """(level index, name, L, L_inv) of every block: the per-block Lipschitz diagnostics."""
-        return [(index, name, *block.lipschitz_bound()) for index, name, block in self.blocks()]
+        with reuse_weights():  # the certificates of a conv its bounds share, once
+            return [(index, name, *block.lipschitz_bound()) for index, name, block in self.blocks()]
 
     def factors(self) -> list[tuple[int, str, list[FlowBlock]]]:
         """(level index, name, blocks) of the factors the composed bound multiplies, in forward
@@ -389,15 +390,16 @@ class MultiScaleFlow(nn.Module):
         every position (plus a bias), so its exact bounds are σ_max(M) and 1/σ_min(M), at most
         the product of its blocks' bounds."""
         out = []
-        for index, name, blocks in self.factors() if factors is None else factors:
-            if blocks[0].channel_matrix() is None:
-                out.append((index, name, *blocks[0].lipschitz_bound()))
-                continue
-            matrix = blocks[0].channel_matrix()
-            for block in blocks[1:]:
-                matrix = block.channel_matrix() @ matrix
-            sigma = torch.linalg.svdvals(matrix)
-            out.append((index, name, sigma.max().item(), (1 / sigma.min()).item()))
+        with reuse_weights():  # the certificates of a conv its bounds share, once
+            for index, name, blocks in self.factors() if factors is None else factors:
+                if blocks[0].channel_matrix() is None:
+                    out.append((index, name, *blocks[0].lipschitz_bound()))
+                    continue
+                matrix = blocks[0].channel_matrix()
+                for block in blocks[1:]:
+                    matrix = block.channel_matrix() @ matrix
+                sigma = torch.linalg.svdvals(matrix)
+                out.append((index, name, sigma.max().item(), (1 / sigma.min()).item()))
         return out
 
     def lipschitz_bound(
@@ -420,9 +422,10 @@ class MultiScaleFlow(nn.Module):
         """Certified range of log|det J_f| per image: the sum of block ranges (tighter than
         ±D·ln L)."""
         lo = hi = 0.0
-        for _, _, block in self.blocks():
-            block_lo, block_hi = block.logdet_bound()
-            lo, hi = lo + block_lo, hi + block_hi
+        with reuse_weights():
+            for _, _, block in self.blocks():
+                block_lo, block_hi = block.logdet_bound()
+                lo, hi = lo + block_lo, hi + block_hi
         return lo, hi
 
 
@@ -451,7 +454,6 @@ def make_step(
                     tol=cfg.residual_tol,
                     max_iter=cfg.residual_max_iter,
                     spectral_method=cfg.spectral_method,
-                    power_iterations=cfg.power_iterations,
                 ),
             )
         )
@@ -469,7 +471,6 @@ def make_step(
                     flip=cfg.conv == "none" and step % 2 == 1,
                     coeff=cfg.subnet_coeff if cfg.spectral_norm else None,
                     spectral_method=cfg.spectral_method,
-                    power_iterations=cfg.power_iterations,
                     scale_coeff=cfg.scale_coeff if cfg.spectral_norm else None,
                 ),
             )

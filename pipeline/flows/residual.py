@@ -41,8 +41,7 @@ class ResidualBlock(FlowBlock):
         logdet: Literal["hutchinson", "exact"] = "hutchinson",
         tol: float = 1e-6,
         max_iter: int = 200,
-        spectral_method: Literal["exact", "power", "fourier"] = "exact",
-        power_iterations: int = 1,
+        spectral_method: Literal["exact", "fourier"] = "exact",
     ):
         super().__init__(shape)
         if not 0.0 < coeff < 1.0:
@@ -61,7 +60,6 @@ class ResidualBlock(FlowBlock):
             activation="lipswish",
             zero_init=False,
             method=spectral_method,
-            power_iterations=power_iterations,
             spatial=shape[1:],
         )
         self.last_inverse_iterations = 0

@@ -49,12 +49,6 @@ of steps to catch up, and with the Frobenius norm as the only stand-in the layer
 when it did: the ladder keeps those jumps to a rung's step. Every choice (which frequency, which
 bound) is a tensor op: no .item(), no branch on values, so the normaliser compiles into one graph
 and never waits for the device.
-
-**Gram iteration** (Delattre, Barthélemy, Araujo & Allauzen 2023; with zero padding, Delattre,
-Barthélemy & Allauzen 2024) bounds σ_max(A) ≤ ‖G_t‖_F^(1/2^t), G_0 = A, G_{i+1} = G_i^H·G_i:
-certified, differentiable and matmul-only, within a factor rank^(1/2^(t+1)). `gram_iteration_norm`
-implements it on the same frequencies; bench peer --split measures it against the warm-start
-Cholesky route (BENCHMARKS §6), which is cheaper and tighter per step on these layers.
 """
 
 from __future__ import annotations
@@ -74,8 +68,8 @@ GRID_SAVING = 2
 # the CANDIDATES frequencies where the first failed (a warm vector lags: near-equal tops, or a new
 # top at another frequency), in one factorisation. A ladder, so that the bound moves by a rung's
 # step (≤ 1.5x on σ̂ between neighbours) when a lagging vector catches up: with the Frobenius norm
-# as the only stand-in (up to √m·λ_max), a layer's scale jumped by up to ~2x between steps and a
-# 32² model's loss with it (+0.3 bits/dim for several steps at any learning rate; BENCHMARKS §7)
+# as the only stand-in (up to √m·λ_max), a layer's scale jumped by up to ~2x between steps and
+# the loss with it, for several steps at any learning rate
 SLACKS = (1e-4, 1e-2, 0.05, 0.2, 0.5, 1.0, 3.0)
 CANDIDATES = 4
 # multiply-adds symbol_grams' "offsets" route must save to pay for its ~25 extra small
@@ -159,9 +153,7 @@ def symbol_grams(weight: torch.Tensor, freq: Frequencies, route: str | None = No
     return grams.reshape(*batch, freq.count, m, m)
 
 
-def _grams_by_offset(
-    taps: torch.Tensor, k_h: int, k_w: int, freq: Frequencies
-) -> torch.Tensor:
+def _grams_by_offset(taps: torch.Tensor, k_h: int, k_w: int, freq: Frequencies) -> torch.Tensor:
     """symbol_grams' "offsets" route: G(ω) = D_0 + Σ_{d ≠ 0 in a half plane} (D_d + D_d^T)·cos θ_d
     - i·(D_d - D_d^T)·sin θ_d, θ_d = ⟨ω, d⟩ ([B, T, m, n] taps in, [B, F, m, m] out)."""
     batch, _, m, _ = taps.shape
@@ -252,7 +244,9 @@ def tap_phases(
 def symbol(weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """[..., m, n]: K̂ at the phases z [..., T] (differentiable), transposed where c_out > c_in so
     that its rows are the Gram side of symbol_grams."""
-    phases = torch.view_as_real(z.to(torch.complex128 if weight.dtype == torch.float64 else torch.complex64))
+    phases = torch.view_as_real(
+        z.to(torch.complex128 if weight.dtype == torch.float64 else torch.complex64)
+    )
     k_hat = torch.view_as_complex(weight.flatten(-2) @ phases[..., None, :, :])  # [..., o, i]
     return k_hat.transpose(-1, -2) if weight.shape[-4] > weight.shape[-3] else k_hat
 
@@ -357,8 +351,10 @@ def certify(
 
 def matrix_gram(w_mat: torch.Tensor) -> torch.Tensor:
     """[..., m, m]: the smaller Gram matrix of [..., r, c] matrices (W·W^T or W^T·W)."""
-    return w_mat @ w_mat.transpose(-1, -2) if w_mat.shape[-2] <= w_mat.shape[-1] else (
-        w_mat.transpose(-1, -2) @ w_mat
+    return (
+        w_mat @ w_mat.transpose(-1, -2)
+        if w_mat.shape[-2] <= w_mat.shape[-1]
+        else (w_mat.transpose(-1, -2) @ w_mat)
     )
 
 
@@ -373,19 +369,3 @@ def symbol_top(weight: torch.Tensor, freq: Frequencies) -> torch.Tensor:
     with torch.no_grad():
         grams = symbol_grams(weight, freq)
         return torch.linalg.eigvalsh(grams)[..., -1].amax(-1).clamp_min(0.0) * freq.inflation
-
-
-def gram_iteration_norm(a: torch.Tensor, iterations: int) -> torch.Tensor:
-    """[...]: σ_max(A) ≤ ‖G_t‖_F^(1/2^t) for [..., m, n] matrices (Gram iteration: G_0 = A,
-    G_{i+1} = G_i^H·G_i, rescaled each time so nothing overflows). Certified and differentiable;
-    within a factor min(m, n)^(1/2^(t+1)) of σ_max."""
-    log_bound = torch.zeros(a.shape[:-2], dtype=a.real.dtype, device=a.device)
-    g = a if a.shape[-2] >= a.shape[-1] else a.transpose(-1, -2).conj()  # the smaller Gram
-    for i in range(iterations):
-        # σ(G_i) = ‖G_i‖_F·σ(G_{i+1})^(1/2) with G_{i+1} the Gram of G_i/‖G_i‖_F
-        norm = torch.linalg.matrix_norm(g).clamp_min(1e-30)
-        log_bound = log_bound + 0.5**i * torch.log(norm)
-        g = g / norm[..., None, None].to(g.dtype)
-        g = g.transpose(-1, -2).conj() @ g
-    last = torch.linalg.matrix_norm(g).clamp_min(1e-30)
-    return torch.exp(log_bound + 0.5**iterations * torch.log(last))

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 
+from pipeline.flows.base import reuse_weights
 from pipeline.flows.lipschitz import FourierNormaliser
 from pipeline.flows.multiscale import MultiScaleFlow
 
@@ -79,7 +80,11 @@ def normaliser_lines(flow: MultiScaleFlow) -> list[str]:
             parts.append(f"{where}: {how}")
         if parts:
             lines.append(f"    level {index}: " + "; ".join(parts))
-    return ["  certified normalisation (batched per level and conv position):", *lines] if lines else []
+    return (
+        ["  certified normalisation (batched per level and conv position):", *lines]
+        if lines
+        else []
+    )
 
 
 def summary(flow: MultiScaleFlow, estimates: dict[str, tuple[float, float]] | None = None) -> str:
@@ -121,12 +126,14 @@ def summary_lines(
         "  levels:",
     ]
     factors, bounds = flow.factors(), []
+    scope = object()  # reopened for each certificate below: the convs certify once
     z_index = 0
     for index, level in enumerate(flow.levels):
         shape = "x".join(map(str, flow.level_shapes[index]))
         kinds = Counter(type(block).__name__ for block in level.steps)
         params = sum(p.numel() for p in level.parameters())
-        level_bounds = flow.bound_factors([f for f in factors if f[0] == index])
+        with reuse_weights(scope):
+            level_bounds = flow.bound_factors([f for f in factors if f[0] == index])
         bounds += level_bounds
         lip = lip_inv = 1.0
         for _, _, block_lip, block_lip_inv in level_bounds:
@@ -145,7 +152,8 @@ def summary_lines(
             f"L={_fmt(lip)} L_inv={_fmt(lip_inv)}  {out}"
         )
     lip, lip_inv = flow.lipschitz_bound(bounds)
-    lo, hi = flow.logdet_bound()
+    with reuse_weights(scope):
+        lo, hi = flow.logdet_bound()
     cond = lip * lip_inv
     bits = flow.dims * math.log(2)
     yield from [

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ADDED, MOVED, Config, ConfigError, flatten, to_dict
+from pipeline.config import ADDED, MOVED, REMOVED, Config, ConfigError, flatten, to_dict
 
 # key pattern -> why a change is harmless on resume.
 SAFE_TO_CHANGE: dict[str, str] = {
@@ -82,8 +82,10 @@ def differences(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint value, new value) for every key that differs, in the order of the tree;
     a key only one side has shows ``"(absent)"`` on the other. Keys the tree has since moved
     (pipeline.config.MOVED) are compared under their new name, keys it has since added
-    (pipeline.config.ADDED) at the value the checkpoint was trained with."""
-    old = {**ADDED, **{MOVED.get(k, k): v for k, v in flatten(saved).items()}}
+    (pipeline.config.ADDED) at the value the checkpoint was trained with, keys it has since
+    removed (pipeline.config.REMOVED) not at all."""
+    kept = {k: v for k, v in flatten(saved).items() if k not in REMOVED}
+    old = {**ADDED, **{MOVED.get(k, k): v for k, v in kept.items()}}
     new = flatten(json.loads(json.dumps(to_dict(cfg))))  # as save_config writes it (no tuples)
     absent = "(absent)"
     keys = list(new) + [k for k in old if k not in new]

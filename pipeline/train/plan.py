@@ -5,7 +5,7 @@ read rate the shards must sustain.
 Bytes per rank = model states (counted from the parameters, ZeRO stage by stage) + activations
 (measured). The activations are measured, not modelled: one forward and backward of the real
 model, built for the config's resolution, on a small batch at a reduced resolution on the CPU,
-under flows.memory.LiveTensors, which records at every allocation the live bytes of per-image
+under LiveTensors (below), which records at every allocation the live bytes of per-image
 tensors and of the rest. The scaling rule: every per-image tensor of the flow is a feature map, so
 its bytes grow with batch × pixels; the rest (cast and normalised weights, the spectral
 normaliser's work, weight gradients on their way to .grad) does not. So at each moment t of the
@@ -17,10 +17,9 @@ run
 the peak of each phase (forward, backward) at the config's depth is on the line through the two,
 and the larger phase counts. From 3 steps on a level has a first, a middle and a last step and
 each further step repeats a middle one; at 2, the invertible backward pass lacks a segment that
-follows a whole one (measured: 13% less per image than from 3 steps on, which a line through 2
-and 3 extrapolates to several times the truth at 32 steps). On celebahq-256's model at 6 steps
-the line is within 0.3% in every mode, from 2 to 64 images of 64²; tests/test_plan.py checks the
-rule at larger sizes and depths, and against the resident-set peak of real CPU steps.
+follows a whole one, so a line through 2 and 3 would multiply that shortfall at depth.
+tests/test_plan.py checks the rule at larger sizes and depths, and against the resident-set peak
+of real CPU steps.
 """
 
 from __future__ import annotations
@@ -32,19 +31,23 @@ import json
 import math
 import time
 import typing
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.config import Config, to_dict
 from pipeline.data import ShardError, read_manifest, resolve_shards
 from pipeline.data.ingest import MIN_VAL_SHARDS, SHARD_SIZE
 from pipeline.distributed import ZERO_BUCKET_DEFAULTS, deepspeed_config
 from pipeline.flows import build_flow
-from pipeline.flows.memory import LiveTensors, MemoryMode
+from pipeline.flows.memory import MemoryMode
 
 MODES = typing.get_args(MemoryMode)
 MEASURED_DEPTHS = (3, 4)
@@ -55,6 +58,67 @@ NOT_COUNTED = (
     "the CUDA context and NCCL buffers (about 1 GiB), allocator fragmentation, kernel workspaces "
     "(cuDNN), the DataLoader's pinned batches"
 )
+
+
+class LiveTensors(TorchDispatchMode):
+    """The bytes of the tensors created inside the mode that are alive, after every allocation,
+    split into per-image tensors and the rest: `phases` are [events, 2] arrays of (other,
+    per-image) bytes, one per phase of the run (`mark()` starts the next, e.g. the backward
+    pass), so that the peak of the same run with the per-image part scaled by s is `peak(s)`, a
+    maximum over the moments of the run (where the peak falls moves with s).
+
+    Every op's outputs are seen (forward, backward, re-runs, checkpoint recomputation, casts), so
+    this is what a device allocator would hold beyond what existed before: activations, gradients
+    of activations, transients, weight-sized by-products; unlike bench train's `saved_tensor_bytes` it sees a
+    checkpoint's internals and the backward pass. An output sharing an input's storage (a view, an
+    in-place op) allocates nothing. Per-image: computed from `batch` (the tensors it was given)
+    and with `batch_size` rows, the flow's layout for feature maps; so `batch_size` must differ
+    from the leading size of any weight-sized gradient. Memory a kernel allocates internally
+    (im2col buffers, cuDNN workspaces) is not seen."""
+
+    def __init__(self, batch: Sequence[torch.Tensor], batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self._live = [0, 0]
+        self._events = [(0, 0)]
+        self._marks = [0]  # where each phase starts: its first event is the bytes alive then
+        self._counted = WeakIdKeyDictionary()  # storages seen allocated
+        self._from_batch = WeakIdKeyDictionary({t.untyped_storage(): True for t in batch})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t.untyped_storage() for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)]
+        from_batch = any(s in self._from_batch for s in inputs)
+        pointers = {s.data_ptr() for s in inputs}
+        for t in tree_leaves(out):
+            if not torch.is_tensor(t):
+                continue
+            storage = t.untyped_storage()
+            if from_batch:
+                self._from_batch[storage] = True
+            if storage.data_ptr() in pointers or storage in self._counted:
+                continue
+            self._counted[storage] = True
+            kind = int(from_batch and t.dim() > 0 and t.shape[0] == self.batch_size)
+            nbytes = storage.nbytes()
+            self._live[kind] += nbytes
+            self._events.append((self._live[0], self._live[1]))
+            weakref.finalize(storage, self._free, kind, nbytes)
+        return out
+
+    def _free(self, kind: int, nbytes: int) -> None:
+        self._live[kind] -= nbytes
+
+    def mark(self) -> None:
+        self._marks.append(len(self._events))
+        self._events.append((self._live[0], self._live[1]))
+
+    @property
+    def phases(self) -> list[np.ndarray]:
+        return np.split(np.array(self._events, dtype=np.float64), self._marks[1:])
+
+    def peak(self, scale: float = 1.0) -> float:
+        return max(float((p[:, 0] + scale * p[:, 1]).max()) for p in self.phases)
 
 
 @dataclasses.dataclass
