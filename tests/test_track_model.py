@@ -197,7 +197,7 @@ def test_the_run_logs_its_train_and_val_shards_as_dataset_inputs(trained):
 def test_runs_on_other_data_are_told_apart_by_compare(trained, tmp_path):
     from pipeline.__main__ import main
     from pipeline.config import load_config, save_config
-    from pipeline.data import prepare_synthetic
+    from pipeline.data import prepare_synthetic, resolve_shards
     from pipeline.track.sink import MetricsSink
 
     runs = trained["root"] / "runs"
@@ -207,7 +207,8 @@ def test_runs_on_other_data_are_told_apart_by_compare(trained, tmp_path):
     prepare_synthetic(cfg.data)
     save_config(cfg, cfg.run.dir / "config.yaml")
     for _ in range(2):  # a resume logs its inputs again: MLflow keeps one per dataset
-        sink = MetricsSink(cfg.run.dir, cfg.tracking, True, "fewer")
+        shards = resolve_shards(cfg.data)  # the run's assembly passes its shard folder in
+        sink = MetricsSink(cfg.run.dir, cfg.tracking, True, "fewer", shards=shards)
         sink.log(1, {"train/bpd": 5.0})
         sink.close()
     assert len(client(trained).get_run(sink.run_id).inputs.dataset_inputs) == 2

@@ -17,13 +17,12 @@ from pipeline.config import Config, to_dict
 from pipeline.theory.battery import battery_damage, exploding_inverse_battery
 from pipeline.track.sink import write_summary
 from pipeline.train import checkpoint
-from pipeline.train.images import save_grid, save_panel
+from pipeline.train.images import draw_panel, draw_samples
 from pipeline.train.run import PANEL_IMAGES, Run
 from pipeline.train.state import TrainState
 from pipeline.train.step import validate
 
 FINISHED_DAMAGED = "finished_damaged"
-PANEL_TEMPERATURES = (0.5, 0.7, 1.0)
 
 
 class Reporter:
@@ -49,8 +48,10 @@ class Reporter:
             dist.say(progress_line(state, train.steps, metrics))
         if every(state.step, train.val_every):
             run.sink.log(state.step, {"val/bpd": validate(run.engine, run.val_loader, train)})
-        if every(state.step, train.sample_every):
-            sample_grid(run, run.cfg.run.dir / "samples" / f"step{state.step:08d}.png")
+        if every(state.step, train.sample_every) and dist.is_main():
+            path = run.cfg.run.dir / "samples" / f"step{state.step:08d}.png"
+            draw_samples(run.model, train.samples, train.temperature, path)
+            run.sink.log_artifact(path, "samples")
 
     def speed(self, step: int) -> dict:
         now = time.perf_counter()
@@ -101,9 +102,13 @@ def final_checks(run: Run) -> dict:
         outcome.update(status=FINISHED_DAMAGED, reason=f"final battery: {damage}")
         run.event("damaged_model", problem=damage)
         dist.say(f"guard: the final model is damaged: {damage}")
-    sample_grid(run, cfg.run.dir / "samples.png")
-    if x is not None:
-        save_run_panel(run, x, cfg.run.dir / "panel.png")
+    if dist.is_main():
+        samples, panel = cfg.run.dir / "samples.png", cfg.run.dir / "panel.png"
+        draw_samples(run.model, cfg.train.samples, cfg.train.temperature, samples)
+        if x is not None:
+            draw_panel(run.model, x[:PANEL_IMAGES], panel)
+        for path in (samples, panel) if x is not None else (samples,):
+            run.sink.log_artifact(path)
     return outcome
 
 
@@ -178,41 +183,3 @@ def write_failure(cfg: Config, run: Run | None, error: BaseException) -> None:
         write_outcome(cfg, run, "failed", reason=f"{type(error).__name__}: {error}")
     except Exception as secondary:
         print(f"warning: could not write the run's summary: {secondary}", file=sys.stderr)
-
-
-# --- pictures -------------------------------------------------------------------------------------
-
-
-def sample_grid(run: Run, path: Path) -> None:
-    """A grid of samples at train.temperature (main rank), logged as an artifact."""
-    if not dist.is_main():
-        return
-    with torch.no_grad():
-        x = run.model.sample(run.cfg.train.samples, temperature=run.cfg.train.temperature)
-    save_grid(x, path)
-    run.sink.log_artifact(path, "samples" if path.parent.name == "samples" else None)
-
-
-def save_run_panel(run: Run, x: torch.Tensor, path: Path) -> None:
-    """The end-of-run picture, logged as an artifact: validation images, their exact
-    reconstructions x -> z -> x (proof of invertibility at a glance), and samples at 0.5, 0.7, 1.0."""
-    model, was_training = run.model, run.model.training
-    x, n = x[:PANEL_IMAGES], min(PANEL_IMAGES, len(x))
-    model.eval()
-    try:
-        with torch.no_grad():
-            x_hat = model.reconstruct(x)
-            error = (x_hat - x).abs().max().item()
-            generator = torch.Generator(device=x.device).manual_seed(0)
-            rows = [
-                ("validation images", x),
-                (f"their reconstructions x -> z -> x (max |error| {error:.1e})", x_hat),
-                *(
-                    (f"samples at T = {t}", model.sample(n, temperature=t, generator=generator))
-                    for t in PANEL_TEMPERATURES
-                ),
-            ]
-    finally:
-        model.train(was_training)
-    save_panel(rows, path)
-    run.sink.log_artifact(path)

@@ -165,17 +165,14 @@ def prepare(cfg: Config, world_size: int) -> Bundle:
     if cfg.data.source == "synthetic":
         prepare_synthetic(cfg.data)  # written once, atomically
     shards = resolve_shards(cfg.data)
-    state = latest.state if latest is not None else TrainState(optimum_bpd=optimum_bpd(cfg, shards))
-    return Bundle(latest, changed, shards, state)
-
-
-def optimum_bpd(cfg: Config, shards: Path) -> float | None:
-    """theory/optimum_bpd: the best bpd a linear per-position flow (squeeze 2) can reach on this
-    data, from up to ``train.optimum_images`` train images."""
-    if not cfg.train.optimum_images:
-        return None
-    levels = iter_levels(shards, cfg.data.n_bits, split="train", limit=cfg.train.optimum_images)
-    return float(optimal_nll(levels, n_bits=cfg.data.n_bits, squeeze=2, hflip=cfg.data.hflip).bpd)
+    if latest is not None:
+        return Bundle(latest, changed, shards, latest.state)
+    # theory/optimum_bpd: the best bpd a linear per-position flow (squeeze 2) reaches on this data
+    n_bits, limit, optimum = cfg.data.n_bits, cfg.train.optimum_images, None
+    if limit:
+        levels = iter_levels(shards, n_bits, split="train", limit=limit)
+        optimum = float(optimal_nll(levels, n_bits=n_bits, squeeze=2, hflip=cfg.data.hflip).bpd)
+    return Bundle(None, [], shards, TrainState(optimum_bpd=optimum))
 
 
 def open_sink(cfg: Config, bundle: Bundle) -> MetricsSink:
