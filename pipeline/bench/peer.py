@@ -23,7 +23,11 @@ whose subnet is conv3x3 - ReLU - conv1x1 - ReLU - conv3x3 with `width` hidden ch
 split priors are learned and conditional, normflows' bases are unconditional (parameters reported).
 
 Settings (``--settings``): 32 (32², L3 K8 w128, batch 16, 1 thread), 64 (64², L4 K8 w128, batch 8,
-2 threads), 128 (128², L5 K8 w128, batch 4, 2 threads), quick (16², L2 K2 w16, batch 4: the test).
+2 threads), 128 (128², L5 K8 w128, batch 4, 2 threads), pub64 and pub128 (configs/celebahq-256's
+architecture, L6 K32 w512, and its per-GPU batch 4, at 64² and 128²), quick (16², L2 K2 w16,
+batch 4: the test). Start-up (build, first step, warm-up) is reported apart from the steady state.
+``--ranks 1,2 [--accum 1,4]`` instead trains each lipflow arm with the real trainer under
+launch/local.sh (gloo, one thread a rank, the batch per rank), interleaved by rounds.
 Per arm: median step time, images/s, ratio to normflows (images/s over normflows' images/s; and
 the same from median CPU time, which other jobs on a shared machine inflate least), the spread of
 round medians (min/max), parameters; per setting, the speed goals as ratios (wall and CPU).
@@ -34,6 +38,7 @@ setting and lists the top ops.
     python -m pipeline bench peer --settings 32 --arms default --profile default,glow
     python -m pipeline bench peer --out peer.json     # peer.json rewritten after each setting
     python -m pipeline bench peer --split --settings 32,64,128   # the normalisation's parts
+    python -m pipeline bench peer --settings 32,64 --arms glow,default --ranks 1,2 --accum 1,4
 """
 
 from __future__ import annotations
@@ -43,14 +48,17 @@ import contextlib
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from pipeline.bench.common import emit, machine
+from pipeline.bench.common import ROOT, emit, machine
 from pipeline.errors import PipelineError
 from pipeline.flows import ModelConfig, build_flow
 from pipeline.flows.config import PRESETS as MODEL_PRESETS
@@ -83,6 +91,10 @@ SETTINGS = {
     "32": Setting(32, 3, 8, 128, 16, 1),
     "64": Setting(64, 4, 8, 128, 8, 2),
     "128": Setting(128, 5, 8, 128, 4, 2),
+    # configs/celebahq-256.yaml's architecture (6 levels x 32 steps, width 512) and per-GPU batch,
+    # at reduced resolution: where large flows train
+    "pub64": Setting(64, 6, 32, 512, 4, 2),
+    "pub128": Setting(128, 6, 32, 512, 4, 2),
     "quick": Setting(16, 2, 2, 16, 4, 1),
 }
 
@@ -96,7 +108,9 @@ class Arm:
     times: list[float] = dataclasses.field(default_factory=list)
     cpu_times: list[float] = dataclasses.field(default_factory=list)
     round_medians: list[float] = dataclasses.field(default_factory=list)
-    warmup_s: float = 0.0  # wall time of the warm-up steps (a +compile arm compiles in them)
+    build_s: float = 0.0  # start-up: building the model, its data init and the optimizer
+    first_step_s: float = 0.0  # start-up: the first step (cold normalisers, a +compile compiles)
+    warmup_s: float = 0.0  # wall time of all the warm-up steps, the first included
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,6 +142,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "certificate rung served each normalisation",
     )
     p.add_argument("--probe-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--ranks",
+        help="instead of one process: the real trainer (launch/local.sh, gloo, one thread a "
+        "rank) at these rank counts, e.g. 1,2; the batch is per rank",
+    )
+    p.add_argument("--accum", default="1", help="--ranks: train.grad_accum values, e.g. 1,4")
+    p.add_argument("--train-steps", type=int, default=12, help="--ranks: steps per training run")
     p.add_argument(
         "--out", help="also write the JSON here, rewritten after each setting (partial results)"
     )
@@ -215,6 +236,13 @@ def lipflow_model(name: str, s: Setting) -> tuple[torch.nn.Module, ModelConfig]:
 
 
 def build_arm(name: str, s: Setting, x: torch.Tensor) -> Arm:
+    start = time.perf_counter()
+    arm = make_arm(name, s, x)
+    arm.build_s = time.perf_counter() - start
+    return arm
+
+
+def make_arm(name: str, s: Setting, x: torch.Tensor) -> Arm:
     torch.manual_seed(0)
     if name == NORMFLOWS:
         model = normflows_glow(s)
@@ -263,8 +291,10 @@ def compare(setting: str, names: list[str], args: argparse.Namespace) -> dict:
     arms = [build_arm(name, s, x) for name in names]
     for arm in arms:
         start = time.perf_counter()
-        for _ in range(args.warmup):
+        for i in range(args.warmup):
             arm.step()
+            if i == 0:
+                arm.first_step_s = time.perf_counter() - start
         arm.warmup_s = time.perf_counter() - start
     load_before = machine(threads)["load_avg_1_5_15"]
     for r in range(args.rounds):
@@ -291,13 +321,19 @@ def compare(setting: str, names: list[str], args: argparse.Namespace) -> dict:
 def row(arm: Arm, batch_size: int) -> dict:
     median = statistics.median(arm.times)
     out = {
+        # steady state: the timed steps, after the warm-up
         "step_s_median": round(median, 5),
         "images_per_s": round(batch_size / median, 3),
         "round_median_min_s": round(min(arm.round_medians), 5),
         "round_median_max_s": round(max(arm.round_medians), 5),
         "step_cpu_s_median": round(statistics.median(arm.cpu_times), 5),
         "timed_steps": len(arm.times),
-        "warmup_s": round(arm.warmup_s, 2),
+        # start-up, apart: building (model, data init, optimizer), the first step, the warm-up
+        "start_up": {
+            "build_s": round(arm.build_s, 3),
+            "first_step_s": round(arm.first_step_s, 3),
+            "warmup_s": round(arm.warmup_s, 3),
+        },
         "params": arm.params,
     }
     if arm.model_keys is not None:
@@ -321,6 +357,83 @@ def goals(rows: dict, time_key: str) -> dict:
         key: round(rows[b][time_key] / rows[a][time_key], 3)
         for key, (a, b) in pairs.items()
         if a in rows and b in rows
+    }
+
+
+# ----- the real trainer, 1 or more ranks --------------------------------------------------------
+def launched(setting: str, names: list[str], args: argparse.Namespace) -> dict:
+    """Each lipflow arm trained by `python -m pipeline train` under launch/local.sh (synthetic data
+    at the setting's resolution, tracking off, no saves), at every rank count and grad_accum;
+    interleaved: every round runs each combination once, in rotating order. Steady state: the
+    loop's own speed/images_per_s (all ranks' images per second of whole steps), median over the
+    log intervals after the first; start-up: launch to the first step's metrics row."""
+    from pipeline.bench.scaling import PORTS, QUIET_RUN, env, tail
+    from pipeline.distributed import free_port
+
+    s, _ = resolve(setting, args)
+    ranks = [int(v) for v in args.ranks.split(",")]
+    accums = [int(v) for v in args.accum.split(",")]
+    combos = [(n, r, a) for n in names if n != NORMFLOWS for r in ranks for a in accums]
+    runs: dict[tuple, list[dict]] = {c: [] for c in combos}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.rounds):
+            for name, nproc, accum in combos[k % len(combos) :] + combos[: k % len(combos)]:
+                preset, mode, compiled = parse_arm(name)
+                root = Path(tmp) / f"r{k}-{preset}-{mode}-{nproc}-{accum}"
+                cmd = [
+                    str(ROOT / "launch" / "local.sh"), "--config", "configs/debug.yaml",
+                    f"run.root={root}", f"data.cache={tmp}/data", f"data.resolution={s.resolution}",
+                    f"data.synthetic_train={max(256, 4 * s.batch * nproc * accum)}",
+                    f"model.preset={'certified' if preset == 'default' else preset}",
+                    f"model.levels={s.levels}", f"model.steps={s.steps}", f"model.width={s.width}",
+                    f"model.memory={mode}", f"train.compile={str(compiled).lower()}",
+                    f"train.micro_batch={s.batch}", f"train.grad_accum={accum}",
+                    f"train.steps={args.train_steps}", "train.log_every=1", "train.init_batches=1",
+                    *QUIET_RUN,
+                ]  # fmt: skip
+                start = time.time()
+                out = subprocess.run(
+                    cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600, check=False,
+                    env=env(nproc, free_port(PORTS)),
+                )  # fmt: skip
+                if out.returncode != 0:
+                    raise PipelineError(f"bench peer --ranks: {name} on {nproc} failed:\n{tail(out)}")
+                (metrics,) = root.glob("*/metrics.jsonl")
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+                rows = [r for r in rows if "speed/images_per_s" in r]
+                runs[(name, nproc, accum)].append(
+                    {
+                        "images_per_s": statistics.median(r["speed/images_per_s"] for r in rows[1:]),
+                        "start_up_s": rows[0]["time"] - start,
+                    }
+                )
+                print(f"bench peer: {name} ranks {nproc} accum {accum} round {k}", file=sys.stderr)
+    table = {}
+    for (name, nproc, accum), results in runs.items():
+        speeds = [r["images_per_s"] for r in results]
+        table[f"{name} ranks={nproc} accum={accum}"] = {
+            "images_per_s_median": round(statistics.median(speeds), 3),
+            "images_per_s_min": round(min(speeds), 3),
+            "images_per_s_max": round(max(speeds), 3),
+            "start_up_s_median": round(statistics.median(r["start_up_s"] for r in results), 1),
+        }
+    ratios = {
+        f"default_vs_glow ranks={r} accum={a}": round(
+            table[f"default ranks={r} accum={a}"]["images_per_s_median"]
+            / table[f"glow ranks={r} accum={a}"]["images_per_s_median"],
+            3,
+        )
+        for r in ranks
+        for a in accums
+        if "default" in names and "glow" in names
+    }
+    return {
+        "setting": {"name": setting, **dataclasses.asdict(s), "threads_per_rank": 1},
+        "machine": machine(1),
+        "rounds": args.rounds,
+        "train_steps": args.train_steps,
+        "runs": table,
+        "ratios": ratios,
     }
 
 
@@ -544,6 +657,13 @@ def run(args: argparse.Namespace) -> int:
         out = {"split": []}
         for setting in settings:
             out["split"].append(normalisation_split(setting, args))
+            save(out, args.out)
+        emit(out)
+        return 0
+    if args.ranks:
+        out = {"launched": []}
+        for setting in settings:
+            out["launched"].append(launched(setting, names, args))
             save(out, args.out)
         emit(out)
         return 0
