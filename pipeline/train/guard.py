@@ -8,8 +8,8 @@ rank 0 (its model checks), so every rank holds the same detector and reaches the
 without talking: no rank is ever left waiting in a collective that the others skipped.
 
 Policy (thresholds and escalation both in cfg.guard):
-  - a step whose loss or gradient is non-finite on any rank is skipped on every rank (the step
-    itself does this, train/step.py, before the optimizer moves);
+  - a step whose loss or gradient is non-finite on any rank is skipped on every rank (``skips``,
+    asked by the step, train/step.py, before the optimizer moves);
   - ``rollback_events`` steps with events within ``rollback_window`` steps: restore the last good
     checkpoint (saved with no event in its window), multiply the LR by ``rollback_lr_factor``; the
     data stream moves on, so the batches that led to the divergence are not replayed. If events
@@ -32,8 +32,11 @@ back the initial loss), and each check would roll back again until the rollbacks
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
+
+import torch
 
 from pipeline import distributed as dist
 from pipeline.flows.base import reuse_weights
@@ -65,6 +68,11 @@ class Guard:
         self.detector = DivergenceDetector(cfg, precision)
         if state.detector:
             self.detector.load_state_dict(state.detector)
+
+    def skips(self, loss_terms: torch.Tensor, grad_norm: float) -> bool:
+        """Whether this optimizer step is skipped, on every rank alike: the all-reduced loss terms
+        or the gradient norm are not finite (bf16 does not skip bad steps by itself)."""
+        return not bool(torch.isfinite(loss_terms).all()) or not math.isfinite(grad_norm)
 
     def step(self, run, metrics: dict, x, saving: bool) -> str:
         """One step's guard: add the model checks due at this step to ``metrics``, record the

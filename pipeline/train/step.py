@@ -74,7 +74,7 @@ def skip_or_step(run, sums: torch.Tensor, extremes: torch.Tensor):
     means = reduced[:3] / (train_cfg.grad_accum * dist.world_size())
     extremes = dist.all_reduce(extremes, "max")
     norms = grad_norms(engine.module.named_parameters()) if train_cfg.zero_stage == 0 else {}
-    skip = not bool(torch.isfinite(means).all()) or not math.isfinite(norms.get("global", 0.0))
+    skip = run.guard.skips(means, norms.get("global", 0.0))
     run.optimizer.skip_next = skip
     engine.step()
     if train_cfg.zero_stage > 0:
