@@ -653,27 +653,19 @@ def run(args: argparse.Namespace) -> int:
     names = arm_names(args.profile or args.arms)
     if NORMFLOWS in names:
         import_normflows()  # say so before building anything
-    if args.split:
-        out = {"split": []}
-        for setting in settings:
-            out["split"].append(normalisation_split(setting, args))
-            save(out, args.out)
-        emit(out)
-        return 0
-    if args.ranks:
-        out = {"launched": []}
-        for setting in settings:
-            out["launched"].append(launched(setting, names, args))
-            save(out, args.out)
-        emit(out)
-        return 0
-    if args.profile:
-        out = {"profile": []}
-        for setting in settings:
-            out["profile"].append(profile(setting, names, args))
-            save(out, args.out)
-        emit(out)
-        return 0
+    modes = {
+        "split": (args.split, lambda setting: normalisation_split(setting, args)),
+        "launched": (args.ranks, lambda setting: launched(setting, names, args)),
+        "profile": (args.profile, lambda setting: profile(setting, names, args)),
+    }
+    for key, (chosen, measure) in modes.items():
+        if chosen:
+            out = {key: []}
+            for setting in settings:
+                out[key].append(measure(setting))
+                save(out, args.out)
+            emit(out)
+            return 0
     out = {
         "method": (
             "fp32 CPU, forward + backward + AdamW on one fixed batch; interleaved rounds in "
