@@ -148,19 +148,18 @@ def write_outcome(cfg: Config, run: Run | None, status: str, **outcome) -> dict:
         "bad_shards": sorted(run.loader.bad_shards) if run is not None else [],
         "battery": battery,
     }
-    if run is None:  # nothing to track with yet: the file alone
-        if dist.is_main():
-            write_summary(cfg.run.dir, summary)
-        return summary
-    from pipeline.track.model import log_final_model  # the MLflow model of the final weights
+    if run is not None:
+        from pipeline.track.model import log_final_model  # the MLflow model of the final weights
 
-    final = (run.model, to_dict(cfg), state.step, cfg.run.dir)
-    summary.update(log_final_model(run.sink, cfg.tracking, status, *final))
-    run.sink.log_artifact(cfg.run.dir / "config.yaml")
-    run.sink.log_summary(summary)
-    run.sink.close(status={"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
-    if status in ("finished", FINISHED_DAMAGED, "diverged"):
-        dist.teardown()
+        final = (run.model, to_dict(cfg), state.step, cfg.run.dir)
+        summary.update(log_final_model(run.sink, cfg.tracking, status, *final))
+        run.sink.log_artifact(cfg.run.dir / "config.yaml")
+        run.sink.log_summary(summary)
+        run.sink.close(status={"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
+        if status in ("finished", FINISHED_DAMAGED, "diverged"):
+            dist.teardown()
+    elif dist.is_main():  # failed before the run was built: nothing to track with, the file alone
+        write_summary(cfg.run.dir, summary)
     return summary
 
 
