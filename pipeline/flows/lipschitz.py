@@ -555,7 +555,7 @@ def certify_groups(groups: list[list[LipschitzConv2d]], share: Share | None = No
     each rank's groups (padded to the largest), from which every rank takes the other groups'
     Tops and vectors. Computed by the owner alone and copied, every rank's are bit for bit those
     of the unshared computation."""
-    if share is None:
+    if share is None or not groups:
         return [group_top(convs, update=True) for convs in groups]
     dtype = compute_dtype(groups[0][0].weight)
     device = groups[0][0].weight.device
