@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.flows import ModelConfig, build_flow
-from pipeline.train.certificate import Certificate, assign
+from pipeline.train.certificate import Certificate, assign, split
 from tests.conftest import launch_two_ranks
 
 
@@ -20,6 +20,17 @@ def test_assign_balances_greedily_and_deterministically():
     assert assign([], 3) == []
 
 
+def test_groups_above_a_fair_share_are_sliced():
+    assert split([6.0, 1.0, 1.0], [4, 4, 4], world=2) == [
+        (0, 0, 2),
+        (0, 2, 4),
+        (1, 0, 4),
+        (2, 0, 4),
+    ]
+    assert split([9.0, 1.0], [2, 3], world=4) == [(0, 0, 1), (0, 1, 2), (1, 0, 3)]  # ≥ 1 conv
+    assert split([1.0, 1.0], [2, 2], world=1) == [(0, 0, 2), (1, 0, 2)]
+
+
 def test_the_gather_s_bytes_come_from_shapes():
     model = build_flow(ModelConfig(levels=2, steps=2, width=16), (3, 16, 16), 5)
     groups = model.normalised_groups()
@@ -27,7 +38,9 @@ def test_the_gather_s_bytes_come_from_shapes():
     assert unshared.owners is None and unshared.buffer_bytes() == 0
     shared = Certificate(model, share=True, world=2)
     numels = [0, 0]
-    for owner, convs in zip(shared.owners, groups, strict=True):
+    units = [groups[g][a:b] for g, a, b in shared.units]
+    assert sum(map(len, units)) == sum(map(len, groups))
+    for owner, convs in zip(shared.owners, units, strict=True):
         # Fourier: phases [B, 9] and direction [B, m] complex, factor [B], vectors [B, F, m, 2]
         n_freq, m = convs[0].normaliser.state_shape[:2]
         b = len(convs)

@@ -114,9 +114,10 @@ def test_kernels_are_the_step_s_and_vectors_advance_once_per_step(memory, monkey
     assert all(conv._held is None for conv in convs)
 
 
-def held_step_on_ranks(models: list, xs: list[torch.Tensor], owners: list[int]) -> list[dict]:
-    """`held_step` on each model as on its own rank, the certificates shared by `owners`: one
-    thread per rank, the gather a barrier (as a collective, it waits for every rank)."""
+def held_step_on_ranks(models: list, xs: list[torch.Tensor], units: list, owners: list[int]):
+    """`held_step` on each model as on its own rank, the certificates' `units` shared by
+    `owners`: one thread per rank, the gather a barrier (as a collective, it waits for every
+    rank). Returns each rank's gradients."""
     world = len(models)
     buffers: dict[int, torch.Tensor] = {}
     barrier = threading.Barrier(world)
@@ -130,7 +131,7 @@ def held_step_on_ranks(models: list, xs: list[torch.Tensor], owners: list[int]) 
 
         model = models[rank]
         model.zero_grad(set_to_none=True)
-        with model.hold_normalisation(len(xs), Share(owners, rank, gather)) as hold:
+        with model.hold_normalisation(len(xs), Share(units, owners, rank, gather)) as hold:
             for micro, x in enumerate(xs):
                 hold.enter(micro)
                 (model(x)["bpd"].mean() / len(xs)).backward()
@@ -145,18 +146,22 @@ def held_step_on_ranks(models: list, xs: list[torch.Tensor], owners: list[int]) 
     return grads
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_shared_certificates_are_bitwise_the_unshared_ones(world):
-    """`world` ranks, each certifying its groups, one gather: every rank's gradients and
-    warm-start vectors equal the unshared computation's bit for bit."""
+@pytest.mark.parametrize("world, sliced", [(2, False), (3, False), (3, True)])
+def test_shared_certificates_are_bitwise_the_unshared_ones(world, sliced):
+    """`world` ranks, each certifying its units (whole groups, or `sliced` into single convs and
+    pairs), one gather: every rank's gradients and warm-start vectors equal the unshared
+    computation's bit for bit."""
     base = scaled_model("store")
     xs = batches(2)
     unshared = copy.deepcopy(base)
     expected = held_step(unshared, xs)
-    n_groups = len(base.normalised_groups())
-    owners = [i % world for i in range(n_groups)]
+    sizes = [len(convs) for convs in base.normalised_groups()]
+    units = [(g, 0, size) for g, size in enumerate(sizes)]
+    if sliced:
+        units = [(g, a, b) for g, size in enumerate(sizes) for a, b in ((0, 1), (1, size))]
+    owners = [j % world for j in range(len(units))]
     models = [copy.deepcopy(base) for _ in range(world)]
-    for grads, model in zip(held_step_on_ranks(models, xs, owners), models, strict=True):
+    for grads, model in zip(held_step_on_ranks(models, xs, units, owners), models, strict=True):
         for name, grad in expected.items():
             assert torch.equal(grads[name], grad), name
         for a, b in zip(vectors(model), vectors(unshared), strict=True):

@@ -485,11 +485,12 @@ def converge_spectral_norms(module: nn.Module) -> None:
 
 
 class Share(NamedTuple):
-    """How data-parallel ranks split a step's certificates: group i is certified by rank
-    `owners[i]` (this is rank `rank`), and `gather` maps this rank's flat buffer [n] to every
-    rank's, [R, n], in one collective (the train side passes it in: flows/ holds no distributed
-    code)."""
+    """How data-parallel ranks split a step's certificates: `units[j]` = (group, start, stop), the
+    convs group[start:stop], is certified by rank `owners[j]` (this is rank `rank`), and `gather`
+    maps this rank's flat buffer [n] to every rank's, [R, n], in one collective (the train side
+    passes it in: flows/ holds no distributed code). The units of a group cover it in order."""
 
+    units: list[tuple[int, int, int]]
     owners: list[int]
     rank: int
     gather: Callable[[torch.Tensor], torch.Tensor]
@@ -551,36 +552,48 @@ def _unpack(convs: list[LipschitzConv2d], flat: torch.Tensor) -> Top:
 
 def certify_groups(groups: list[list[LipschitzConv2d]], share: Share | None = None) -> list[Top]:
     """Each group's `group_top`, advancing its warm-start vectors: all on this rank, or, with
-    `share`, this rank's own groups, then one `share.gather` of the flat buffer [Σ top_numel] of
-    each rank's groups (padded to the largest), from which every rank takes the other groups'
-    Tops and vectors. Computed by the owner alone and copied, every rank's are bit for bit those
-    of the unshared computation."""
+    `share`, this rank's units (groups or slices of them), then one `share.gather` of the flat
+    buffer [Σ top_numel] of each rank's units (padded to the largest), from which every rank
+    takes the other units' Tops and vectors. Computed by the owner alone and copied, every rank's
+    are bit for bit those of the unshared computation (each conv's certificate is its own: a
+    slice of a batch gives the slice of its results)."""
     if share is None or not groups:
         return [group_top(convs, update=True) for convs in groups]
     dtype = compute_dtype(groups[0][0].weight)
     device = groups[0][0].weight.device
-    tops: list[Top | None] = [None] * len(groups)
+    units = [groups[g][start:stop] for g, start, stop in share.units]
+    tops: list[Top | None] = [None] * len(units)
     owned = []
     with torch.no_grad():
-        for i, convs in enumerate(groups):
-            if share.owners[i] == share.rank:
-                tops[i] = group_top(convs, update=True)
-                owned.append(_pack(convs, tops[i], dtype))
+        for j, convs in enumerate(units):
+            if share.owners[j] == share.rank:
+                tops[j] = group_top(convs, update=True)
+                owned.append(_pack(convs, tops[j], dtype))
         sizes = [0] * (max(share.owners) + 1)
-        for i, convs in enumerate(groups):
-            sizes[share.owners[i]] += top_numel(convs)
+        for j, convs in enumerate(units):
+            sizes[share.owners[j]] += top_numel(convs)
         flat = torch.zeros(max(sizes), dtype=dtype, device=device)
         if owned:
             mine = torch.cat(owned)
             flat[: len(mine)] = mine
         rows = share.gather(flat)
         offsets = [0] * len(rows)
-        for i, convs in enumerate(groups):
-            owner, n = share.owners[i], top_numel(convs)
+        for j, convs in enumerate(units):
+            owner, n = share.owners[j], top_numel(convs)
             if owner != share.rank:
-                tops[i] = _unpack(convs, rows[owner, offsets[owner] : offsets[owner] + n])
+                tops[j] = _unpack(convs, rows[owner, offsets[owner] : offsets[owner] + n])
             offsets[owner] += n
-    return tops
+    by_group: list[list[Top]] = [[] for _ in groups]
+    for (g, _, _), top in zip(share.units, tops, strict=True):
+        by_group[g].append(top)
+    return [_concat(parts) for parts in by_group]
+
+
+def _concat(parts: list[Top]) -> Top:
+    if len(parts) == 1:
+        return parts[0]
+    z = None if parts[0].z is None else torch.cat([p.z for p in parts])
+    return Top(z, torch.cat([p.e for p in parts]), torch.cat([p.factor for p in parts]))
 
 
 class _Join(torch.autograd.Function):
