@@ -211,7 +211,7 @@ MOVED = {
 # Keys added since checkpoints were first saved -> the value a saved config without them was
 # trained with: a checkpoint's config is read with them filled in (load_saved_config), and a resume
 # compares against that (train/compat.py), so an old run loads and resumes as it was trained.
-ADDED = {"model.prior_log_std_bound": 0.0}
+ADDED = {"model.prior_log_std_bound": 0.0, "train.share_certificate": False}
 # Keys removed since checkpoints were first saved -> why their saved value changes nothing: a
 # checkpoint's config is read (and a resume compared) without them; a config that sets one fails
 # as any unknown key does.

@@ -126,6 +126,15 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """[R, *t.shape]: every rank's ``t``, in rank order ([1, ...] on one rank)."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return t[None]
+    rows = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not (dist.is_initialized() and world_size() > 1):
         return obj

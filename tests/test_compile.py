@@ -114,3 +114,29 @@ def test_the_certified_default_compiles_into_one_graph():
     assert_adamw_steps_agree(
         eager, compiled, x, buffer="levels.0.steps.2.net.layers.0.spectral_vectors"
     )
+
+
+@pytest.mark.slow  # Inductor compiles the forward and backward graphs: ~1 min on a CPU core
+def test_a_held_step_compiles_into_one_graph_and_agrees_with_eager():
+    """Under a held normalisation (train/certificate.py) the step's scales enter the compiled
+    forward as inputs: fullgraph=True compiles it, the micro-batches before the last (a leaf's
+    scales) and the last (joined to the weights) run the same graph, and the step's gradients
+    agree with eager's."""
+    torch.manual_seed(0)
+    eager = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), n_bits=5)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    eager.data_init(x)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, dynamic=False)
+    grads = []
+    for model in (eager, compiled):
+        model.zero_grad(set_to_none=True)
+        with model.hold_normalisation(2) as hold:
+            for micro, chunk in enumerate(x.chunk(2)):
+                hold.enter(micro)
+                (model(chunk)["bpd"].mean() / 2).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert grad is not None and grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], grad, rtol=RTOL, atol=ATOL, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

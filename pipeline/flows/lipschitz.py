@@ -18,11 +18,17 @@ resume is exact), take one power step per training forward, and certify with one
 Cholesky test (spectral.certify): no host synchronisation, no data-dependent Python branch. The
 subnets of all couplings of a level have the same shapes: `normalise_groups` normalises each
 conv position of a level in one batched computation (`spectral_groups`), once per walk.
+
+Training holds the normalisation for an optimizer step (`HeldNormalisation`, via
+MultiScaleFlow.hold_normalisation): certified once per step (one power step per step), used by
+every micro-batch, its gradient through the scales applied once; data-parallel ranks may split
+the certificates (`Share`) and hand them on in one collective, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -187,8 +193,9 @@ class LipschitzConv2d(nn.Conv2d):
     "fourier" (the symbol's norm: the layer may use all of its budget) or "exact" (sqrt(k_h·k_w)·
     ‖W_mat‖₂).
 
-    The normalised kernel comes from the scale its level prepared for the current walk
-    (`normalise_groups` sets it, `release_groups` clears it), else from its own normalisation.
+    The normalised kernel comes from the scale held for the optimizer step (`HeldNormalisation`),
+    else from the scale its level prepared for the current walk (`normalise_groups` sets it,
+    `release_groups` clears it), else from its own normalisation.
 
     One cache (`_cache`, a base.NoGradCache) with one expiry rule: a value derived from the
     weights without autograd — its own normalisation's autograd-free part (`Top`) and kernel, its
@@ -227,6 +234,7 @@ class LipschitzConv2d(nn.Conv2d):
             self.normaliser = make_normaliser(method, tuple(self.weight.shape), self.spatial)
         self._cache = NoGradCache()
         self._prepared: torch.Tensor | None = None  # the scale of the current walk, if any
+        self._held: torch.Tensor | None = None  # the scale of the current optimizer step, if held
         self._warm = False  # whether spectral_vectors track the current weights
         if zero_init:
             nn.init.zeros_(self.weight)
@@ -262,6 +270,8 @@ class LipschitzConv2d(nn.Conv2d):
         advance only in training mode, or when asked."""
         if self.coeff is None:
             return self.weight
+        if self._held is not None:
+            return self.weight * self._held.to(self.weight.dtype)
         if self._prepared is not None:
             return self.weight * self._prepared.to(self.weight.dtype)
         updating = self.training if update is None else update
@@ -439,6 +449,8 @@ def normalise_groups(groups: list[list[LipschitzConv2d]]) -> None:
     within one `reuse_weights` scope (the sampler check's forward, encode, decode and sample)
     share them."""
     for convs in groups:
+        if convs[0]._held is not None:  # the optimizer step's scales (HeldNormalisation)
+            continue
         updating = convs[0].training
 
         def scales(convs=convs, updating=updating) -> torch.Tensor:
@@ -467,3 +479,200 @@ def converge_spectral_norms(module: nn.Module) -> None:
         if isinstance(conv, LipschitzConv2d) and conv.normaliser is not None:
             conv._warm = False
             conv.spectral_warm.zero_()
+
+
+# --- the normalisation of one optimizer step -------------------------------------------------------
+
+
+class Share(NamedTuple):
+    """How data-parallel ranks split a step's certificates: `units[j]` = (group, start, stop), the
+    convs group[start:stop], is certified by rank `owners[j]` (this is rank `rank`), and `gather`
+    maps this rank's flat buffer [n] to every rank's, [R, n], in one collective (the train side
+    passes it in: flows/ holds no distributed code). The units of a group cover it in order."""
+
+    units: list[tuple[int, int, int]]
+    owners: list[int]
+    rank: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+
+def group_cost(convs: list[LipschitzConv2d]) -> float:
+    """The certificate's multiply-adds for a group, from shapes: per frequency the Gram
+    (c_out·c_in·taps·m) and the Cholesky ladder (~m³)."""
+    normaliser = convs[0].normaliser
+    c_out, c_in, k_h, k_w = convs[0].weight.shape
+    n_freq, m = normaliser.state_shape[:2]
+    return len(convs) * n_freq * (c_out * c_in * k_h * k_w * m + m**3)
+
+
+def top_layout(convs: list[LipschitzConv2d]) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, complex) of what a group's certificate hands on, in order: the phases z [B, T]
+    (Fourier only), the direction e [B, m], the factor [B] and the warm-start vectors to keep
+    [B, *state_shape]: everything a rank needs to form the group's scales and to hold the
+    vectors the certificate's owner holds."""
+    normaliser, b = convs[0].normaliser, len(convs)
+    fourier = isinstance(normaliser, FourierNormaliser)
+    layout = [((b, normaliser.state_shape[1]), fourier), ((b,), False)]
+    layout.append(((b, *normaliser.state_shape), False))
+    if fourier:
+        taps = normaliser.kernel_size[0] * normaliser.kernel_size[1]
+        layout.insert(0, ((b, taps), True))
+    return layout
+
+
+def top_numel(convs: list[LipschitzConv2d]) -> int:
+    """Real scalars of `top_layout` (a complex one counts twice)."""
+    return sum(math.prod(shape) * (2 if cplx else 1) for shape, cplx in top_layout(convs))
+
+
+def _pack(convs: list[LipschitzConv2d], top: Top, dtype: torch.dtype) -> torch.Tensor:
+    vectors = torch.stack([c.spectral_vectors for c in convs])
+    pieces = [top.e, top.factor, vectors] if top.z is None else [top.z, top.e, top.factor, vectors]
+    real = [torch.view_as_real(p) if p.is_complex() else p for p in pieces]
+    return torch.cat([p.to(dtype).reshape(-1) for p in real])
+
+
+def _unpack(convs: list[LipschitzConv2d], flat: torch.Tensor) -> Top:
+    """The Top a group's owner packed; the owner's vectors become this rank's, bit for bit."""
+    pieces, offset = [], 0
+    for shape, cplx in top_layout(convs):
+        n = math.prod(shape) * (2 if cplx else 1)
+        piece = flat[offset : offset + n].clone()  # aligned for view_as_complex, not aliased
+        offset += n
+        pieces.append(
+            torch.view_as_complex(piece.reshape(*shape, 2)) if cplx else piece.reshape(shape)
+        )
+    *top, vectors = pieces
+    for conv, vector in zip(convs, vectors.unbind(0), strict=True):
+        conv.spectral_vectors.copy_(vector)
+        conv.spectral_warm.fill_(1.0)
+        conv._warm = True
+    return Top(top[0] if len(top) == 3 else None, *top[-2:])
+
+
+def certify_groups(groups: list[list[LipschitzConv2d]], share: Share | None = None) -> list[Top]:
+    """Each group's `group_top`, advancing its warm-start vectors: all on this rank, or, with
+    `share`, this rank's units (groups or slices of them), then one `share.gather` of the flat
+    buffer [Σ top_numel] of each rank's units (padded to the largest), from which every rank
+    takes the other units' Tops and vectors. Computed by the owner alone and copied, every rank's
+    are bit for bit those of the unshared computation (each conv's certificate is its own: a
+    slice of a batch gives the slice of its results)."""
+    if share is None or not groups:
+        return [group_top(convs, update=True) for convs in groups]
+    dtype = compute_dtype(groups[0][0].weight)
+    device = groups[0][0].weight.device
+    units = [groups[g][start:stop] for g, start, stop in share.units]
+    tops: list[Top | None] = [None] * len(units)
+    owned = []
+    with torch.no_grad():
+        for j, convs in enumerate(units):
+            if share.owners[j] == share.rank:
+                tops[j] = group_top(convs, update=True)
+                owned.append(_pack(convs, tops[j], dtype))
+        sizes = [0] * (max(share.owners) + 1)
+        for j, convs in enumerate(units):
+            sizes[share.owners[j]] += top_numel(convs)
+        flat = torch.zeros(max(sizes), dtype=dtype, device=device)
+        if owned:
+            mine = torch.cat(owned)
+            flat[: len(mine)] = mine
+        rows = share.gather(flat)
+        offsets = [0] * len(rows)
+        for j, convs in enumerate(units):
+            owner, n = share.owners[j], top_numel(convs)
+            if owner != share.rank:
+                tops[j] = _unpack(convs, rows[owner, offsets[owner] : offsets[owner] + n])
+            offsets[owner] += n
+    by_group: list[list[Top]] = [[] for _ in groups]
+    for (g, _, _), top in zip(share.units, tops, strict=True):
+        by_group[g].append(top)
+    return [_concat(parts) for parts in by_group]
+
+
+def _concat(parts: list[Top]) -> Top:
+    if len(parts) == 1:
+        return parts[0]
+    z = None if parts[0].z is None else torch.cat([p.z for p in parts])
+    return Top(z, torch.cat([p.e for p in parts]), torch.cat([p.factor for p in parts]))
+
+
+class _Join(torch.autograd.Function):
+    """(scale with its graph to the weights, the step's leaf) -> the scale's values; backward: the
+    last micro-batch's gradient plus the leaf's, accumulated over the step's earlier
+    micro-batches, so that the graph to the weights is walked once per optimizer step."""
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.leaf = leaf
+        return scale.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        earlier = ctx.leaf.grad
+        return (grad if earlier is None else grad + earlier), None
+
+
+class HeldNormalisation:
+    """One optimizer step's normalisation, formed once and used by each of its `micro_batches`
+    forward/backward passes (`enter(micro)` before each; `release` after the last backward, or
+    leave the `with` block).
+
+    At the hold, every group's Top is certified (`certify_groups`: the warm-start vectors advance
+    once per step) and its scales [B] = `group_scales` computed with their graph to the weights.
+    The micro-batches before the last use a detached leaf copy of the scales, whose .grad
+    accumulates their gradients; the last uses the scales through `_Join`, whose backward adds
+    the leaf's gradient: the scale's graph runs backward once, inside the step's last backward
+    (before a data-parallel engine reduces the gradients at the accumulation boundary), and the
+    step's gradient is that of one pass over all its micro-batches with this normalisation. One
+    micro-batch uses the scales as they are: the cost of an unheld training walk.
+
+    Every walk of the model while held normalises with these scales (LipschitzConv2d.
+    effective_weight): the re-runs of `checkpoint` and `invertible` memory included, so they
+    form the kernels their forward passes formed; the invertible run takes the held scales as
+    inputs and returns their gradients (flows/memory.py)."""
+
+    def __init__(self, groups, micro_batches: int, share: Share | None = None):
+        if micro_batches < 1:
+            raise ValueError(f"a held normalisation needs ≥ 1 micro-batch, got {micro_batches}")
+        self.groups = groups
+        self.micro_batches = micro_batches
+        tops = certify_groups(groups, share)
+        self.scales = [group_scales(convs, top) for convs, top in zip(groups, tops, strict=True)]
+        self.leaves = None
+        if micro_batches > 1:
+            self.leaves = [scale.detach().requires_grad_(True) for scale in self.scales]
+
+    def enter(self, micro: int) -> None:
+        """Give every conv its scale for micro-batch `micro` (0-based) of the step."""
+        if not 0 <= micro < self.micro_batches:
+            raise ValueError(f"micro-batch {micro} of a step of {self.micro_batches}")
+        for k, convs in enumerate(self.groups):
+            scales = self.scales[k]
+            if self.leaves is not None:
+                leaf = self.leaves[k]
+                last = micro == self.micro_batches - 1
+                scales = _Join.apply(scales, leaf) if last else leaf
+            for conv, scale in zip(convs, scales.unbind(0), strict=True):
+                conv._held = scale
+
+    def release(self) -> None:
+        for convs in self.groups:
+            for conv in convs:
+                conv._held = None
+        self.scales, self.leaves = [], None
+
+    def __enter__(self) -> HeldNormalisation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def held_convs(modules) -> list[LipschitzConv2d]:
+    """The convs of `modules` (and their submodules) that normalise with a held scale now."""
+    return [
+        m
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, LipschitzConv2d) and m._held is not None
+    ]

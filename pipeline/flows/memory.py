@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.flows.base import FlowBlock, Rerun, frozen, reuse_weights
+from pipeline.flows.lipschitz import held_convs
 
 MemoryMode = Literal["store", "checkpoint", "invertible"]
 Step = Sequence[FlowBlock]
@@ -128,7 +129,13 @@ def _invertible(blocks: Sequence[FlowBlock], h: torch.Tensor, segment_size: int)
     params = [list(block.parameters()) for block in blocks]
     segments = _segments(blocks, segment_size)
     flat = [p for block_params in params for p in block_params]
-    y, logdets = _InvertibleRun.apply(h, tuple(blocks), params, segments, *flat)
+    # a held normalisation's scales (lipschitz.HeldNormalisation) are inputs as the parameters
+    # are: their gradients leave through autograd, to the step's leaf or its graph to the weights
+    held = [held_convs([block]) for block in blocks]
+    scales = [conv._held for block_held in held for conv in block_held]
+    y, logdets = _InvertibleRun.apply(
+        h, tuple(blocks), params, segments, held, len(flat), *flat, *scales
+    )
     return y, list(logdets.unbind(0))
 
 
@@ -147,10 +154,11 @@ def _segments(blocks: Sequence[FlowBlock], size: int) -> list[range]:
 
 
 class _InvertibleRun(torch.autograd.Function):
-    """(x, blocks, their parameters per block, segments, *the parameters) -> (y, log-dets
-    [n_blocks, B]), saving only y (see the module docstring). Parameters are explicit inputs so
-    that their gradients reach them through autograd (and DeepSpeed's gradient hooks) like any
-    other."""
+    """(x, blocks, their parameters per block, segments, their held convs per block, the number
+    of parameters, *the parameters, *the held scales) -> (y, log-dets [n_blocks, B]), saving only
+    y (see the module docstring). Parameters are explicit inputs so that their gradients reach
+    them through autograd (and DeepSpeed's gradient hooks) like any other; so are held scales,
+    which the re-run replaces by leaves of its own to take their gradients."""
 
     @staticmethod
     def forward(
@@ -159,10 +167,13 @@ class _InvertibleRun(torch.autograd.Function):
         blocks: tuple[FlowBlock, ...],
         params: list[list[torch.Tensor]],
         segments: list[range],
-        *flat_params: torch.Tensor,
+        held: list[list],
+        n_params: int,
+        *inputs: torch.Tensor,
     ):
         device = x.device.type
-        ctx.blocks, ctx.params, ctx.segments = blocks, params, segments
+        ctx.blocks, ctx.params, ctx.segments, ctx.held = blocks, params, segments, held
+        ctx.scales = inputs[n_params:]  # held scales: a few scalars
         ctx.autocast = (
             device,
             torch.is_autocast_enabled(device),
@@ -183,7 +194,14 @@ class _InvertibleRun(torch.autograd.Function):
         blocks = ctx.blocks
         device, enabled, dtype, cache = ctx.autocast
         param_grads: list[Sequence[torch.Tensor | None]] = []
-        with _frozen_all(blocks), reuse_weights(ctx.scope):
+        # each held scale's stand-in: a leaf that the re-run normalises with
+        convs = [conv for block_held in ctx.held for conv in block_held]
+        held = list(zip(convs, ctx.scales, strict=True))
+        stand_ins = {}
+        for conv, scale in held:
+            stand_ins[id(conv)] = conv._held = scale.detach().requires_grad_(True)
+        scale_grads: dict[int, torch.Tensor] = {}
+        with _frozen_all(blocks), reuse_weights(ctx.scope), _restoring(held):
             for segment in reversed(ctx.segments):
                 wants_x = segment.start > 0 or ctx.needs_input_grad[0]
                 # the re-run under the forward's autocast state; its backward (the vjp) outside
@@ -193,15 +211,30 @@ class _InvertibleRun(torch.autograd.Function):
                     rerun, outputs = _rerun_segment(segment_blocks, y, wants_x)
                 cotangents = [grad_y, *grad_logdets[segment.start : segment.stop]]
                 params = [p for k in segment for p in ctx.params[k]]
+                convs = [conv for k in segment for conv in ctx.held[k]]
                 leaves = rerun.leaves if wants_x else []
-                leaf_grads, grads = _vjp(outputs, cotangents, leaves, params)
+                stand_in = [stand_ins[id(conv)] for conv in convs]
+                leaf_grads, grads = _vjp(outputs, cotangents, leaves, params + stand_in)
                 if wants_x:
                     grad_y = rerun.join(*leaf_grads)
-                param_grads.append(grads)
+                param_grads.append(grads[: len(params)])
+                for conv, grad in zip(convs, grads[len(params) :], strict=True):
+                    scale_grads[id(conv)] = grad
                 y = rerun.x
         grad_x = grad_y if ctx.needs_input_grad[0] else None
         flat = [g for segment_grads in reversed(param_grads) for g in segment_grads]
-        return (grad_x, None, None, None, *flat)
+        held_grads = [scale_grads.get(id(conv)) for conv, _ in held]
+        return (grad_x, None, None, None, None, None, *flat, *held_grads)
+
+
+@contextmanager
+def _restoring(held: list) -> Iterator[None]:
+    """Give each (conv, scale) of `held` its scale back afterwards."""
+    try:
+        yield
+    finally:
+        for conv, scale in held:
+            conv._held = scale
 
 
 def _rerun_segment(

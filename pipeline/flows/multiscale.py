@@ -21,7 +21,14 @@ from pipeline.flows.base import FlowBlock, frozen, main_dtype, reuse_weights, ru
 from pipeline.flows.config import ModelConfig
 from pipeline.flows.conv1x1 import InvConv1x1LU, InvConv1x1SVD
 from pipeline.flows.coupling import Coupling
-from pipeline.flows.lipschitz import normalise_groups, release_groups, spectral_groups
+from pipeline.flows.lipschitz import (
+    HeldNormalisation,
+    LipschitzConv2d,
+    Share,
+    normalise_groups,
+    release_groups,
+    spectral_groups,
+)
 from pipeline.flows.memory import MemoryMode, run_steps
 from pipeline.flows.residual import ResidualBlock
 
@@ -273,6 +280,21 @@ class MultiScaleFlow(nn.Module):
         """{block name: log|det J| [B]} for diagnostics (the log-det balance, docs/design.md §3.5 (4))."""
         names = [name for _, name, _ in self.blocks()]
         return dict(zip(names, self.forward(x, per_block=True)["logdet_blocks"], strict=True))
+
+    # ----- one optimizer step's normalisation --------------------------------------------------
+    def normalised_groups(self) -> list[list[LipschitzConv2d]]:
+        """The spectral-normalised convs, level by level and conv position by conv position: the
+        groups each normalised in one batched computation (Level.spectral_groups)."""
+        return [convs for level in self.levels for convs in level.spectral_groups]
+
+    def hold_normalisation(
+        self, micro_batches: int = 1, share: Share | None = None
+    ) -> HeldNormalisation:
+        """Certify every normalised conv once (advancing the warm-start vectors once) and hold
+        the scales for the `micro_batches` forward/backward passes of one optimizer step, whose
+        gradient through the scales is then applied once (lipschitz.HeldNormalisation). With
+        `share`, each rank certifies its groups and one collective hands on the rest."""
+        return HeldNormalisation(self.normalised_groups(), micro_batches, share)
 
     # ----- bijection ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

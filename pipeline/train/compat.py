@@ -53,6 +53,7 @@ SAFE_TO_CHANGE: dict[str, str] = {
     "train.init_batches": "read only by a fresh start (the ActNorm init)",
     "train.optimum_images": "read only by a fresh start (the optimum is in the TrainState)",
     "train.allow_changed": "this override itself",
+    "train.share_certificate": "who computes the certificates, not what they are (bit for bit)",
     "data.cache": "where the synthetic set is cached; the other data keys fix its content",
 }
 

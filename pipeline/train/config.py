@@ -28,6 +28,9 @@ class TrainConfig:
     # forward passes; the first step of each compiles (0.5-2 min on a CPU core). Off by default: it
     # pays only where the forward has few graph breaks (README, "Configs")
     compile: bool = False
+    # on several ranks, each certifies its share of the spectral-norm groups once per step and one
+    # all_gather hands on the rest (train/certificate.py): bit for bit the unshared computation
+    share_certificate: bool = True
     seed: int = 0
     init_batches: int = 1  # batches for the ActNorm data-dependent init
     log_every: int = 1

@@ -30,6 +30,7 @@ from pipeline.flows import build_flow
 from pipeline.theory.closed_form import optimal_nll
 from pipeline.track.sink import MetricsSink
 from pipeline.train import checkpoint, compat
+from pipeline.train.certificate import Certificate
 from pipeline.train.config import FaultConfig, TrainConfig
 from pipeline.train.faults import lr_multiplier
 from pipeline.train.guard import Guard
@@ -65,6 +66,7 @@ class Run:
     guard: Guard
     sink: MetricsSink
     preemption: Preemption
+    certificate: Certificate  # the step's spectral-norm certificate, once per step (shared)
     reported_bad_shards: set = field(default_factory=set)
     # the first val images (rank 0, None elsewhere): the sampler check's fixed images, and the
     # final battery's and panel's
@@ -136,8 +138,10 @@ def assemble(cfg: Config) -> Run:
         Guard(guard, state, cfg.train.precision),
         sink,
         preemption,
+        Certificate(model, cfg.train.share_certificate),
         val_images=val_images,
     )
+    dist.say(run.certificate.describe())
     if bundle.latest is None:
         run.save()  # the initial weights: a good rollback target from the start
         dist.say(f"fresh start; run {cfg.run.dir}")

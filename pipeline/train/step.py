@@ -36,26 +36,32 @@ def train_step(run, batches) -> tuple[dict, bool, torch.Tensor]:
 
 
 def forward_backward(run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward and backward over the micro-batches of one step. Returns this rank's sums of
-    [bpd, logpz_bpd, logdet_bpd], its extremes [max, -min] of log|det J|/D, and the last batch."""
+    """Forward and backward over the micro-batches of one step, under one held normalisation
+    (train/certificate.py: certified once per step, its gradient applied in the last backward,
+    before DeepSpeed reduces at the accumulation boundary). Returns this rank's sums of [bpd,
+    logpz_bpd, logdet_bpd], its extremes [max, -min] of log|det J|/D (kept on the device and
+    copied to the host once) and the last batch."""
     engine, cfg, step = run.engine, run.cfg, run.state.step + 1
     accum = cfg.train.grad_accum
-    sums = torch.zeros(3, dtype=torch.float64)
-    extremes = torch.full((2,), -math.inf, dtype=torch.float64)
-    for micro in range(accum):
-        x = faults.corrupt_batch(cfg.faults, next(batches), step).to(engine.device)
-        with autocast(cfg.train.precision):
-            out = engine(x)
-        loss = out["bpd"].float().mean()
-        engine.backward(loss)
-        bits = x[0].numel() * math.log(2.0)
-        terms = [loss, -out["logpz"].mean() / bits, -out["logdet"].mean() / bits]
-        sums += torch.stack(terms).detach().double().cpu()
-        logdet = out["logdet"].detach().double().cpu() / x[0].numel()
-        extremes = torch.maximum(extremes, torch.stack([logdet.max(), -logdet.min()]))
-        if micro < accum - 1:
-            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-    return sums, extremes, x
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=engine.device)
+    with run.certificate.hold(accum) as hold:
+        for micro in range(accum):
+            x = faults.corrupt_batch(cfg.faults, next(batches), step).to(engine.device)
+            hold.enter(micro)
+            with autocast(cfg.train.precision):
+                out = engine(x)
+            loss = out["bpd"].float().mean()
+            engine.backward(loss)
+            bits = x[0].numel() * math.log(2.0)
+            terms = [loss, -out["logpz"].mean() / bits, -out["logdet"].mean() / bits]
+            sums += torch.stack(terms).detach().double()
+            logdet = out["logdet"].detach().double() / x[0].numel()
+            extremes = torch.maximum(extremes, torch.stack([logdet.max(), -logdet.min()]))
+            if micro < accum - 1:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    host = torch.cat([sums, extremes]).cpu()  # the step's one transfer
+    return host[:3], host[3:], x
 
 
 def skip_or_step(run, sums: torch.Tensor, extremes: torch.Tensor):
