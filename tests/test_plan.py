@@ -162,6 +162,13 @@ def test_plan_command_prints_and_writes_the_plan(tmp_path):
     assert data["read_bytes_per_s"]["rank"] == 8 * data["bytes_per_image"]  # at 1 s a step
     assert "verdict      model.memory=store: does not fit" in run.stdout
     assert run.stderr.count("plan: measured") == 3  # debug's 2 steps: measured at its own depth
+    # the certificate shared by 4 ranks: each certifies part of it and gathers the rest
+    cert = plan["certificate"]
+    assert (
+        cert["groups"] == 6 and 0 < cert["seconds_per_step_per_rank"] < cert["seconds_per_step_all"]
+    )
+    assert cert["gather_bytes_received_per_rank"] == 3 * cert["gather_bytes_sent_per_rank"] > 0
+    assert "certificate  " in run.stdout and "all_gather" in run.stdout
 
 
 def test_shards_not_written_are_estimated(tmp_path):

@@ -47,6 +47,7 @@ from pipeline.data import ShardError, read_manifest, resolve_shards
 from pipeline.data.ingest import MIN_VAL_SHARDS, SHARD_SIZE
 from pipeline.distributed import ZERO_BUCKET_DEFAULTS, deepspeed_config
 from pipeline.flows import build_flow
+from pipeline.flows.lipschitz import group_cost, top_numel
 from pipeline.flows.memory import MemoryMode
 
 MODES = typing.get_args(MemoryMode)
@@ -207,6 +208,47 @@ def step(
     between()
     if torch.is_grad_enabled():
         out["bpd"].float().mean().backward()
+
+
+def certificate_plan(cfg: Config, ranks: int, depth: int = 4, repeats: int = 3) -> dict:
+    """The spectral-norm certificate per optimizer step and rank (train/certificate.py), timed on
+    this CPU: one held normalisation of the model at `depth` steps per level (median of
+    `repeats`, after one untimed), scaled to the config's depth (each group holds one conv per
+    flow step: its cost and bytes grow in proportion); shared by `ranks` as the run shares it
+    (units assigned by their cost from shapes): the largest share's time and the all_gather's
+    bytes."""
+    import statistics
+
+    from pipeline.train.certificate import assign, split
+
+    flow = flow_at(cfg, depth)
+    flow.hold_normalisation().release()  # untimed: the first walk of each kernel's sizes
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        flow.hold_normalisation().release()
+        seconds.append(time.perf_counter() - start)
+    groups = [(group_cost(g) / depth, top_numel(g) / depth) for g in flow.normalised_groups()]
+    steps = cfg.model.steps
+    total = statistics.median(seconds) * steps / depth
+    costs = [cost * steps for cost, _ in groups]
+    share, sent = 1.0, 0.0
+    if cfg.train.share_certificate and ranks > 1 and groups:
+        units = split(costs, [steps] * len(groups), ranks)
+        unit_costs = [groups[g][0] * (b - a) for g, a, b in units]
+        loads, numels = [0.0] * ranks, [0.0] * ranks
+        for (g, a, b), owner in zip(units, assign(unit_costs, ranks), strict=True):
+            loads[owner] += groups[g][0] * (b - a)
+            numels[owner] += groups[g][1] * (b - a)
+        share, sent = max(loads) / sum(loads), max(numels) * 4  # float32 scalars
+    return {
+        "groups": len(groups),
+        "seconds_per_step_all": total,
+        "seconds_per_step_per_rank": total * share,
+        "gather_bytes_sent_per_rank": int(sent),
+        "gather_bytes_received_per_rank": int(sent * (ranks - 1)),
+        "measured": f"on this CPU, {torch.get_num_threads()} threads, at {depth} steps per level",
+    }
 
 
 def measuring_resolution(cfg: Config) -> int:
@@ -403,6 +445,8 @@ def make_plan(
     memory = memory_plan(cfg, acts, ranks, gpu_memory, ds)
     data = data_plan(cfg, ranks, per_rank, step_s)
     say("read the shard manifest" if not data["estimated"] else "estimated the shards")
+    certificate = certificate_plan(cfg, ranks) if cfg.model.spectral_norm else None
+    say("timed the certificate")
     return {
         "config": to_dict(cfg),
         "cluster": {"nodes": nodes, "gpus_per_node": gpus_per_node, "ranks": ranks},
@@ -424,6 +468,7 @@ def make_plan(
         },
         "not_counted": NOT_COUNTED,
         "data": data,
+        "certificate": certificate,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -489,6 +534,13 @@ def format_plan(plan: dict[str, Any], path: Path | None = None) -> str:
         "per step"
         + (f"; {d['steps_per_epoch']} steps per epoch" if "steps_per_epoch" in d else ""),
     ]
+    if (cert := plan.get("certificate")) is not None:
+        lines.append(
+            f"certificate  {cert['seconds_per_step_per_rank']:.3g} s per step per rank "
+            f"({cert['seconds_per_step_all']:.3g} s for all {cert['groups']} conv groups, "
+            f"{cert['measured']}); all_gather {size(cert['gather_bytes_sent_per_rank'])} sent, "
+            f"{size(cert['gather_bytes_received_per_rank'])} received per rank per step"
+        )
     if path is not None:
         lines.append(f"written      {path} ({plan['seconds']:.0f} s)")
     return "\n".join(lines)
