@@ -352,6 +352,33 @@ def test_certify_zero_kernel():
     assert spectral.certify(grams[:1], torch.zeros(1, dtype=DT)).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32, torch.complex128])
+def test_factorises_is_the_cholesky_test_in_any_chunks_and_threads(dtype, monkeypatch):
+    """spectral.factorises (the certificate's one factorisation op: chunks of matrices, one
+    LAPACK thread per chunk) says exactly what one batched cholesky_ex of μ·I - G says, at
+    margins on both sides of λ_max and at NaN, whatever the chunks and threads; it restores
+    torch's thread count; torch.compile takes it into one graph."""
+    w = torch.randn(2, 7, 5, 9, 3, 3, generator=torch.Generator().manual_seed(4), dtype=DT)
+    grams = spectral.symbol_grams(w, spectral.Frequencies(4, 4, 1.0)).to(dtype)  # [2, 7, 12, 9, 9]
+    top = torch.linalg.eigvalsh(grams)[..., -1]
+    scale = torch.tensor([0.5, 0.999, 1.001, 1.5, 3.0, math.nan, 0.0], dtype=top.dtype)
+    mu = top * scale[:, None]
+    eye = torch.eye(grams.shape[-1], dtype=dtype)
+    expected = torch.linalg.cholesky_ex(mu[..., None, None].to(dtype) * eye - grams).info == 0
+    threads = torch.get_num_threads()
+    for chunk_bytes, n_threads in ((1 << 20, 1), (1, 2), (3 * 81 * 16, 3)):
+        monkeypatch.setattr(spectral, "FACTOR_CHUNK_BYTES", chunk_bytes)
+        torch.set_num_threads(n_threads)
+        try:
+            assert torch.equal(spectral.factorises(grams, mu), expected)
+            assert torch.get_num_threads() == n_threads
+        finally:
+            torch.set_num_threads(threads)
+    assert spectral.factorises(grams[:0], mu[:0]).shape == (0, 7, 12)
+    compiled = torch.compile(spectral.factorises, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(grams, mu), expected)
+
+
 # 6. rayleigh: value and gradient of the top eigenvalue
 
 

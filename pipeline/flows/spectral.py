@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -76,6 +78,9 @@ CANDIDATES = 4
 # operations (~0.25 ms on a CPU core): below that, the single-matmul "products" route is faster
 OFFSETS_MIN_SAVING = 7.5e6
 _EPS32 = 2.0**-23
+# the CPU factorisations' work per call (bytes of matrices): a chunk's shift, factorisation and
+# clean-up stay in a core's cache
+FACTOR_CHUNK_BYTES = 1 << 20
 
 
 class Frequencies(NamedTuple):
@@ -304,41 +309,50 @@ def certify(
     """[...]: a certified upper bound on max_ω λ_max(G(ω)) over the frequency axis (-3) of
     [..., F, m, m] Grams, given `lower` [...] ≤ it (the best Rayleigh quotient). Rung j tests
     μ_j = lower·(1 + slacks[j]) by a Cholesky factorisation of μ_j·I - G(ω): the first rung at
-    every frequency (one batched factorisation), the later ones (one more) only at `candidates`
-    [..., k] (frequency indices), or, with `at_failures` = k > 0, at the k frequencies where the
-    first rung failed with the largest ‖G(ω)‖_F (a lagging warm vector's own quotient is low, so
-    the quotients cannot point at it; the Frobenius norm bounds where λ_max can be large); at
-    every frequency if neither. A frequency's bound is the lowest rung that passed there, or
-    ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring). Branch-free; a zero kernel gets
-    0. `with_rung`: also the rung that bounded the maximum ([...]: len(slacks) = the Frobenius
-    norm somewhere), a diagnostic."""
+    every frequency (one batched factorisation), the later ones only at `candidates` [..., k]
+    (frequency indices), or, with `at_failures` = k > 0, at the k frequencies where the first
+    rung failed with the largest ‖G(ω)‖_F (a lagging warm vector's own quotient is low, so the
+    quotients cannot point at it; the Frobenius norm bounds where λ_max can be large); at every
+    frequency if neither. A frequency's bound is the lowest rung that passed there, or
+    ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring). The later rungs are searched by
+    bisection (a rung that passes certifies every rung above it: μ_{j+1}·I - G ⪰ μ_j·I - G, with
+    a margin of a rung's step, far above the factorisation's rounding), ⌈log₂(len(slacks))⌉
+    batched factorisations of the k candidates each instead of one of all len(slacks) - 1 rungs
+    at each. Branch-free; a zero kernel gets 0. `with_rung`: also the rung that bounded the
+    maximum ([...]: len(slacks) = the Frobenius norm somewhere), a diagnostic."""
     m, n_freq = grams.shape[-1], grams.shape[-3]
     real = torch.view_as_real(grams) if grams.is_complex() else grams[..., None]
     frobenius = real.square().sum((-3, -2, -1)).sqrt().to(lower.dtype)  # [..., F]
     mus = lower[..., None] * (1 + torch.tensor(slacks, dtype=lower.dtype, device=lower.device))
-    eye = torch.eye(m, dtype=grams.dtype, device=grams.device)
     # the first rung at every frequency
-    first = torch.linalg.cholesky_ex(mus[..., :1, None, None].to(grams.dtype) * eye - grams)
-    passed = first.info == 0  # [..., F]
+    passed = factorises(grams, mus[..., :1].expand(grams.shape[:-2]))  # [..., F]
     bound = torch.where(passed, mus[..., :1], frobenius.maximum(lower[..., None]))
     rung = torch.where(passed, 0.0, float(len(slacks)))
-    if len(slacks) > 1:  # the later rungs at the candidates, in one batched factorisation
+    if len(slacks) > 1:  # the later rungs at the candidates, by bisection
         if candidates is None and at_failures:
             failed = torch.where(passed, torch.full_like(frobenius, -math.inf), frobenius)
             candidates = failed.topk(min(at_failures, n_freq), -1).indices
         elif candidates is None:
             candidates = torch.arange(n_freq, device=grams.device).expand(*passed.shape)
         where = candidates[..., None, None].expand(*candidates.shape, m, m)
-        tested = grams.gather(-3, where)[..., None, :, :, :]  # [..., 1, k, m, m]
-        later = mus[..., 1:, None, None, None].to(grams.dtype)  # [..., R, 1, 1, 1]
-        ok = torch.linalg.cholesky_ex(later * eye - tested).info == 0  # [..., R, k]
-        # the lowest passing rung (argmax finds the first True); none: the Frobenius norm
-        lowest = ok.to(torch.uint8).argmax(-2, keepdim=True)  # [..., 1, k]
-        mu = mus[..., 1:].gather(-1, lowest[..., 0, :])  # [..., k]
-        fresh = ok.any(-2) & ~passed.gather(-1, candidates)
+        tested = grams.gather(-3, where)  # [..., k, m, m]
+        later = mus[..., 1:]  # [..., R]
+        n_later = later.shape[-1]
+        # the lowest passing later rung lies in [low, high] (n_later: none passes)
+        low = torch.zeros_like(candidates)
+        high = torch.full_like(candidates, n_later)
+        for _ in range(math.ceil(math.log2(n_later + 1))):
+            mid = (low + high) // 2  # < n_later while low < high
+            ok = factorises(tested, later.gather(-1, mid.clamp_max(n_later - 1)))
+            searching = low < high
+            high = torch.where(searching & ok, mid, high)
+            low = torch.where(searching & ~ok, mid + 1, low)
+        lowest = low.clamp_max(n_later - 1)
+        mu = later.gather(-1, lowest)  # [..., k]
+        fresh = (low < n_later) & ~passed.gather(-1, candidates)
         at = torch.zeros_like(passed).scatter(-1, candidates, fresh)
         bound = torch.where(at, torch.zeros_like(bound).scatter(-1, candidates, mu), bound)
-        rung_at = torch.zeros_like(rung).scatter(-1, candidates, 1.0 + lowest[..., 0, :].to(rung))
+        rung_at = torch.zeros_like(rung).scatter(-1, candidates, 1.0 + lowest.to(rung))
         rung = torch.where(at, rung_at, rung)
     top = bound.amax(-1)
     certified = top * (1 + 4 * m * _EPS32)
@@ -347,6 +361,73 @@ def certify(
     # the rung of the frequency that bounds the maximum (a zero kernel: rung 0)
     at_top = rung.gather(-1, bound.argmax(-1, keepdim=True))[..., 0]
     return certified, torch.where(top > 0, at_top, torch.zeros_like(at_top)).long()
+
+
+def factorises(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """[...] bool: whether the Cholesky factorisation of μ·I - G succeeds, for Hermitian
+    [..., m, m] G and real μ [...] (its sign: LAPACK's, computed as -G + μ on the diagonal, the
+    same numbers as μ·I - G). One custom op: opaque to torch.compile (one graph), and on a CPU
+    run one matrix per thread (`_factor_info`)."""
+    return _shifted_cholesky_info(grams, mu.to(grams.real.dtype)) == 0
+
+
+@torch.library.custom_op("lipflow::shifted_cholesky_info", mutates_args=())
+def _shifted_cholesky_info(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """[...] int32: LAPACK's info of the Cholesky factorisation of μ·I - G (0: it succeeded)."""
+    if grams.device.type != "cpu":
+        return _factor_info(grams, mu)
+    return _on_cpu_threads(_factor_info, grams, mu)
+
+
+@_shifted_cholesky_info.register_fake
+def _(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    return grams.new_empty(grams.shape[:-2], dtype=torch.int32)
+
+
+def _factor_info(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    shifted = -grams
+    shifted.diagonal(dim1=-2, dim2=-1).add_(mu[..., None])
+    return torch.linalg.cholesky_ex(shifted).info
+
+
+def _on_cpu_threads(function, matrices: torch.Tensor, *per_matrix: torch.Tensor) -> torch.Tensor:
+    """function(matrices, *per_matrix) for [..., m, m] matrices and [...] tensors, on CPU
+    chunks of FACTOR_CHUNK_BYTES, one LAPACK thread each, up to torch.get_num_threads() chunks
+    at once. MKL's own threads synchronise many times inside each factorisation of these sizes:
+    with two of them on a shared 2-core CPU, batched Cholesky factorisations of 192×192 to
+    512×512 ran 2.5-15x slower than one thread (bench certificate), and one matrix per thread
+    needs no synchronisation at all. Same result, bit for bit, as one call with one thread."""
+    batch, m = matrices.shape[:-2], matrices.shape[-1]
+    flat = matrices.reshape(-1, m, m)
+    rest = [t.expand(batch).reshape(-1) for t in per_matrix]
+    if flat.shape[0] == 0:
+        return function(flat, *rest).reshape(batch)
+    per = max(1, FACTOR_CHUNK_BYTES // (m * m * matrices.element_size()))
+    chunks = list(zip(flat.split(per), *(t.split(per) for t in rest), strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads > 1 and len(chunks) > 1:
+            out = list(_pool(threads).map(lambda chunk: function(*chunk), chunks))
+        else:
+            out = [function(*chunk) for chunk in chunks]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(out).reshape(batch)
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Worker threads for _on_cpu_threads, per process (a forked child has none of its parent's
+    threads), each with one intra-op thread."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(
+            threads, "lipflow-lapack", initializer=torch.set_num_threads, initargs=(1,)
+        )
+    return _POOLS[key]
 
 
 def matrix_gram(w_mat: torch.Tensor) -> torch.Tensor:
