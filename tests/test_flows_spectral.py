@@ -91,9 +91,9 @@ def modulated(omega: tuple[float, float], c_out: int = 1, c_in: int = 1) -> torc
         ((), 1, 1, 3, 3, 3, 3),  # single channel, grid no larger than the kernel
     ],
 )
-@pytest.mark.parametrize("route", ["products", "offsets", None])
+@pytest.mark.parametrize("route", ["products", "offsets", "direct", None])
 def test_symbol_grams_match_fft(batch, c_out, c_in, k_h, k_w, n_h, n_w, route):
-    """symbol_grams (both routes, and the automatic choice) is the Gram A·A^H of the FFT symbol at
+    """symbol_grams (every route, and the automatic choice) is the Gram A·A^H of the FFT symbol at
     every half-spectrum frequency, in row-major order: A = K̂ (c_out ≤ c_in) or A = K̂^T (c_out >
     c_in; the smaller side, the same nonzero spectrum as K̂·K̂^H), consistent with `symbol`'s
     orientation; and the half spectrum's top eigenvalue is that of the whole torus."""

@@ -126,26 +126,33 @@ def symbol_grams(weight: torch.Tensor, freq: Frequencies, route: str | None = No
     """[..., F, m, m] complex: G(ω) = A(ω)·A(ω)^H at the F = freq.count frequencies, for
     [..., c_out, c_in, k_h, k_w] kernels, with A = K̂ (m = c_out ≤ c_in) or K̂^T (m = c_in: the
     same nonzero singular values). Without autograd. With T = k_h·k_w taps M_t (K_t or
-    K_t^T), G(ω) = Σ_{a,b} M_a·M_b^T·e^{-i⟨ω, a - b⟩}: a DFT of the taps' pairwise products, by
-    one of two routes to the same matrices (`route` forces one):
+    K_t^T, [m, n]), G(ω) = Σ_{a,b} M_a·M_b^T·e^{-i⟨ω, a - b⟩}, by one of three routes to the same
+    matrices (`route` forces one; the cost counted in m²·n multiply-adds):
 
     "products": all T² products in one matmul, then one [m², T²] × [T², 2F] matmul; few
     operations, cheapest for small layers.
-    "offsets": the products grouped by offset d = a - b, D_d = Σ_a M_a·M_{a-d}^T, one matmul per
-    offset of a half plane (D_{-d} = D_d^T): (T² + T)/2 products instead of T², for ~25 more
-    operations; cheapest where m is large or the frequencies many."""
+    "offsets": the products grouped by offset d = a - b, D_d = Σ_a M_a·M_{a-d}^T over a half plane
+    (D_{-d} = D_d^T): (T² + T)/2 products instead of T², in k_w + k_h - 1 matmuls of the kernel's
+    views, then a DFT of the D_d; cheapest where m is large and the frequencies many.
+    "direct": the symbol A(ω) = R + iI at each frequency, then G = R·R^T + I·I^T + i(I·R^T -
+    R·I^T): 3 products per frequency, fewer than "offsets"' (T² + T)/2 where F is small (a 3×3
+    kernel on the torus of a map of 4×4 or less)."""
     *batch, c_out, c_in, k_h, k_w = weight.shape
     n_taps, (m, n) = k_h * k_w, sorted((c_out, c_in))
     if route is None:
         offsets = (2 * k_h - 1) * (2 * k_w - 1)
         saved = m * m * (n * (n_taps**2 - n_taps) / 2 + freq.count * (2 * n_taps**2 - offsets + 1))
         route = "offsets" if saved > OFFSETS_MIN_SAVING else "products"
+        if route == "offsets" and 3 * freq.count < (n_taps**2 + n_taps) / 2:
+            route = "direct"
     with torch.no_grad():
         taps = weight.detach().reshape(-1, c_out, c_in, n_taps).permute(0, 3, 1, 2)  # [B,T,o,i]
         if c_out > c_in:
             taps = taps.transpose(-1, -2)  # M_t = K_t^T
         if route == "offsets":
             grams = _grams_by_offset(taps, k_h, k_w, freq)
+        elif route == "direct":
+            grams = _grams_direct(taps, k_h, k_w, freq)
         else:
             flat = taps.reshape(-1, n_taps * m, n)
             products = (flat @ flat.transpose(-1, -2)).reshape(-1, n_taps, m, n_taps, m)
@@ -160,46 +167,61 @@ def symbol_grams(weight: torch.Tensor, freq: Frequencies, route: str | None = No
 
 def _grams_by_offset(taps: torch.Tensor, k_h: int, k_w: int, freq: Frequencies) -> torch.Tensor:
     """symbol_grams' "offsets" route: G(ω) = D_0 + Σ_{d ≠ 0 in a half plane} (D_d + D_d^T)·cos θ_d
-    - i·(D_d - D_d^T)·sin θ_d, θ_d = ⟨ω, d⟩ ([B, T, m, n] taps in, [B, F, m, m] out)."""
-    batch, _, m, _ = taps.shape
-    pairs, cos, sin = _offsets(k_h, k_w, freq.n_h, freq.n_w, taps.dtype, taps.device)
-    blocks = torch.stack(
-        [
-            taps[:, a].transpose(1, 2).reshape(batch, m, -1)
-            @ taps[:, b].transpose(1, 2).reshape(batch, m, -1).transpose(1, 2)
-            for a, b in pairs
-        ],
-        1,
-    )  # [B, offsets, m, m], the zero offset first
+    - i·(D_d - D_d^T)·sin θ_d, θ_d = ⟨ω, d⟩ ([B, T, m, n] taps in, [B, F, m, m] out). The D_d
+    from P_{d_h}[c, c'] = Σ_r M_{r,c}·M_{r-d_h,c'}^T (tap row r, column c), one matmul of the
+    kernel's views per row offset d_h > 0 (all column pairs) and one per column c for d_h = 0
+    (the columns c' ≤ c: P_0 is symmetric); D_d = Σ_{c - c' = d_w} P_{d_h}[c, c']."""
+    batch, _, m, n = taps.shape
+    cos, sin = _offsets(k_h, k_w, freq.n_h, freq.n_w, taps.dtype, taps.device)
+    # [B, k_w, m, k_h·n]: row (c, i), column (r, j) = M_{r,c}[i, j]; one copy of the kernel
+    rows = taps.reshape(batch, k_h, k_w, m, n).permute(0, 2, 3, 1, 4).reshape(batch, k_w, m, -1)
+    rows = rows.contiguous()
+    by_column = rows.reshape(batch, k_w * m, k_h * n)
+    blocks = []  # D_d in _offsets' order: d_h = 0 (d_w ≥ 0), then d_h > 0 (d_w from -(k_w - 1))
+    zero_row = [rows[:, c] @ by_column[:, : (c + 1) * m].transpose(1, 2) for c in range(k_w)]
+    for d_w in range(k_w):  # P_0[c, c - d_w] is columns (c - d_w)·m... of zero_row[c]
+        blocks.append(
+            sum(zero_row[c][..., (c - d_w) * m : (c - d_w + 1) * m] for c in range(d_w, k_w))
+        )
+    for d_h in range(1, k_h):
+        p = by_column[..., d_h * n :] @ by_column[..., : (k_h - d_h) * n].transpose(1, 2)
+        p = p.view(batch, k_w, m, k_w, m)
+        for d_w in range(-(k_w - 1), k_w):
+            columns = range(max(d_w, 0), k_w + min(d_w, 0))
+            blocks.append(sum(p[:, c, :, c - d_w] for c in columns))
+    blocks = torch.stack(blocks, 1)  # [B, offsets, m, m], the zero offset first
     rest, rest_t = blocks[:, 1:], blocks[:, 1:].transpose(-2, -1)
     real = blocks[:, :1].flatten(2) + cos.t() @ (rest + rest_t).flatten(2)
     imag = sin.t() @ (rest_t - rest).flatten(2)
     return torch.complex(real, imag).reshape(batch, -1, m, m)
 
 
+def _grams_direct(taps: torch.Tensor, k_h: int, k_w: int, freq: Frequencies) -> torch.Tensor:
+    """symbol_grams' "direct" route: A(ω) = Σ_t M_t·z_t(ω) = R + iI at each frequency, then
+    G = R·R^T + I·I^T + i(P - P^T), P = I·R^T ([B, T, m, n] taps in, [B, F, m, m] out)."""
+    batch, n_taps, m, n = taps.shape
+    z = tap_phases((k_h, k_w), freq, taps.dtype, taps.device)  # [F, T]
+    flat = taps.reshape(batch, n_taps, m * n)
+    re = (z.real @ flat).view(-1, m, n)  # [B·F, m, n]
+    im = (z.imag @ flat).view(-1, m, n)
+    real = torch.baddbmm(re @ re.transpose(1, 2), im, im.transpose(1, 2))
+    p = im @ re.transpose(1, 2)
+    return torch.complex(real, p - p.transpose(1, 2)).view(batch, -1, m, m)
+
+
 @functools.lru_cache(maxsize=64)
 def _offsets(
     k_h: int, k_w: int, n_h: int, n_w: int, dtype: torch.dtype, device: torch.device
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """The tap offsets d = (d_h, d_w) of a half plane (d_h > 0, or d_h = 0 and d_w ≥ 0; zero
-    first), each with its pairs' tap indices (a, b = a - d), and cos, sin of ⟨ω, d⟩ for the
-    nonzero ones ([offsets - 1, frequencies], the half spectrum of the n_h × n_w grid)."""
-    pairs, nonzero = [], []
-    for d_h in range(k_h):
-        for d_w in range(-(k_w - 1) if d_h else 0, k_w):
-            a = [
-                row * k_w + col
-                for row in range(d_h, k_h)
-                for col in range(max(d_w, 0), k_w + min(d_w, 0))
-            ]
-            b = [t - d_h * k_w - d_w for t in a]
-            pairs.append((torch.tensor(a, device=device), torch.tensor(b, device=device)))
-            if d_h or d_w:
-                nonzero.append((d_h, d_w))
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of ⟨ω, d⟩ ([offsets - 1, frequencies], the half spectrum of the n_h × n_w grid)
+    for the nonzero tap offsets d = (d_h, d_w) of a half plane, in the order d_h = 0 (d_w > 0),
+    then each d_h > 0 with d_w from -(k_w - 1) to k_w - 1."""
+    nonzero = [(0, d_w) for d_w in range(1, k_w)]
+    nonzero += [(d_h, d_w) for d_h in range(1, k_h) for d_w in range(-(k_w - 1), k_w)]
     d = torch.tensor(nonzero, dtype=dtype, device=device).reshape(-1, 2)
     omega_h, omega_w = _half_spectrum(n_h, n_w, dtype, device)
     theta = d[:, :1] * omega_h + d[:, 1:] * omega_w
-    return pairs, torch.cos(theta), torch.sin(theta)
+    return torch.cos(theta), torch.sin(theta)
 
 
 @functools.lru_cache(maxsize=64)
