@@ -43,12 +43,14 @@ keeps a vector from the previous step (a warm start), refined by power steps; th
 Rayleigh quotient λ_R is a lower bound, and one batched Cholesky factorisation of μI - G(ω) at
 μ = λ_R·(1 + slack) certifies λ_max(G(ω)) < μ wherever it succeeds (a factorisation backward
 stable in fp32: μ is inflated by 4·m·2⁻²³ for its rounding). Where it fails, a ladder of wider
-margins (SLACKS) is tried at those frequencies, and past its top the Frobenius norm
-‖G(ω)‖_F ≥ λ_max stands in: certified, looser (up to √m·λ_max). A lagging vector can take tens
-of steps to catch up, and with the Frobenius norm as the only stand-in the layer's scale jumped
-when it did: the ladder keeps those jumps to a rung's step. Every choice (which frequency, which
-bound) is a tensor op: no .item(), no branch on values, so the normaliser compiles into one graph
-and never waits for the device.
+margins (SLACKS) is tried at those frequencies (by bisection: a rung that passes certifies every
+rung above it), and past its top the Frobenius norm ‖G(ω)‖_F ≥ λ_max stands in: certified,
+looser (up to √m·λ_max). A lagging vector can take tens of steps to catch up, and with the
+Frobenius norm as the only stand-in the layer's scale jumped when it did: the ladder keeps those
+jumps to a rung's step. Every choice (which frequency, which bound) is a tensor op: no .item(), no
+branch on values, so the normaliser compiles into one graph and never waits for the device. On a
+CPU the factorisations run one matrix per thread (`factorises`): the cost is the Grams' matmuls
+and the factorisations' own arithmetic (`python -m pipeline bench certificate` splits it).
 """
 
 from __future__ import annotations
@@ -413,8 +415,8 @@ def _factor_info(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 
 
 def _on_cpu_threads(function, matrices: torch.Tensor, *per_matrix: torch.Tensor) -> torch.Tensor:
-    """function(matrices, *per_matrix) for [..., m, m] matrices and [...] tensors, on CPU
-    chunks of FACTOR_CHUNK_BYTES, one LAPACK thread each, up to torch.get_num_threads() chunks
+    """function(matrices, *per_matrix) ([N, ...] out for [N, m, m] in) for [..., m, m] matrices
+    and [...] tensors, on CPU chunks of FACTOR_CHUNK_BYTES, one LAPACK thread each, up to torch.get_num_threads() chunks
     at once. MKL's own threads synchronise many times inside each factorisation of these sizes:
     with two of them on a shared 2-core CPU, batched Cholesky factorisations of 192×192 to
     512×512 ran 2.5-15x slower than one thread (bench certificate), and one matrix per thread
@@ -423,7 +425,8 @@ def _on_cpu_threads(function, matrices: torch.Tensor, *per_matrix: torch.Tensor)
     flat = matrices.reshape(-1, m, m)
     rest = [t.expand(batch).reshape(-1) for t in per_matrix]
     if flat.shape[0] == 0:
-        return function(flat, *rest).reshape(batch)
+        out = function(flat, *rest)
+        return out.reshape(*batch, *out.shape[1:])
     per = max(1, FACTOR_CHUNK_BYTES // (m * m * matrices.element_size()))
     chunks = list(zip(flat.split(per), *(t.split(per) for t in rest), strict=True))
     threads = torch.get_num_threads()
@@ -435,7 +438,7 @@ def _on_cpu_threads(function, matrices: torch.Tensor, *per_matrix: torch.Tensor)
             out = [function(*chunk) for chunk in chunks]
     finally:
         torch.set_num_threads(threads)
-    return torch.cat(out).reshape(batch)
+    return torch.cat(out).reshape(*batch, *out[0].shape[1:])
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
