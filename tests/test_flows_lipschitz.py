@@ -47,14 +47,17 @@ def test_symbol_top_is_the_maximum_over_the_torus(shape, spatial):
 
 @pytest.mark.parametrize("shape, spatial", SHAPES)
 def test_both_routes_give_the_grams_of_the_definition(shape, spatial):
-    """All pairwise products in one matmul, or grouped by tap offset over a half plane: the same
-    Grams, whose top eigenvalue over the frequencies is the definition's."""
+    """All pairwise products in one matmul, grouped by tap offset over a half plane, or the
+    symbol's own products at each frequency: the same Grams, whose top eigenvalue over the
+    frequencies is the definition's."""
     torch.manual_seed(4)
     weight = torch.randn(shape, dtype=torch.float64)
     freq = torus(shape, spatial)
     products = spectral.symbol_grams(weight, freq, route="products")
     offsets = spectral.symbol_grams(weight, freq, route="offsets")
+    direct = spectral.symbol_grams(weight, freq, route="direct")
     torch.testing.assert_close(offsets, products, rtol=1e-12, atol=1e-12 * products.abs().max())
+    torch.testing.assert_close(direct, products, rtol=1e-12, atol=1e-12 * products.abs().max())
     top = torch.linalg.eigvalsh(offsets)[:, -1].max().item()
     assert top == pytest.approx(fft_reference(weight, spatial).item(), rel=1e-12)
 

@@ -91,9 +91,9 @@ def modulated(omega: tuple[float, float], c_out: int = 1, c_in: int = 1) -> torc
         ((), 1, 1, 3, 3, 3, 3),  # single channel, grid no larger than the kernel
     ],
 )
-@pytest.mark.parametrize("route", ["products", "offsets", None])
+@pytest.mark.parametrize("route", ["products", "offsets", "direct", None])
 def test_symbol_grams_match_fft(batch, c_out, c_in, k_h, k_w, n_h, n_w, route):
-    """symbol_grams (both routes, and the automatic choice) is the Gram A·A^H of the FFT symbol at
+    """symbol_grams (every route, and the automatic choice) is the Gram A·A^H of the FFT symbol at
     every half-spectrum frequency, in row-major order: A = K̂ (c_out ≤ c_in) or A = K̂^T (c_out >
     c_in; the smaller side, the same nonzero spectrum as K̂·K̂^H), consistent with `symbol`'s
     orientation; and the half spectrum's top eigenvalue is that of the whole torus."""
@@ -350,6 +350,33 @@ def test_certify_zero_kernel():
     bound = spectral.certify(grams, exact)
     assert bound[0].item() == 0.0 and bound[1] >= exact[1]
     assert spectral.certify(grams[:1], torch.zeros(1, dtype=DT)).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32, torch.complex128])
+def test_factorises_is_the_cholesky_test_in_any_chunks_and_threads(dtype, monkeypatch):
+    """spectral.factorises (the certificate's one factorisation op: chunks of matrices, one
+    LAPACK thread per chunk) says exactly what one batched cholesky_ex of μ·I - G says, at
+    margins on both sides of λ_max and at NaN, whatever the chunks and threads; it restores
+    torch's thread count; torch.compile takes it into one graph."""
+    w = torch.randn(2, 7, 5, 9, 3, 3, generator=torch.Generator().manual_seed(4), dtype=DT)
+    grams = spectral.symbol_grams(w, spectral.Frequencies(4, 4, 1.0)).to(dtype)  # [2, 7, 12, 9, 9]
+    top = torch.linalg.eigvalsh(grams)[..., -1]
+    scale = torch.tensor([0.5, 0.999, 1.001, 1.5, 3.0, math.nan, 0.0], dtype=top.dtype)
+    mu = top * scale[:, None]
+    eye = torch.eye(grams.shape[-1], dtype=dtype)
+    expected = torch.linalg.cholesky_ex(mu[..., None, None].to(dtype) * eye - grams).info == 0
+    threads = torch.get_num_threads()
+    for chunk_bytes, n_threads in ((1 << 20, 1), (1, 2), (3 * 81 * 16, 3)):
+        monkeypatch.setattr(spectral, "FACTOR_CHUNK_BYTES", chunk_bytes)
+        torch.set_num_threads(n_threads)
+        try:
+            assert torch.equal(spectral.factorises(grams, mu), expected)
+            assert torch.get_num_threads() == n_threads
+        finally:
+            torch.set_num_threads(threads)
+    assert spectral.factorises(grams[:0], mu[:0]).shape == (0, 7, 12)
+    compiled = torch.compile(spectral.factorises, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(grams, mu), expected)
 
 
 # 6. rayleigh: value and gradient of the top eigenvalue

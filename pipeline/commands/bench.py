@@ -1,9 +1,10 @@
-"""`python -m pipeline bench <data|peer|scaling|train> [options]`: benchmarks that print JSON.
+"""`python -m pipeline bench <certificate|data|peer|scaling|train> [options]`: benchmarks that print JSON.
 
     python -m pipeline bench train                   # a training step per memory mode, ~7 min
     python -m pipeline bench scaling                 # 1 vs 2 DeepSpeed ranks, ~2 min
     python -m pipeline bench data                    # the data loader, ~1 min
     python -m pipeline bench peer --quick            # lipflow against normflows, seconds
+    python -m pipeline bench certificate             # the certificate at celebahq-256, ~2 min
 
 Each benchmark has its own options (``python -m pipeline bench train --help``); BENCHMARKS.md has
 the numbers and the command lines that made them.
@@ -17,6 +18,11 @@ import contextlib
 from pipeline.commands import Table, add_subcommands, subcommand
 
 BENCHES: Table = {
+    "certificate": (
+        "pipeline.bench.certificate",
+        "the spectral normalisers' certificate per weight update at a config's architecture, by "
+        "stage and group",
+    ),
     "data": (
         "pipeline.bench.data",
         "data loader throughput: the streaming loader against a PIL loop and an image-folder "

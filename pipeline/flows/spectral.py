@@ -43,18 +43,22 @@ keeps a vector from the previous step (a warm start), refined by power steps; th
 Rayleigh quotient λ_R is a lower bound, and one batched Cholesky factorisation of μI - G(ω) at
 μ = λ_R·(1 + slack) certifies λ_max(G(ω)) < μ wherever it succeeds (a factorisation backward
 stable in fp32: μ is inflated by 4·m·2⁻²³ for its rounding). Where it fails, a ladder of wider
-margins (SLACKS) is tried at those frequencies, and past its top the Frobenius norm
-‖G(ω)‖_F ≥ λ_max stands in: certified, looser (up to √m·λ_max). A lagging vector can take tens
-of steps to catch up, and with the Frobenius norm as the only stand-in the layer's scale jumped
-when it did: the ladder keeps those jumps to a rung's step. Every choice (which frequency, which
-bound) is a tensor op: no .item(), no branch on values, so the normaliser compiles into one graph
-and never waits for the device.
+margins (SLACKS) is tried at those frequencies (by bisection: a rung that passes certifies every
+rung above it), and past its top the Frobenius norm ‖G(ω)‖_F ≥ λ_max stands in: certified,
+looser (up to √m·λ_max). A lagging vector can take tens of steps to catch up, and with the
+Frobenius norm as the only stand-in the layer's scale jumped when it did: the ladder keeps those
+jumps to a rung's step. Every choice (which frequency, which bound) is a tensor op: no .item(), no
+branch on values, so the normaliser compiles into one graph and never waits for the device. On a
+CPU the factorisations run one matrix per thread (`factorises`): the cost is the Grams' matmuls
+and the factorisations' own arithmetic (`python -m pipeline bench certificate` splits it).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -76,6 +80,9 @@ CANDIDATES = 4
 # operations (~0.25 ms on a CPU core): below that, the single-matmul "products" route is faster
 OFFSETS_MIN_SAVING = 7.5e6
 _EPS32 = 2.0**-23
+# the CPU factorisations' work per call (bytes of matrices): a chunk's shift, factorisation and
+# clean-up stay in a core's cache
+FACTOR_CHUNK_BYTES = 1 << 20
 
 
 class Frequencies(NamedTuple):
@@ -121,26 +128,33 @@ def symbol_grams(weight: torch.Tensor, freq: Frequencies, route: str | None = No
     """[..., F, m, m] complex: G(ω) = A(ω)·A(ω)^H at the F = freq.count frequencies, for
     [..., c_out, c_in, k_h, k_w] kernels, with A = K̂ (m = c_out ≤ c_in) or K̂^T (m = c_in: the
     same nonzero singular values). Without autograd. With T = k_h·k_w taps M_t (K_t or
-    K_t^T), G(ω) = Σ_{a,b} M_a·M_b^T·e^{-i⟨ω, a - b⟩}: a DFT of the taps' pairwise products, by
-    one of two routes to the same matrices (`route` forces one):
+    K_t^T, [m, n]), G(ω) = Σ_{a,b} M_a·M_b^T·e^{-i⟨ω, a - b⟩}, by one of three routes to the same
+    matrices (`route` forces one; the cost counted in m²·n multiply-adds):
 
     "products": all T² products in one matmul, then one [m², T²] × [T², 2F] matmul; few
     operations, cheapest for small layers.
-    "offsets": the products grouped by offset d = a - b, D_d = Σ_a M_a·M_{a-d}^T, one matmul per
-    offset of a half plane (D_{-d} = D_d^T): (T² + T)/2 products instead of T², for ~25 more
-    operations; cheapest where m is large or the frequencies many."""
+    "offsets": the products grouped by offset d = a - b, D_d = Σ_a M_a·M_{a-d}^T over a half plane
+    (D_{-d} = D_d^T): (T² + T)/2 products instead of T², in k_w + k_h - 1 matmuls of the kernel's
+    views, then a DFT of the D_d; cheapest where m is large and the frequencies many.
+    "direct": the symbol A(ω) = R + iI at each frequency, then G = R·R^T + I·I^T + i(I·R^T -
+    R·I^T): 3 products per frequency, fewer than "offsets"' (T² + T)/2 where F is small (a 3×3
+    kernel on the torus of a map of 4×4 or less)."""
     *batch, c_out, c_in, k_h, k_w = weight.shape
     n_taps, (m, n) = k_h * k_w, sorted((c_out, c_in))
     if route is None:
         offsets = (2 * k_h - 1) * (2 * k_w - 1)
         saved = m * m * (n * (n_taps**2 - n_taps) / 2 + freq.count * (2 * n_taps**2 - offsets + 1))
         route = "offsets" if saved > OFFSETS_MIN_SAVING else "products"
+        if route == "offsets" and 3 * freq.count < (n_taps**2 + n_taps) / 2:
+            route = "direct"
     with torch.no_grad():
         taps = weight.detach().reshape(-1, c_out, c_in, n_taps).permute(0, 3, 1, 2)  # [B,T,o,i]
         if c_out > c_in:
             taps = taps.transpose(-1, -2)  # M_t = K_t^T
         if route == "offsets":
             grams = _grams_by_offset(taps, k_h, k_w, freq)
+        elif route == "direct":
+            grams = _grams_direct(taps, k_h, k_w, freq)
         else:
             flat = taps.reshape(-1, n_taps * m, n)
             products = (flat @ flat.transpose(-1, -2)).reshape(-1, n_taps, m, n_taps, m)
@@ -155,46 +169,61 @@ def symbol_grams(weight: torch.Tensor, freq: Frequencies, route: str | None = No
 
 def _grams_by_offset(taps: torch.Tensor, k_h: int, k_w: int, freq: Frequencies) -> torch.Tensor:
     """symbol_grams' "offsets" route: G(ω) = D_0 + Σ_{d ≠ 0 in a half plane} (D_d + D_d^T)·cos θ_d
-    - i·(D_d - D_d^T)·sin θ_d, θ_d = ⟨ω, d⟩ ([B, T, m, n] taps in, [B, F, m, m] out)."""
-    batch, _, m, _ = taps.shape
-    pairs, cos, sin = _offsets(k_h, k_w, freq.n_h, freq.n_w, taps.dtype, taps.device)
-    blocks = torch.stack(
-        [
-            taps[:, a].transpose(1, 2).reshape(batch, m, -1)
-            @ taps[:, b].transpose(1, 2).reshape(batch, m, -1).transpose(1, 2)
-            for a, b in pairs
-        ],
-        1,
-    )  # [B, offsets, m, m], the zero offset first
+    - i·(D_d - D_d^T)·sin θ_d, θ_d = ⟨ω, d⟩ ([B, T, m, n] taps in, [B, F, m, m] out). The D_d
+    from P_{d_h}[c, c'] = Σ_r M_{r,c}·M_{r-d_h,c'}^T (tap row r, column c), one matmul of the
+    kernel's views per row offset d_h > 0 (all column pairs) and one per column c for d_h = 0
+    (the columns c' ≤ c: P_0 is symmetric); D_d = Σ_{c - c' = d_w} P_{d_h}[c, c']."""
+    batch, _, m, n = taps.shape
+    cos, sin = _offsets(k_h, k_w, freq.n_h, freq.n_w, taps.dtype, taps.device)
+    # [B, k_w, m, k_h·n]: row (c, i), column (r, j) = M_{r,c}[i, j]; one copy of the kernel
+    rows = taps.reshape(batch, k_h, k_w, m, n).permute(0, 2, 3, 1, 4).reshape(batch, k_w, m, -1)
+    rows = rows.contiguous()
+    by_column = rows.reshape(batch, k_w * m, k_h * n)
+    blocks = []  # D_d in _offsets' order: d_h = 0 (d_w ≥ 0), then d_h > 0 (d_w from -(k_w - 1))
+    zero_row = [rows[:, c] @ by_column[:, : (c + 1) * m].transpose(1, 2) for c in range(k_w)]
+    for d_w in range(k_w):  # P_0[c, c - d_w] is columns (c - d_w)·m... of zero_row[c]
+        blocks.append(
+            sum(zero_row[c][..., (c - d_w) * m : (c - d_w + 1) * m] for c in range(d_w, k_w))
+        )
+    for d_h in range(1, k_h):
+        p = by_column[..., d_h * n :] @ by_column[..., : (k_h - d_h) * n].transpose(1, 2)
+        p = p.view(batch, k_w, m, k_w, m)
+        for d_w in range(-(k_w - 1), k_w):
+            columns = range(max(d_w, 0), k_w + min(d_w, 0))
+            blocks.append(sum(p[:, c, :, c - d_w] for c in columns))
+    blocks = torch.stack(blocks, 1)  # [B, offsets, m, m], the zero offset first
     rest, rest_t = blocks[:, 1:], blocks[:, 1:].transpose(-2, -1)
     real = blocks[:, :1].flatten(2) + cos.t() @ (rest + rest_t).flatten(2)
     imag = sin.t() @ (rest_t - rest).flatten(2)
     return torch.complex(real, imag).reshape(batch, -1, m, m)
 
 
+def _grams_direct(taps: torch.Tensor, k_h: int, k_w: int, freq: Frequencies) -> torch.Tensor:
+    """symbol_grams' "direct" route: A(ω) = Σ_t M_t·z_t(ω) = R + iI at each frequency, then
+    G = R·R^T + I·I^T + i(P - P^T), P = I·R^T ([B, T, m, n] taps in, [B, F, m, m] out)."""
+    batch, n_taps, m, n = taps.shape
+    z = tap_phases((k_h, k_w), freq, taps.dtype, taps.device)  # [F, T]
+    flat = taps.reshape(batch, n_taps, m * n)
+    re = (z.real @ flat).view(-1, m, n)  # [B·F, m, n]
+    im = (z.imag @ flat).view(-1, m, n)
+    real = torch.baddbmm(re @ re.transpose(1, 2), im, im.transpose(1, 2))
+    p = im @ re.transpose(1, 2)
+    return torch.complex(real, p - p.transpose(1, 2)).view(batch, -1, m, m)
+
+
 @functools.lru_cache(maxsize=64)
 def _offsets(
     k_h: int, k_w: int, n_h: int, n_w: int, dtype: torch.dtype, device: torch.device
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """The tap offsets d = (d_h, d_w) of a half plane (d_h > 0, or d_h = 0 and d_w ≥ 0; zero
-    first), each with its pairs' tap indices (a, b = a - d), and cos, sin of ⟨ω, d⟩ for the
-    nonzero ones ([offsets - 1, frequencies], the half spectrum of the n_h × n_w grid)."""
-    pairs, nonzero = [], []
-    for d_h in range(k_h):
-        for d_w in range(-(k_w - 1) if d_h else 0, k_w):
-            a = [
-                row * k_w + col
-                for row in range(d_h, k_h)
-                for col in range(max(d_w, 0), k_w + min(d_w, 0))
-            ]
-            b = [t - d_h * k_w - d_w for t in a]
-            pairs.append((torch.tensor(a, device=device), torch.tensor(b, device=device)))
-            if d_h or d_w:
-                nonzero.append((d_h, d_w))
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of ⟨ω, d⟩ ([offsets - 1, frequencies], the half spectrum of the n_h × n_w grid)
+    for the nonzero tap offsets d = (d_h, d_w) of a half plane, in the order d_h = 0 (d_w > 0),
+    then each d_h > 0 with d_w from -(k_w - 1) to k_w - 1."""
+    nonzero = [(0, d_w) for d_w in range(1, k_w)]
+    nonzero += [(d_h, d_w) for d_h in range(1, k_h) for d_w in range(-(k_w - 1), k_w)]
     d = torch.tensor(nonzero, dtype=dtype, device=device).reshape(-1, 2)
     omega_h, omega_w = _half_spectrum(n_h, n_w, dtype, device)
     theta = d[:, :1] * omega_h + d[:, 1:] * omega_w
-    return pairs, torch.cos(theta), torch.sin(theta)
+    return torch.cos(theta), torch.sin(theta)
 
 
 @functools.lru_cache(maxsize=64)
@@ -304,41 +333,50 @@ def certify(
     """[...]: a certified upper bound on max_ω λ_max(G(ω)) over the frequency axis (-3) of
     [..., F, m, m] Grams, given `lower` [...] ≤ it (the best Rayleigh quotient). Rung j tests
     μ_j = lower·(1 + slacks[j]) by a Cholesky factorisation of μ_j·I - G(ω): the first rung at
-    every frequency (one batched factorisation), the later ones (one more) only at `candidates`
-    [..., k] (frequency indices), or, with `at_failures` = k > 0, at the k frequencies where the
-    first rung failed with the largest ‖G(ω)‖_F (a lagging warm vector's own quotient is low, so
-    the quotients cannot point at it; the Frobenius norm bounds where λ_max can be large); at
-    every frequency if neither. A frequency's bound is the lowest rung that passed there, or
-    ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring). Branch-free; a zero kernel gets
-    0. `with_rung`: also the rung that bounded the maximum ([...]: len(slacks) = the Frobenius
-    norm somewhere), a diagnostic."""
+    every frequency (one batched factorisation), the later ones only at `candidates` [..., k]
+    (frequency indices), or, with `at_failures` = k > 0, at the k frequencies where the first
+    rung failed with the largest ‖G(ω)‖_F (a lagging warm vector's own quotient is low, so the
+    quotients cannot point at it; the Frobenius norm bounds where λ_max can be large); at every
+    frequency if neither. A frequency's bound is the lowest rung that passed there, or
+    ‖G(ω)‖_F ≥ λ_max where none did (see the module docstring). The later rungs are searched by
+    bisection (a rung that passes certifies every rung above it: μ_{j+1}·I - G ⪰ μ_j·I - G, with
+    a margin of a rung's step, far above the factorisation's rounding), ⌈log₂(len(slacks))⌉
+    batched factorisations of the k candidates each instead of one of all len(slacks) - 1 rungs
+    at each. Branch-free; a zero kernel gets 0. `with_rung`: also the rung that bounded the
+    maximum ([...]: len(slacks) = the Frobenius norm somewhere), a diagnostic."""
     m, n_freq = grams.shape[-1], grams.shape[-3]
     real = torch.view_as_real(grams) if grams.is_complex() else grams[..., None]
     frobenius = real.square().sum((-3, -2, -1)).sqrt().to(lower.dtype)  # [..., F]
     mus = lower[..., None] * (1 + torch.tensor(slacks, dtype=lower.dtype, device=lower.device))
-    eye = torch.eye(m, dtype=grams.dtype, device=grams.device)
     # the first rung at every frequency
-    first = torch.linalg.cholesky_ex(mus[..., :1, None, None].to(grams.dtype) * eye - grams)
-    passed = first.info == 0  # [..., F]
+    passed = factorises(grams, mus[..., :1].expand(grams.shape[:-2]))  # [..., F]
     bound = torch.where(passed, mus[..., :1], frobenius.maximum(lower[..., None]))
     rung = torch.where(passed, 0.0, float(len(slacks)))
-    if len(slacks) > 1:  # the later rungs at the candidates, in one batched factorisation
+    if len(slacks) > 1:  # the later rungs at the candidates, by bisection
         if candidates is None and at_failures:
             failed = torch.where(passed, torch.full_like(frobenius, -math.inf), frobenius)
             candidates = failed.topk(min(at_failures, n_freq), -1).indices
         elif candidates is None:
             candidates = torch.arange(n_freq, device=grams.device).expand(*passed.shape)
         where = candidates[..., None, None].expand(*candidates.shape, m, m)
-        tested = grams.gather(-3, where)[..., None, :, :, :]  # [..., 1, k, m, m]
-        later = mus[..., 1:, None, None, None].to(grams.dtype)  # [..., R, 1, 1, 1]
-        ok = torch.linalg.cholesky_ex(later * eye - tested).info == 0  # [..., R, k]
-        # the lowest passing rung (argmax finds the first True); none: the Frobenius norm
-        lowest = ok.to(torch.uint8).argmax(-2, keepdim=True)  # [..., 1, k]
-        mu = mus[..., 1:].gather(-1, lowest[..., 0, :])  # [..., k]
-        fresh = ok.any(-2) & ~passed.gather(-1, candidates)
+        tested = grams.gather(-3, where)  # [..., k, m, m]
+        later = mus[..., 1:]  # [..., R]
+        n_later = later.shape[-1]
+        # the lowest passing later rung lies in [low, high] (n_later: none passes)
+        low = torch.zeros_like(candidates)
+        high = torch.full_like(candidates, n_later)
+        for _ in range(math.ceil(math.log2(n_later + 1))):
+            mid = (low + high) // 2  # < n_later while low < high
+            ok = factorises(tested, later.gather(-1, mid.clamp_max(n_later - 1)))
+            searching = low < high
+            high = torch.where(searching & ok, mid, high)
+            low = torch.where(searching & ~ok, mid + 1, low)
+        lowest = low.clamp_max(n_later - 1)
+        mu = later.gather(-1, lowest)  # [..., k]
+        fresh = (low < n_later) & ~passed.gather(-1, candidates)
         at = torch.zeros_like(passed).scatter(-1, candidates, fresh)
         bound = torch.where(at, torch.zeros_like(bound).scatter(-1, candidates, mu), bound)
-        rung_at = torch.zeros_like(rung).scatter(-1, candidates, 1.0 + lowest[..., 0, :].to(rung))
+        rung_at = torch.zeros_like(rung).scatter(-1, candidates, 1.0 + lowest.to(rung))
         rung = torch.where(at, rung_at, rung)
     top = bound.amax(-1)
     certified = top * (1 + 4 * m * _EPS32)
@@ -347,6 +385,74 @@ def certify(
     # the rung of the frequency that bounds the maximum (a zero kernel: rung 0)
     at_top = rung.gather(-1, bound.argmax(-1, keepdim=True))[..., 0]
     return certified, torch.where(top > 0, at_top, torch.zeros_like(at_top)).long()
+
+
+def factorises(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """[...] bool: whether the Cholesky factorisation of μ·I - G succeeds, for Hermitian
+    [..., m, m] G and real μ [...] (its sign: LAPACK's, computed as -G + μ on the diagonal, the
+    same numbers as μ·I - G). One custom op: opaque to torch.compile (one graph), and on a CPU
+    run one matrix per thread (`_factor_info`)."""
+    return _shifted_cholesky_info(grams, mu.to(grams.real.dtype)) == 0
+
+
+@torch.library.custom_op("lipflow::shifted_cholesky_info", mutates_args=())
+def _shifted_cholesky_info(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """[...] int32: LAPACK's info of the Cholesky factorisation of μ·I - G (0: it succeeded)."""
+    if grams.device.type != "cpu":
+        return _factor_info(grams, mu)
+    return _on_cpu_threads(_factor_info, grams, mu)
+
+
+@_shifted_cholesky_info.register_fake
+def _(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    return grams.new_empty(grams.shape[:-2], dtype=torch.int32)
+
+
+def _factor_info(grams: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    shifted = -grams
+    shifted.diagonal(dim1=-2, dim2=-1).add_(mu[..., None])
+    return torch.linalg.cholesky_ex(shifted).info
+
+
+def _on_cpu_threads(function, matrices: torch.Tensor, *per_matrix: torch.Tensor) -> torch.Tensor:
+    """function(matrices, *per_matrix) ([N, ...] out for [N, m, m] in) for [..., m, m] matrices
+    and [...] tensors, on CPU chunks of FACTOR_CHUNK_BYTES, one LAPACK thread each, up to torch.get_num_threads() chunks
+    at once. MKL's own threads synchronise many times inside each factorisation of these sizes:
+    with two of them on a shared 2-core CPU, batched Cholesky factorisations of 192×192 to
+    512×512 ran 2.5-15x slower than one thread (bench certificate), and one matrix per thread
+    needs no synchronisation at all. Same result, bit for bit, as one call with one thread."""
+    batch, m = matrices.shape[:-2], matrices.shape[-1]
+    flat = matrices.reshape(-1, m, m)
+    rest = [t.expand(batch).reshape(-1) for t in per_matrix]
+    if flat.shape[0] == 0:
+        out = function(flat, *rest)
+        return out.reshape(*batch, *out.shape[1:])
+    per = max(1, FACTOR_CHUNK_BYTES // (m * m * matrices.element_size()))
+    chunks = list(zip(flat.split(per), *(t.split(per) for t in rest), strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads > 1 and len(chunks) > 1:
+            out = list(_pool(threads).map(lambda chunk: function(*chunk), chunks))
+        else:
+            out = [function(*chunk) for chunk in chunks]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(out).reshape(*batch, *out[0].shape[1:])
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Worker threads for _on_cpu_threads, per process (a forked child has none of its parent's
+    threads), each with one intra-op thread."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(
+            threads, "lipflow-lapack", initializer=torch.set_num_threads, initargs=(1,)
+        )
+    return _POOLS[key]
 
 
 def matrix_gram(w_mat: torch.Tensor) -> torch.Tensor:
