@@ -122,6 +122,7 @@ def test_a_held_step_compiles_into_one_graph_and_agrees_with_eager():
     forward as inputs: fullgraph=True compiles it, the micro-batches before the last (a leaf's
     scales) and the last (joined to the weights) run the same graph, and the step's gradients
     agree with eager's."""
+    torch._dynamo.utils.counters.clear()  # the graphs of this test alone
     torch.manual_seed(0)
     eager = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), n_bits=5)
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
