@@ -342,8 +342,10 @@ def certify(
     bisection (a rung that passes certifies every rung above it: μ_{j+1}·I - G ⪰ μ_j·I - G, with
     a margin of a rung's step, far above the factorisation's rounding), ⌈log₂(len(slacks))⌉
     batched factorisations of the k candidates each instead of one of all len(slacks) - 1 rungs
-    at each. Branch-free; a zero kernel gets 0. `with_rung`: also the rung that bounded the
-    maximum ([...]: len(slacks) = the Frobenius norm somewhere), a diagnostic."""
+    at each; a candidate that passed the first rung, or whose search has ended, is factorised at
+    μ = -∞ (LAPACK stops at the first pivot), so the later rungs cost little on a step where the
+    warm vectors hold. Branch-free; a zero kernel gets 0. `with_rung`: also the rung that bounded
+    the maximum ([...]: len(slacks) = the Frobenius norm somewhere), a diagnostic."""
     m, n_freq = grams.shape[-1], grams.shape[-3]
     real = torch.view_as_real(grams) if grams.is_complex() else grams[..., None]
     frobenius = real.square().sum((-3, -2, -1)).sqrt().to(lower.dtype)  # [..., F]
@@ -362,18 +364,22 @@ def certify(
         tested = grams.gather(-3, where)  # [..., k, m, m]
         later = mus[..., 1:]  # [..., R]
         n_later = later.shape[-1]
-        # the lowest passing later rung lies in [low, high] (n_later: none passes)
+        # the lowest passing later rung lies in [low, high] (n_later: none passes); a candidate
+        # that passed the first rung (almost all, on almost every step) needs none: it is
+        # factorised at μ = -∞, which stops at the first pivot (no host sync, no branch)
+        first = passed.gather(-1, candidates)
         low = torch.zeros_like(candidates)
         high = torch.full_like(candidates, n_later)
         for _ in range(math.ceil(math.log2(n_later + 1))):
             mid = (low + high) // 2  # < n_later while low < high
-            ok = factorises(tested, later.gather(-1, mid.clamp_max(n_later - 1)))
-            searching = low < high
+            searching = (low < high) & ~first
+            mu = later.gather(-1, mid.clamp_max(n_later - 1))
+            ok = factorises(tested, torch.where(searching, mu, -math.inf))
             high = torch.where(searching & ok, mid, high)
             low = torch.where(searching & ~ok, mid + 1, low)
         lowest = low.clamp_max(n_later - 1)
         mu = later.gather(-1, lowest)  # [..., k]
-        fresh = (low < n_later) & ~passed.gather(-1, candidates)
+        fresh = (low < n_later) & ~first
         at = torch.zeros_like(passed).scatter(-1, candidates, fresh)
         bound = torch.where(at, torch.zeros_like(bound).scatter(-1, candidates, mu), bound)
         rung_at = torch.zeros_like(rung).scatter(-1, candidates, 1.0 + lowest.to(rung))
