@@ -389,7 +389,7 @@ def launched(setting: str, names: list[str], args: argparse.Namespace) -> dict:
                     f"model.memory={mode}", f"train.compile={str(compiled).lower()}",
                     f"train.micro_batch={s.batch}", f"train.grad_accum={accum}",
                     f"train.steps={args.train_steps}", "train.log_every=1", "train.init_batches=1",
-                    *QUIET_RUN,
+                    "guard.battery_images=0", "guard.allow_damaged=true", *QUIET_RUN,
                 ]  # fmt: skip
                 start = time.time()
                 out = subprocess.run(
