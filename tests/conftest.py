@@ -211,3 +211,17 @@ def assert_every_parameter_has_a_gradient(module) -> None:
     for name, p in module.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().max() > 0, name
+
+
+def count_group_top(monkeypatch) -> list[int]:
+    """Counts the normalisers' autograd-free part (lipschitz.group_top) from here on: [calls]."""
+    from pipeline.flows import lipschitz
+
+    calls, group_top = [0], lipschitz.group_top
+
+    def counted(convs, update):
+        calls[0] += 1
+        return group_top(convs, update)
+
+    monkeypatch.setattr(lipschitz, "group_top", counted)
+    return calls

@@ -98,6 +98,18 @@ def test_turning_compile_on_at_resume_needs_allow_changed(tmp_path):
     assert "train.compile: False -> True" in changed
 
 
+def eager_and_compiled():
+    """The certified default, data-initialised, and a copy compiled with fullgraph=True (a graph
+    break raises), in place as build_model compiles; and the batch."""
+    torch.manual_seed(0)
+    eager = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), n_bits=5)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    eager.data_init(x)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, dynamic=False)
+    return eager, compiled, x
+
+
 @pytest.mark.slow  # Inductor compiles the forward and backward graphs: ~1 min on a CPU core
 def test_the_certified_default_compiles_into_one_graph():
     """The certified normalisation makes no host synchronisation and no branch on tensor values
@@ -105,12 +117,7 @@ def test_the_certified_default_compiles_into_one_graph():
     (a graph break raises), in place as build_model compiles, and its AdamW steps agree with the
     eager ones, power-iteration vectors included (from the second step on: warm, as in training).
     One compile for both claims: Inductor takes about a minute per model here."""
-    torch.manual_seed(0)
-    eager = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), n_bits=5)
-    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
-    eager.data_init(x)
-    compiled = copy.deepcopy(eager)
-    compiled.compile(fullgraph=True, dynamic=False)
+    eager, compiled, x = eager_and_compiled()
     assert_adamw_steps_agree(
         eager, compiled, x, buffer="levels.0.steps.2.net.layers.0.spectral_vectors"
     )
@@ -123,12 +130,7 @@ def test_a_held_step_compiles_into_one_graph_and_agrees_with_eager():
     scales) and the last (joined to the weights) run the same graph, and the step's gradients
     agree with eager's."""
     torch._dynamo.utils.counters.clear()  # the graphs of this test alone
-    torch.manual_seed(0)
-    eager = build_flow(ModelConfig(levels=2, steps=2, width=8), (3, 8, 8), n_bits=5)
-    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
-    eager.data_init(x)
-    compiled = copy.deepcopy(eager)
-    compiled.compile(fullgraph=True, dynamic=False)
+    eager, compiled, x = eager_and_compiled()
     grads = []
     for model in (eager, compiled):
         model.zero_grad(set_to_none=True)

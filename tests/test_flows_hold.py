@@ -11,6 +11,7 @@ import torch
 
 from pipeline.flows import ModelConfig, build_flow, lipschitz
 from pipeline.flows.lipschitz import LipschitzConv2d, Share
+from tests.conftest import count_group_top
 
 MEMORY = ["store", "checkpoint", "invertible"]
 
@@ -86,14 +87,8 @@ def test_a_held_step_equals_the_unheld_walk_for_one_micro_batch():
 def test_kernels_are_the_step_s_and_vectors_advance_once_per_step(memory, monkeypatch):
     model = scaled_model(memory)
     reference = copy.deepcopy(model)
-    calls = [0]
-    group_top = lipschitz.group_top
-
-    def counted(convs, update):
-        calls[0] += 1
-        return group_top(convs, update)
-
-    monkeypatch.setattr(lipschitz, "group_top", counted)
+    group_top = lipschitz.group_top  # the real one, for the reference
+    calls = count_group_top(monkeypatch)
     convs = [c for c in model.modules() if isinstance(c, LipschitzConv2d)]
     kernels = []
     with model.hold_normalisation(3) as hold:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.flows import ModelConfig, build_flow, lipschitz, spectral
+from pipeline.flows import ModelConfig, build_flow, spectral
 from pipeline.flows.lipschitz import FourierNormaliser, LipschitzConv2d
+from tests.conftest import count_group_top
 
 SHAPES = [  # [c_out, c_in, k_h, k_w], (H, W): wide, tall, square, non-square kernels and images
     ((7, 5, 3, 3), (5, 5)),
@@ -122,14 +123,7 @@ def test_levels_normalise_in_batches_and_rerun_modes_reuse_the_eigen_part(monkey
     group_top per group per step); invertible and checkpoint re-run every block in the backward
     pass, where each conv normalises itself with its autograd-free part once per step, not once
     per re-run; the gradients agree with store mode."""
-    calls = [0]
-    group_top = lipschitz.group_top
-
-    def counted(convs, update):
-        calls[0] += 1
-        return group_top(convs, update)
-
-    monkeypatch.setattr(lipschitz, "group_top", counted)
+    calls = count_group_top(monkeypatch)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
     grads, counts = {}, {}
     for memory in ("store", "invertible", "checkpoint"):
